@@ -1,0 +1,6 @@
+"""``python -m rgsd_lightning`` is the ``rgsd`` command."""
+
+from rgsd_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

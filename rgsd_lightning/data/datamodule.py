@@ -1,0 +1,494 @@
+"""IdentityDataModule: one LightningDataModule for every stage.
+
+It parses a real dataset (any parser in ``sources``, or the embedded toy identities) in its constructor -
+file names only, no decoding - so ``num_identities`` is known before the model is built and the CLI can
+link it. Synthetic sets (manifests written by generation) join the real training records with a
+``source`` flag. The loaders it serves depend on ``task``:
+
+================  ==========================================  ======================================
+task              train                                       val / test
+================  ==========================================  ======================================
+``generator``     square images + label (shuffled)            held-out images (denoising loss)
+``reid``          P x K identity batches, real + synthetic     query + gallery (mAP / CMC)
+``face``          P x K identity batches, real + synthetic     verification sets (+ identification)
+================  ==========================================  ======================================
+
+``predict`` always serves generation requests (identity, seed). Under DDP every loader is sharded here,
+per rank, without padding (the trainer runs with ``use_distributed_sampler=False``, which the CLI sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+
+from rgsd_lightning.data import sources, toy
+from rgsd_lightning.data.datasets import (
+    GenerationRequest,
+    ImageListDataset,
+    RecordDataset,
+    RequestDataset,
+    filter_decodable,
+    make_requests,
+)
+from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest
+from rgsd_lightning.data.samplers import PKBatchSampler
+from rgsd_lightning.data.sources import VerificationPairs
+from rgsd_lightning.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    face_transform,
+    generator_transform,
+    reid_transform,
+)
+
+log = logging.getLogger(__name__)
+
+DatasetFormat = Literal[
+    "toy_market", "toy_faces", "market1501", "cuhk03np", "identity_folders", "unlabelled", "manifest"
+]
+
+
+@dataclass
+class VerificationSpec:
+    """A face verification set for validation/test.
+
+    Attributes:
+        kind: "auto" (balanced pairs built from the test split, fixed by ``seed``), "bin" (insightface
+            .bin file), "pairs" (a pair list saved by ``sources.save_pairs``), "lfw" (LFW pairs.txt over
+            an identity-folder ``root``) or "rfw" (RFW group folders under ``root``: one set per group).
+        path: the .bin / pairs / pairs.txt file.
+        root: image root for "lfw" and "rfw".
+        name: display name (defaults to the file stem / "auto").
+        num_pairs: number of pairs for "auto".
+        seed: seed for "auto".
+    """
+
+    kind: Literal["auto", "bin", "pairs", "lfw", "rfw"] = "auto"
+    path: str | None = None
+    root: str | None = None
+    name: str | None = None
+    num_pairs: int = 600
+    seed: int = 0
+
+
+class IdentityDataModule(L.LightningDataModule):
+    """Real identity data (+ optional synthetic sets) for generator, ReID and face stages.
+
+    Args:
+        root: dataset folder (toy formats: where the toy data is written if missing).
+        format: dataset layout; see ``sources`` for each parser.
+        task: which train/val loaders to serve: "generator", "reid" or "face".
+        cuhk03_variant: "labeled" or "detected" (required for ``cuhk03np``).
+        train_per_identity: identity folders: the first k images of each identity train, the rest test.
+        split_seed: identity folders: draw the k train images at random with this seed instead.
+        max_train_per_identity: keep at most this many real training images per identity (few-shot).
+        synthetic: synthetic sets to mix into training (folders holding manifest.jsonl, or manifest files).
+        synthetic_fraction: share of each identity's K slots filled with synthetic images.
+        synthetic_identity_map: renames synthetic identities onto real ones (e.g. an imported set).
+        unknown_synthetic: what to do with synthetic records of identities outside the real label space.
+        image_size: generator input side.
+        channels: image channels for every task (3 = RGB, 1 = grayscale).
+        square: generator squaring of non-square images ("stretch" or "pad").
+        height: ReID input height.
+        width: ReID input width.
+        face_size: face recognizer input side.
+        flip: random horizontal flip in training.
+        pad: ReID pad-crop padding in training.
+        random_erasing: Random Erasing probability for recognizer training (the real-augmentation baseline).
+        batch_size: batch size of generator training and of every evaluation/predict loader.
+        p: identities per recognizer training batch.
+        k: images per identity in a recognizer training batch.
+        batches_per_epoch: recognizer batches per epoch (None: about one pass over the real images).
+        generator_val_fraction: generator task: share of each identity's images held out for the val loss
+            when the dataset has no test split (identities with one image keep it for training).
+        verification: face task: the verification sets (default: one "auto" set from the test split).
+        generate_per_identity: predict: images to generate per identity.
+        generate_seed: predict: base seed of the per-image seeds.
+        generate_identities: predict: only these identities (default: all).
+        toy: toy formats: keyword arguments of ``toy.make_toy_market`` / ``toy.make_toy_faces``.
+        on_bad_image: "error" raises on the first unreadable image (naming it); "skip" decodes every image
+            once at setup, drops the unreadable ones and reports how many.
+        num_workers: DataLoader workers.
+        pin_memory: DataLoader pin_memory.
+        seed: seed of shuffling, P x K sampling and few-shot selection.
+    """
+
+    def __init__(
+        self,
+        root: str = "runs/data/toy_market",
+        format: DatasetFormat = "toy_market",
+        task: Literal["generator", "reid", "face"] = "reid",
+        cuhk03_variant: Literal["labeled", "detected"] | None = None,
+        train_per_identity: int | None = None,
+        split_seed: int | None = None,
+        max_train_per_identity: int | None = None,
+        synthetic: list[str] | None = None,
+        synthetic_fraction: float = 0.25,
+        synthetic_identity_map: dict[str, str] | None = None,
+        unknown_synthetic: Literal["error", "drop"] = "error",
+        image_size: int = 32,
+        channels: int = 3,
+        square: Literal["stretch", "pad"] = "stretch",
+        height: int = 256,
+        width: int = 128,
+        face_size: int = 112,
+        flip: bool = True,
+        pad: int = 10,
+        random_erasing: float = 0.0,
+        batch_size: int = 32,
+        p: int = 16,
+        k: int = 4,
+        batches_per_epoch: int | None = None,
+        generator_val_fraction: float = 0.1,
+        verification: list[VerificationSpec] | None = None,
+        generate_per_identity: int = 8,
+        generate_seed: int = 0,
+        generate_identities: list[str] | None = None,
+        toy: dict | None = None,
+        on_bad_image: Literal["error", "skip"] = "error",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if format == "cuhk03np" and cuhk03_variant is None:
+            raise ValueError("format 'cuhk03np' needs cuhk03_variant: 'labeled' or 'detected'")
+        self.root = root
+        self.format = format
+        self.task = task
+        self.mode = "L" if channels == 1 else "RGB"
+        self.skipped_images: list[str] = []
+        self._splits = self._read_real()
+        train = self._splits.get("train", [])
+        if not train:
+            raise ValueError(f"dataset {root!r} ({format}) has no training images")
+        self.identities: list[str] = sorted({r.identity for r in train})
+        self.label_of = {name: i for i, name in enumerate(self.identities)}
+        self.train_records = self._few_shot(train)
+        self.synthetic_records = self._read_synthetic()
+        self.verification_sets: list[VerificationPairs] = []
+        self.val_names: list[str] = []
+
+    # ------------------------------------------------------------------ parsing (cheap, in __init__)
+    @property
+    def num_identities(self) -> int:
+        """Number of identities in the training label space (linked into the models by the CLI)."""
+        return len(self.identities)
+
+    def _read_real(self) -> dict[str, list[IdentityRecord]]:
+        hp, root = self.hparams, self.root
+        fmt = self.format
+        if fmt == "toy_market":
+            toy.make_toy_market(root, **(hp.toy or {}))
+            return sources.read_market1501(root)
+        if fmt == "market1501":
+            return sources.read_market1501(root)
+        if fmt == "cuhk03np":
+            return sources.read_cuhk03np(root, hp.cuhk03_variant)
+        if fmt in ("toy_faces", "identity_folders"):
+            if fmt == "toy_faces":
+                toy.make_toy_faces(root, **(hp.toy or {}))
+            records = sources.read_identity_folders(
+                root, train_per_identity=hp.train_per_identity, seed=hp.split_seed
+            )
+            return _group_by_split(records)
+        if fmt == "unlabelled":
+            return {"train": [_replace(r, split="train") for r in sources.read_unlabelled_images(root)]}
+        if fmt == "manifest":
+            return _group_by_split(read_manifest(_manifest_path(root)))
+        raise ValueError(f"unknown dataset format {fmt!r}")
+
+    def _few_shot(self, records: list[IdentityRecord]) -> list[IdentityRecord]:
+        k = self.hparams.max_train_per_identity
+        if k is None:
+            return list(records)
+        rng = np.random.default_rng(self.hparams.seed)
+        by_id: dict[str, list[IdentityRecord]] = {}
+        for r in records:
+            by_id.setdefault(r.identity, []).append(r)
+        kept = []
+        for name in sorted(by_id):
+            group = by_id[name]
+            idx = sorted(rng.permutation(len(group))[:k])
+            kept += [group[i] for i in idx]
+        return kept
+
+    def _read_synthetic(self) -> list[IdentityRecord]:
+        hp = self.hparams
+        out: list[IdentityRecord] = []
+        mapping = hp.synthetic_identity_map or {}
+        for entry in hp.synthetic or []:
+            for rec in read_manifest(_manifest_path(entry)):
+                out.append(_replace(rec, identity=mapping.get(rec.identity, rec.identity), source="synthetic"))
+        unknown = sorted({r.identity for r in out} - set(self.label_of))
+        if unknown:
+            if hp.unknown_synthetic == "error":
+                raise ValueError(
+                    f"synthetic records name {len(unknown)} identities unknown to the real label space "
+                    f"(e.g. {unknown[:5]}); pass synthetic_identity_map to rename them or "
+                    "unknown_synthetic='drop' to ignore them"
+                )
+            log.warning("dropping synthetic records of %d unknown identities", len(unknown))
+            out = [r for r in out if r.identity in self.label_of]
+        if hp.synthetic and not out:
+            log.warning("the synthetic sets %s hold no usable images: training on real data only", hp.synthetic)
+        return out
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str | None = None) -> None:
+        if self.hparams.on_bad_image == "skip":
+            self._drop_bad_images()
+        if self.task == "face" and not self.verification_sets:
+            self.verification_sets = self._verification_sets()
+        self._save_label_map()
+
+    def _drop_bad_images(self) -> None:
+        if self.skipped_images:
+            return
+        bad_all = []
+        self.train_records, bad = filter_decodable(self.train_records, self.mode)
+        bad_all += bad
+        self.synthetic_records, bad = filter_decodable(self.synthetic_records, self.mode)
+        bad_all += bad
+        for split in [s for s in self._splits if s != "train"]:
+            self._splits[split], bad = filter_decodable(self._splits[split], self.mode)
+            bad_all += bad
+        self.skipped_images = [e.source for e in bad_all]
+        if bad_all:
+            log.warning(
+                "skipped %d unreadable images (on_bad_image='skip'), e.g. %s",
+                len(bad_all),
+                "; ".join(str(e) for e in bad_all[:3]),
+            )
+
+    def _save_label_map(self) -> None:
+        trainer = self._trainer_or_none()
+        if trainer is None or not trainer.is_global_zero or not trainer.log_dir:
+            return
+        atomic_write_json(Path(trainer.log_dir) / "labels.json", self.label_map())
+
+    def label_map(self) -> dict:
+        """The identity <-> index mapping (sorted names, identical on every rank) as saved in labels.json."""
+        return {"identities": self.identities, "num_identities": self.num_identities, "dataset": self.root}
+
+    def _trainer_or_none(self):
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self._trainer_or_none()
+        if trainer is None:
+            return 0, 1
+        world = int(trainer.world_size)
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise RuntimeError(
+                "IdentityDataModule shards its loaders itself: build the Trainer with "
+                "use_distributed_sampler=False (the rgsd CLI does this by default)"
+            )
+        return int(trainer.global_rank), world
+
+    # ------------------------------------------------------------------ transforms and records
+    def generator_transform(self, train: bool = True):
+        """The generator's square transform (flip only in training)."""
+        hp = self.hparams
+        return generator_transform(hp.image_size, hp.channels, square=hp.square, hflip=train and hp.flip)
+
+    def recognizer_transform(self, train: bool = True):
+        """The recognizer's transform for this task (ReID or face)."""
+        hp = self.hparams
+        if self.task == "face":
+            return face_transform(
+                hp.face_size, train=train, flip=hp.flip, channels=hp.channels, random_erasing=hp.random_erasing
+            )
+        return reid_transform(
+            hp.height, hp.width, train=train, flip=hp.flip, pad=hp.pad,
+            random_erasing=hp.random_erasing, channels=hp.channels,
+        )  # fmt: skip
+
+    def recognizer_preprocessing(self) -> dict:
+        """Input geometry and normalisation of the recognizer (what its export records)."""
+        hp = self.hparams
+        if self.task == "face":
+            return {"input_size": [hp.face_size, hp.face_size], "mean": [0.5] * 3, "std": [0.5] * 3}
+        return {"input_size": [hp.height, hp.width], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+    def split_records(self, split: str) -> list[IdentityRecord]:
+        """Real records of a split ("train" = the few-shot training set actually used)."""
+        if split == "train":
+            return list(self.train_records)
+        return list(self._splits.get(split, []))
+
+    def _generator_split(self) -> tuple[list[IdentityRecord], list[IdentityRecord]]:
+        held = [r for r in self._splits.get("test", []) if r.identity in self.label_of]
+        if held:
+            return self.train_records, held
+        frac = self.hparams.generator_val_fraction
+        rng = np.random.default_rng(self.hparams.seed + 1)
+        train, val = [], []
+        by_id: dict[str, list[IdentityRecord]] = {}
+        for r in self.train_records:
+            by_id.setdefault(r.identity, []).append(r)
+        for name in sorted(by_id):
+            group = by_id[name]
+            n_val = int(round(len(group) * frac)) if len(group) > 1 else 0
+            order = rng.permutation(len(group))
+            val += [group[i] for i in order[:n_val]]
+            train += [group[i] for i in sorted(order[n_val:])]
+        return train, val
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, dataset, *, shuffle: bool = False, batch_sampler=None, drop_last: bool = False):
+        hp = self.hparams
+        kwargs = dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0)
+        if batch_sampler is not None:
+            return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+        rank, world = self._rank_world()
+        if shuffle:
+            if world > 1:
+                sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
+            else:
+                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(hp.seed))
+            drop_last = drop_last and len(dataset) >= hp.batch_size * world
+            return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+        if world > 1:  # evaluation / predict: an unpadded strided shard per rank, nothing duplicated
+            dataset = Subset(dataset, list(range(rank, len(dataset), world)))
+        return DataLoader(dataset, batch_size=hp.batch_size, shuffle=False, **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        hp = self.hparams
+        if self.task == "generator":
+            train, _ = self._generator_split()
+            ds = RecordDataset(train, self.generator_transform(True), label_of=self.label_of, mode=self.mode,
+                               kind="generator")  # fmt: skip
+            return self._loader(ds, shuffle=True, drop_last=True)
+        records = self.train_records + self.synthetic_records
+        ds = RecordDataset(records, self.recognizer_transform(True), label_of=self.label_of, mode=self.mode)
+        rank, world = self._rank_world()
+        sampler = PKBatchSampler(
+            [self.label_of[r.identity] for r in records], hp.p, hp.k,
+            is_synthetic=[r.source == "synthetic" for r in records],
+            synthetic_fraction=hp.synthetic_fraction if self.synthetic_records else 0.0,
+            batches_per_epoch=hp.batches_per_epoch, seed=hp.seed, rank=rank, world_size=world,
+        )  # fmt: skip
+        return self._loader(ds, batch_sampler=sampler)
+
+    def val_dataloader(self):
+        if self.task == "generator":
+            _, val = self._generator_split()
+            if not val:
+                return []
+            ds = RecordDataset(val, self.generator_transform(False), label_of=self.label_of, mode=self.mode,
+                               kind="generator")  # fmt: skip
+            self.val_names = ["heldout"]
+            return self._loader(ds)
+        if self.task == "reid":
+            self.val_names = ["query_gallery"]
+            return self._loader(self._reid_eval_dataset())
+        return self._face_eval_loaders()
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(RequestDataset(self.generation_requests()))
+
+    # ------------------------------------------------------------------ evaluation sets
+    def _reid_eval_dataset(self) -> RecordDataset:
+        query, gallery = self._splits.get("query", []), self._splits.get("gallery", [])
+        if not query or not gallery:
+            raise ValueError(f"dataset {self.root!r} has no query/gallery split for ReID evaluation")
+        names = sorted({r.identity for r in query + gallery})
+        pid_of = {name: i for i, name in enumerate(names)}
+        return RecordDataset(query + gallery, self.recognizer_transform(False), mode=self.mode, kind="reid_eval",
+                             pid_of=pid_of)  # fmt: skip
+
+    def _verification_sets(self) -> list[VerificationPairs]:
+        specs = self.hparams.verification
+        if specs is None:
+            specs = [VerificationSpec(kind="auto")]
+        sets: list[VerificationPairs] = []
+        for spec in specs:
+            spec = spec if isinstance(spec, VerificationSpec) else VerificationSpec(**spec)
+            if spec.kind == "auto":
+                test = self._splits.get("test", [])
+                if not test:
+                    raise ValueError(
+                        f"verification kind 'auto' needs a test split in {self.root!r} "
+                        "(set train_per_identity for identity folders)"
+                    )
+                sets.append(sources.make_pairs(test, num_pairs=spec.num_pairs, seed=spec.seed, name=spec.name or "auto"))
+            elif spec.kind == "bin":
+                sets.append(sources.read_verification_bin(_required(spec.path, "path", spec), name=spec.name))
+            elif spec.kind == "pairs":
+                sets.append(sources.load_pairs(_required(spec.path, "path", spec)))
+            elif spec.kind == "lfw":
+                sets.append(sources.read_pairs_txt(_required(spec.path, "path", spec),
+                                                   _required(spec.root, "root", spec), name=spec.name))  # fmt: skip
+            elif spec.kind == "rfw":
+                sets += list(sources.read_rfw_groups(_required(spec.root, "root", spec)).values())
+            else:
+                raise ValueError(f"unknown verification kind {spec.kind!r}")
+        return sets
+
+    def _face_eval_loaders(self) -> list[DataLoader]:
+        if not self.verification_sets:
+            self.verification_sets = self._verification_sets()
+        transform = self.recognizer_transform(False)
+        loaders, names = [], []
+        for vs in self.verification_sets:
+            loaders.append(self._loader(ImageListDataset(vs.images, transform, self.mode, name=vs.name)))
+            names.append(vs.name)
+        test = [r for r in self._splits.get("test", []) if r.identity in self.label_of]
+        if test:  # closed-set identification of held-out images of the training identities
+            ds = RecordDataset(test, transform, label_of=self.label_of, mode=self.mode, kind="classify")
+            loaders.append(self._loader(ds))
+            names.append("identification")
+        self.val_names = names
+        return loaders
+
+    def generation_requests(self) -> list[GenerationRequest]:
+        """The predict requests: ``generate_per_identity`` seeded images per identity."""
+        hp = self.hparams
+        names = hp.generate_identities or self.identities
+        return make_requests(names, self.label_of, hp.generate_per_identity, hp.generate_seed)
+
+
+def _group_by_split(records: list[IdentityRecord]) -> dict[str, list[IdentityRecord]]:
+    out: dict[str, list[IdentityRecord]] = {}
+    for r in records:
+        out.setdefault(r.split, []).append(r)
+    return out
+
+
+_replace = dataclasses.replace
+
+
+def _manifest_path(entry: str | os.PathLike) -> Path:
+    path = Path(entry)
+    if path.is_dir():
+        path = path / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no manifest at {path} (expected a synthetic set folder or a .jsonl manifest)")
+    return path
+
+
+def _required(value: str | None, field: str, spec: VerificationSpec) -> str:
+    if not value:
+        raise ValueError(f"verification set of kind {spec.kind!r} needs '{field}'")
+    return value

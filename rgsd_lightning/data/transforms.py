@@ -1,0 +1,181 @@
+"""Image transforms for the three consumers of identity images.
+
+* the generator sees square images in [-1, 1] (``generator_transform``);
+* the ReID recognizer sees 256x128 crops with flip, pad-crop and optional random erasing
+  (``reid_transform``, the paper's "flip and padding" baseline plus Random Erasing as its Table 1 row);
+* the face recognizer sees square faces in [-1, 1] (``face_transform``, the insightface normalisation).
+
+``to_recognizer_input`` does on generator output tensors what the PIL path does on image files, so a
+reward feature extractor sees generated images exactly as downstream training will see them on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+class PadToSquare:
+    """Pad a PIL image to a square canvas (centred) with a constant fill."""
+
+    def __init__(self, fill: int = 0) -> None:
+        self.fill = fill
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        w, h = img.size
+        side = max(w, h)
+        if w == h:
+            return img
+        canvas = Image.new(img.mode, (side, side), color=self.fill if img.mode == "L" else (self.fill,) * 3)
+        canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"PadToSquare(fill={self.fill})"
+
+
+def _channel_stats(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    values = tuple(values)
+    if channels == 1:
+        return (sum(values) / len(values),)
+    if len(values) == 1:
+        return values * channels
+    return values
+
+
+def generator_transform(
+    image_size: int,
+    channels: int = 3,
+    *,
+    square: Literal["stretch", "pad"] = "stretch",
+    hflip: bool = True,
+) -> T.Compose:
+    """Square generator input in [-1, 1].
+
+    Args:
+        image_size: side of the square the generator sees.
+        channels: 3 (RGB) or 1 (grayscale).
+        square: "stretch" resizes any aspect ratio to the square (the paper's 256x128 -> 256x256);
+            "pad" letterboxes first.
+        hflip: random horizontal flip (identity-preserving augmentation).
+    """
+    steps: list = []
+    if channels == 1:
+        steps.append(T.Grayscale(num_output_channels=1))
+    if square == "pad":
+        steps.append(PadToSquare())
+    steps.append(T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
+    if hflip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(HALF[:channels], HALF[:channels])]
+    return T.Compose(steps)
+
+
+def reid_transform(
+    height: int = 256,
+    width: int = 128,
+    *,
+    train: bool = True,
+    flip: bool = True,
+    pad: int = 10,
+    random_erasing: float = 0.0,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    channels: int = 3,
+) -> T.Compose:
+    """Person ReID input (BoT recipe): resize, flip, pad + random crop, normalise, random erasing.
+
+    Args:
+        height: input height (paper: 256).
+        width: input width (paper: 128).
+        train: training augmentation on; off gives resize + normalise only.
+        flip: random horizontal flip (training).
+        pad: reflect-free zero padding before the random crop back to size (training; 0 disables).
+        random_erasing: probability of Random Erasing (Zhong et al. 2020), the paper's real-augmentation baseline.
+        mean: normalisation mean (ImageNet by default, for timm backbones).
+        std: normalisation std.
+        channels: 3 or 1.
+    """
+    mean, std = _channel_stats(mean, channels), _channel_stats(std, channels)
+    steps: list = [T.Grayscale(1)] if channels == 1 else []
+    steps.append(T.Resize((height, width), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
+    if train:
+        if flip:
+            steps.append(T.RandomHorizontalFlip())
+        if pad > 0:
+            steps += [T.Pad(pad), T.RandomCrop((height, width))]
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    if train and random_erasing > 0:
+        steps.append(T.RandomErasing(p=random_erasing, value="random"))
+    return T.Compose(steps)
+
+
+def face_transform(
+    size: int = 112,
+    *,
+    train: bool = True,
+    flip: bool = True,
+    channels: int = 3,
+    random_erasing: float = 0.0,
+) -> T.Compose:
+    """Face recognizer input in [-1, 1] (insightface normalisation), square ``size``.
+
+    Args:
+        size: side of the square face (insightface: 112).
+        train: training augmentation on.
+        flip: random horizontal flip (training).
+        channels: 3 or 1.
+        random_erasing: Random Erasing probability (training).
+    """
+    steps: list = [T.Grayscale(1)] if channels == 1 else []
+    steps.append(T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
+    if train and flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(HALF[:channels], HALF[:channels])]
+    if train and random_erasing > 0:
+        steps.append(T.RandomErasing(p=random_erasing, value="random"))
+    return T.Compose(steps)
+
+
+def to_recognizer_input(
+    images: torch.Tensor,
+    size: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    channels: int | None = None,
+) -> torch.Tensor:
+    """Generator output (B, C, S, S) in [-1, 1] -> recognizer input (B, C', H, W), normalised.
+
+    The same geometry and normalisation as the test-time PIL path (resize to ``size``, scale to [0, 1],
+    normalise), done on tensors so gradients and devices are kept.
+
+    Args:
+        images: generated images in [-1, 1].
+        size: (height, width) the recognizer expects.
+        mean: per-channel mean of the recognizer's normalisation (on [0, 1] pixels).
+        std: per-channel std.
+        channels: channels the recognizer expects (grayscale is repeated to 3, RGB averaged to 1).
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    channels = channels or x.shape[1]
+    if x.shape[1] == 1 and channels == 3:
+        x = x.repeat(1, 3, 1, 1)
+    elif x.shape[1] == 3 and channels == 1:
+        x = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).clamp(0, 1)
+    h, w = int(size[0]), int(size[1])
+    if x.shape[-2:] != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    m = torch.tensor(_channel_stats(mean, channels), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(_channel_stats(std, channels), dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,75 @@
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from rgsd_lightning.data.samplers import PKBatchSampler
+
+
+def _pool(num_ids=12, real_per_id=5, syn_per_id=3):
+    labels, syn = [], []
+    for y in range(num_ids):
+        labels += [y] * real_per_id
+        syn += [False] * real_per_id
+    for y in range(num_ids // 2):  # only half the identities have synthetic images
+        labels += [y] * syn_per_id
+        syn += [True] * syn_per_id
+    return np.array(labels), np.array(syn)
+
+
+def test_batches_are_p_identities_by_k_images():
+    labels, syn = _pool()
+    sampler = PKBatchSampler(labels, 4, 3, is_synthetic=syn, batches_per_epoch=20, seed=1)
+    assert len(sampler) == 20
+    for batch in sampler:
+        counts = Counter(labels[batch].tolist())
+        assert len(counts) == 4 and set(counts.values()) == {3}
+        assert not syn[batch].any()  # synthetic_fraction defaults to 0
+
+
+def test_synthetic_fraction_fills_slots_of_identities_that_have_synthetic_images():
+    labels, syn = _pool()
+    sampler = PKBatchSampler(labels, 6, 4, is_synthetic=syn, synthetic_fraction=0.5, batches_per_epoch=30)
+    seen_mixed = 0
+    for batch in sampler:
+        for y in set(labels[batch].tolist()):
+            members = [i for i in batch if labels[i] == y]
+            n_syn = int(syn[members].sum())
+            assert n_syn == (2 if y < 6 else 0)
+            assert len(members) == 4
+        seen_mixed += syn[batch].any() and (~syn[batch]).any()
+    assert seen_mixed == 30
+
+
+def test_ranks_get_different_identities_and_same_stream_per_seed():
+    labels, syn = _pool(num_ids=20)
+    samplers = [PKBatchSampler(labels, 5, 2, rank=r, world_size=2, batches_per_epoch=10, seed=3) for r in range(2)]
+    for b0, b1 in zip(*samplers, strict=True):
+        assert not set(labels[b0]) & set(labels[b1])
+    again = PKBatchSampler(labels, 5, 2, rank=1, world_size=2, batches_per_epoch=10, seed=3)
+    assert list(again) == list(samplers[1])
+    again.set_epoch(1)
+    assert list(again) != list(samplers[1])
+
+
+def test_few_images_are_sampled_with_replacement_and_every_identity_appears():
+    labels = np.array([0, 1, 2, 3, 3, 3, 3, 3])
+    sampler = PKBatchSampler(labels, 2, 4, batches_per_epoch=40)
+    seen = Counter()
+    for batch in sampler:
+        assert len(batch) == 8
+        seen.update(set(labels[batch].tolist()))
+    assert set(seen) == {0, 1, 2, 3}
+    assert min(seen.values()) > 10  # identities are cycled, not starved
+
+
+def test_bad_configuration_errors():
+    labels, syn = _pool(num_ids=3)
+    with pytest.raises(ValueError, match="only 3"):
+        PKBatchSampler(labels, 4, 2)
+    with pytest.raises(ValueError, match="synthetic_fraction"):
+        PKBatchSampler(labels, 2, 2, synthetic_fraction=1.5)
+    with pytest.raises(ValueError, match="no real image"):
+        PKBatchSampler([0, 1, 2], 1, 2, is_synthetic=[False, False, True])
+    with pytest.raises(ValueError, match="rank"):
+        PKBatchSampler(labels, 1, 2, rank=2, world_size=2)

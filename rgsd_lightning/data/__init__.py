@@ -8,12 +8,38 @@ from rgsd_lightning.data.records import (
     read_manifest,
     write_manifest,
 )
+from rgsd_lightning.data.sources import (
+    VerificationPairs,
+    load_pairs,
+    make_pairs,
+    read_cuhk03np,
+    read_identity_folders,
+    read_market1501,
+    read_pairs_txt,
+    read_rfw_groups,
+    read_unlabelled_images,
+    read_verification_bin,
+    save_pairs,
+    write_verification_bin,
+)
 
 __all__ = [
     "IdentityRecord",
+    "VerificationPairs",
     "atomic_write_json",
     "atomic_write_text",
     "iter_manifest",
+    "load_pairs",
+    "make_pairs",
+    "read_cuhk03np",
+    "read_identity_folders",
     "read_manifest",
+    "read_market1501",
+    "read_pairs_txt",
+    "read_rfw_groups",
+    "read_unlabelled_images",
+    "read_verification_bin",
+    "save_pairs",
     "write_manifest",
+    "write_verification_bin",
 ]

@@ -1,0 +1,233 @@
+"""Our sampler: classifier-free guidance with null label N, DDIM/DDPM steps with Gaussian log-probs.
+
+One CFG rule (:func:`guided_eps`) and one step function (:func:`step_with_logprob`) serve sampling,
+log-prob recompute in RL and the KL reference. All Gaussian maths runs in fp32; steps whose σ is ~0
+(the DiT DDIM schedule ends at t = 0 -> ᾱ_prev = 1) are deterministic: log-prob 0, no gradient, no NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rgsd_lightning.diffusion.schedule import make_timesteps
+
+SIGMA_MIN = 1e-6
+"""Steps with σ below this are treated as deterministic (log-prob 0, no policy gradient)."""
+
+
+@dataclass
+class StepOutput:
+    """One reverse step x_t -> x_prev: the sample, its log-density and the Gaussian's parameters (fp32).
+
+    Args:
+        prev_sample: x_prev (B, C, h, w), fp32.
+        log_prob: log p(x_prev | x_t) per sample (B,), mean or sum over elements; 0 for deterministic steps.
+        mean: Gaussian mean (B, C, h, w), differentiable w.r.t. eps.
+        std: Gaussian std per sample, shaped (B, 1, 1, 1).
+    """
+
+    prev_sample: torch.Tensor
+    log_prob: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+
+@dataclass
+class SampleOutput:
+    """Result of :func:`sample`.
+
+    Args:
+        images: decoded images in [-1, 1] (B, channels, H, W), or None when ``decode=False``.
+        latents: x_0 in the transformer's space (B, C, h, w), fp32.
+        trajectory: states x_T..x_0 (B, T+1, C, h, w), fp32, or None unless recorded.
+        log_probs: log p(x_prev | x_t) of every step (B, T), fp32 (0 for deterministic steps).
+        timesteps: t of every step (T,).
+        prev_timesteps: t_prev of every step (T,); -1 means ᾱ_prev = 1.
+    """
+
+    images: torch.Tensor | None
+    latents: torch.Tensor
+    trajectory: torch.Tensor | None
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+    prev_timesteps: torch.Tensor
+
+
+def guided_eps(
+    model: Any,
+    x_t: torch.Tensor,
+    t: torch.Tensor | int,
+    labels: torch.Tensor,
+    *,
+    guidance_scale: float,
+    null_label: int | None = None,
+) -> torch.Tensor:
+    """Classifier-free guided ε in fp32: u + w (c - u) over all channels, one batched [cond; uncond] pass.
+
+    ``model(x_t, t, labels) -> eps`` (a DiTGenerator); ``t`` scalar or per-sample (B,); the unconditional
+    half is skipped when ``guidance_scale == 1``. ``null_label`` defaults to ``model.null_label``.
+    """
+    if guidance_scale == 1.0:
+        return model(x_t, t, labels).float()
+    if null_label is None:
+        null_label = model.null_label
+    batch = x_t.shape[0]
+    t = torch.as_tensor(t, device=x_t.device)
+    t = t.expand(batch) if t.ndim == 0 else t
+    labels = torch.as_tensor(labels, device=x_t.device, dtype=torch.long)
+    both = model(
+        torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)])
+    ).float()
+    cond, uncond = both[:batch], both[batch:]
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def _per_sample(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """values[t] in fp32 shaped (B, 1, 1, 1); t < 0 gives 1 (ᾱ past the end of the chain)."""
+    t = torch.as_tensor(t, device=like.device, dtype=torch.long)
+    t = t.expand(like.shape[0]) if t.ndim == 0 else t
+    values = values.to(device=like.device, dtype=torch.float32)
+    out = torch.where(t >= 0, values[t.clamp(min=0)], torch.ones((), device=like.device))
+    return out.view(-1, *([1] * (like.ndim - 1)))
+
+
+def step_with_logprob(
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor | int,
+    t_prev: torch.Tensor | int,
+    alphas_cumprod: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    method: str = "ddim",
+    clip_x0: bool = False,
+    reduction: str = "mean",
+) -> StepOutput:
+    """One reverse step with the Gaussian log-density of its result, all in fp32.
+
+    DDIM with η: x̂0 = (x_t - √(1-ᾱ_t) ε)/√ᾱ_t, σ = η √((1-ᾱ_s)/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_s),
+    μ = √ᾱ_s x̂0 + √(1-ᾱ_s-σ²) ε. ``method="ddpm"`` uses the posterior q(x_s | x_t, x̂0) (mean and β̃;
+    equal to DDIM η=1, ``eta`` ignored). ``t``/``t_prev`` are ints or per-sample (B,) tensors (t_prev < 0:
+    ᾱ_s = 1). With ``prev_sample`` the log-prob of that (detached) sample is returned and the gradient
+    flows through ``mean`` only; otherwise x_prev = μ + σ·noise (``noise`` drawn when None).
+    ``reduction``: "mean" (default) or "sum" over the non-batch elements.
+    """
+    if method not in ("ddim", "ddpm"):
+        raise ValueError(f"method={method!r}: expected 'ddim' or 'ddpm'")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+    x = x_t.float()
+    e = eps.float()
+    a_t = _per_sample(alphas_cumprod, t, x)
+    a_s = _per_sample(alphas_cumprod, t_prev, x)
+    x0 = (x - (1.0 - a_t).sqrt() * e) / a_t.sqrt()
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+    var = ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).clamp(min=0.0)
+    if method == "ddim":
+        std = eta * var.sqrt()
+        mean = a_s.sqrt() * x0 + (1.0 - a_s - std**2).clamp(min=0.0).sqrt() * e
+    else:
+        std = var.sqrt()
+        beta = 1.0 - a_t / a_s
+        mean = (a_s.sqrt() * beta * x0 + (a_t / a_s).sqrt() * (1.0 - a_s) * x) / (1.0 - a_t)
+    deterministic = std < SIGMA_MIN
+    if prev_sample is None:
+        if noise is None:
+            noise = torch.randn_like(mean)
+        prev = mean + torch.where(deterministic, torch.zeros_like(std), std) * noise.to(mean)
+        target = prev.detach()
+    else:
+        prev = prev_sample.detach().float()
+        target = prev
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    elem = -((target - mean) ** 2) / (2.0 * safe_std**2) - safe_std.log() - 0.5 * math.log(2.0 * math.pi)
+    dims = tuple(range(1, elem.ndim))
+    log_prob = elem.mean(dims) if reduction == "mean" else elem.sum(dims)
+    log_prob = torch.where(deterministic.view(-1), torch.zeros_like(log_prob), log_prob)
+    return StepOutput(prev_sample=prev, log_prob=log_prob, mean=mean, std=std)
+
+
+def _noise(
+    shape: tuple[int, ...],
+    rngs: list[torch.Generator] | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, *shape) standard normal: per-sample CPU generators, one batch generator, or the global RNG."""
+    if rngs is not None:
+        return torch.stack([torch.randn(shape, generator=g) for g in rngs]).to(device)
+    batch = shape[0]
+    if generator is not None:
+        return torch.randn((batch, *shape[1:]), generator=generator, device=generator.device).to(device)
+    return torch.randn((batch, *shape[1:]), device=device)
+
+
+@torch.no_grad()
+def sample(
+    model: Any,
+    labels: torch.Tensor | Sequence[int],
+    *,
+    seeds: Sequence[int] | None = None,
+    generator: torch.Generator | None = None,
+    num_steps: int = 50,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    method: str = "ddim",
+    spacing: str = "leading",
+    clip_x0: bool = False,
+    record_trajectory: bool = False,
+    decode: bool = True,
+) -> SampleOutput:
+    """Generate images of ``labels`` (identity indices; N = unconditional) with ``model`` (a DiTGenerator).
+
+    ``seeds`` (one int per sample) give sample i its own CPU ``torch.Generator`` for the initial noise and
+    every step's noise, so an image does not depend on the batch it is in; otherwise ``generator`` (or the
+    global RNG) draws batch noise. Runs on the model's device/dtype; the chain is kept in fp32.
+    """
+    if seeds is not None and generator is not None:
+        raise ValueError("give either `seeds` or `generator`, not both")
+    device = model.device
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+    model.check_labels(labels)
+    batch = labels.shape[0]
+    rngs = None
+    if seeds is not None:
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds for {batch} labels: give one seed per sample")
+        rngs = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    timesteps, prev_timesteps = make_timesteps(model.num_train_timesteps, num_steps, spacing)
+    alphas = model.alphas_cumprod.to(device)
+    shape = model.latent_shape
+    stochastic = method == "ddpm" or eta > 0
+    sample_shape = tuple(shape) if rngs is not None else (batch, *shape)
+
+    x = _noise(sample_shape, rngs, generator, device).float()
+    states = [x] if record_trajectory else None
+    log_probs = []
+    for t, t_prev in zip(timesteps.tolist(), prev_timesteps.tolist(), strict=True):
+        eps = guided_eps(model, x, t, labels, guidance_scale=guidance_scale, null_label=model.null_label)
+        noise = _noise(sample_shape, rngs, generator, device) if stochastic else torch.zeros_like(x)
+        out = step_with_logprob(
+            eps, x, t, t_prev, alphas, eta=eta, noise=noise, method=method, clip_x0=clip_x0
+        )
+        x = out.prev_sample
+        log_probs.append(out.log_prob)
+        if states is not None:
+            states.append(x)
+    images = model.decode(x) if decode else None
+    return SampleOutput(
+        images=images,
+        latents=x,
+        trajectory=torch.stack(states, 1) if states is not None else None,
+        log_probs=torch.stack(log_probs, 1),
+        timesteps=timesteps,
+        prev_timesteps=prev_timesteps,
+    )

@@ -1,0 +1,131 @@
+"""Noise-schedule helpers on top of a diffusers ``DDPMScheduler`` config.
+
+The cumulative products ``alphas_cumprod`` always come from diffusers (no hand-written beta table), the
+timestep grids reproduce ``DDIMScheduler.set_timesteps`` and the training loss is the ε-MSE of DiT.
+A previous timestep ``< 0`` means "past the end of the chain": ``alpha_prev = 1`` (diffusers'
+``set_alpha_to_one=True``, the setting of the DiT scheduler).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+
+DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+}
+"""The DiT training schedule: 1000 steps, linear betas 1e-4..0.02, ε-prediction."""
+
+_BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+
+
+def clean_scheduler_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    """Keep the keys of a (DDPM/DDIM) scheduler config that define the betas; defaults fill the rest.
+
+    Raises ValueError for a scheduler that does not predict ε (the only parameterisation we support).
+    """
+    config = dict(config or {})
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise ValueError(f"scheduler prediction_type={prediction!r}: only 'epsilon' models are supported")
+    known = set(inspect.signature(DDPMScheduler.__init__).parameters)
+    out = dict(DEFAULT_SCHEDULER_CONFIG)
+    for key in _BETA_KEYS:
+        if key in config and key in known:
+            out[key] = config[key]
+    if out.get("trained_betas") is None:
+        out.pop("trained_betas", None)
+    return out
+
+
+def alphas_cumprod(scheduler_config: dict[str, Any] | None = None) -> torch.Tensor:
+    """ᾱ_t for t = 0..T-1 (fp32, CPU), exactly as diffusers' ``DDPMScheduler`` computes them."""
+    scheduler = DDPMScheduler(**clean_scheduler_config(scheduler_config))
+    return scheduler.alphas_cumprod.to(torch.float32).clone()
+
+
+def _gather(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
+    """values[t] as fp32, shaped to broadcast against ``like`` (t scalar or per-sample (B,))."""
+    values = values.to(device=like.device, dtype=torch.float32)
+    t = torch.as_tensor(t, device=like.device, dtype=torch.long)
+    out = values[t]
+    if out.ndim == 1:
+        out = out.view(-1, *([1] * (like.ndim - 1)))
+    return out
+
+
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """Forward process q(x_t | x_0): √ᾱ_t x_0 + √(1-ᾱ_t) ε (fp32 maths, returned in x0's dtype)."""
+    a = _gather(alphas_cumprod, t, x0)
+    x_t = a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()
+    return x_t.to(x0.dtype)
+
+
+def make_timesteps(
+    num_train_timesteps: int, num_steps: int, spacing: str = "leading", *, steps_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grid (timesteps, prev_timesteps), both LongTensor (num_steps,), high noise first.
+
+    ``timesteps`` equal diffusers' ``DDIMScheduler.set_timesteps`` for ``spacing`` "leading" (with
+    ``steps_offset``) and "trailing". ``prev_timesteps[i]`` is the next entry of the grid and -1 after the
+    last one (ᾱ_prev = 1). Whenever ``num_train_timesteps`` is a multiple of ``num_steps`` (and always for
+    "leading") this equals diffusers' ``t - num_train_timesteps // num_steps``.
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps={num_steps} must lie in [1, num_train_timesteps={num_train_timesteps}]")
+    if spacing == "leading":
+        ratio = num_train_timesteps // num_steps
+        timesteps = torch.arange(num_steps - 1, -1, -1, dtype=torch.long) * ratio + steps_offset
+        prev = timesteps - ratio
+    elif spacing == "trailing":
+        if steps_offset:
+            raise ValueError("steps_offset is only used with spacing='leading'")
+        ratio = num_train_timesteps / num_steps
+        grid = torch.arange(num_train_timesteps, 0, -ratio, dtype=torch.float64)
+        timesteps = torch.round(grid).to(torch.long) - 1
+        prev = torch.cat([timesteps[1:], torch.tensor([-1], dtype=torch.long)])
+    else:
+        raise ValueError(f"spacing={spacing!r}: expected 'leading' or 'trailing'")
+    if int(timesteps.max()) >= num_train_timesteps:
+        raise ValueError(f"steps_offset={steps_offset} pushes timesteps past num_train_timesteps")
+    return timesteps, prev.clamp(min=-1)
+
+
+def denoising_loss(
+    generator: Any,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    noise: torch.Tensor | None = None,
+    timesteps: torch.Tensor | None = None,
+    generator_rng: torch.Generator | None = None,
+) -> torch.Tensor:
+    """ε-MSE of DiT: mean over all elements of (ε̂(x_t, t, y) - ε)².
+
+    ``generator`` is a :class:`~rgsd_lightning.diffusion.dit.DiTGenerator` (anything with
+    ``alphas_cumprod``, ``num_train_timesteps`` and ``__call__(x_t, t, labels) -> eps``); ``x0`` is already
+    in the transformer's space (latents when a VAE is used). ``timesteps`` are drawn uniformly from
+    [0, T) and ``noise`` from N(0, I) with ``generator_rng`` when not given. Returns a scalar fp32 tensor.
+    """
+    batch = x0.shape[0]
+    rng_device = generator_rng.device if generator_rng is not None else x0.device
+    if timesteps is None:
+        timesteps = torch.randint(
+            0, generator.num_train_timesteps, (batch,), generator=generator_rng, device=rng_device
+        )
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator_rng, device=rng_device, dtype=torch.float32)
+    timesteps = timesteps.to(x0.device)
+    noise = noise.to(x0.device)
+    x_t = add_noise(x0, noise, timesteps, generator.alphas_cumprod)
+    eps = generator(x_t, timesteps, labels)
+    return F.mse_loss(eps.float(), noise.float())

@@ -1,0 +1,236 @@
+"""Schedule helpers, the step log-prob, CFG and the sampler against independent computations and diffusers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from rgsd_lightning.diffusion import (
+    add_noise,
+    alphas_cumprod,
+    build_dit,
+    denoising_loss,
+    guided_eps,
+    make_timesteps,
+    sample,
+    step_with_logprob,
+)
+
+AC = alphas_cumprod()  # DiT schedule: 1000 steps, linear betas 1e-4..0.02
+
+
+def _random_tiny(vae=None, seed: int = 0):
+    """Tiny preset with all parameters randomised (DiT init would make ε ≡ 0 and label-independent)."""
+    torch.manual_seed(seed)
+    gen = build_dit(num_identities=3, preset="tiny", vae=vae)
+    with torch.no_grad():
+        for p in gen.transformer.parameters():
+            p.normal_(0.0, 0.3)
+    return gen
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return _random_tiny()
+
+
+def _dit_ddim():
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=True,
+    )
+
+
+def test_alphas_and_add_noise_match_hand_formula_and_diffusers():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    assert torch.allclose(AC.double(), torch.cumprod(1 - betas, 0), atol=1e-6)
+    x0, noise, t = torch.randn(3, 2, 4, 4), torch.randn(3, 2, 4, 4), torch.tensor([0, 400, 999])
+    ref = DDPMScheduler().add_noise(x0, noise, t)
+    assert torch.allclose(add_noise(x0, noise, t, AC), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("spacing", "steps"), [("leading", 50), ("leading", 30), ("trailing", 50), ("trailing", 30)]
+)
+def test_timesteps_equal_diffusers_ddim(spacing, steps):
+    sched = _dit_ddim()
+    sched.register_to_config(timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    ts, prev = make_timesteps(1000, steps, spacing)
+    assert torch.equal(ts, sched.timesteps)
+    assert torch.equal(prev[:-1], ts[1:]) and prev[-1] < 0
+    if spacing == "leading" or 1000 % steps == 0:  # diffusers' own rule for the previous timestep
+        assert torch.equal(prev, (ts - 1000 // steps).clamp(min=-1))  # any t < 0 means ᾱ = 1
+    with pytest.raises(ValueError, match="spacing"):
+        make_timesteps(1000, steps, "linspace")
+
+
+def _hand_mean_std(eps, x, t, s, eta):
+    """DDIM mean/std in float64 from rl_diffusion.md §c, independent of the implementation."""
+    ac = AC.double()
+    a_t = ac[t].view(-1, 1, 1, 1)
+    a_s = torch.where(s >= 0, ac[s.clamp(min=0)], torch.ones(())).view(-1, 1, 1, 1)
+    x0 = (x.double() - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()
+    std = eta * ((1 - a_s) / (1 - a_t)).sqrt() * (1 - a_t / a_s).sqrt()
+    mean = a_s.sqrt() * x0 + (1 - a_s - std**2).sqrt() * eps.double()
+    return mean, std
+
+
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_step_logprob_equals_torch_normal(eta):
+    torch.manual_seed(0)
+    t = torch.tensor([999, 620, 300, 20])
+    s = t - 20
+    eps, x, target = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    mean, std = _hand_mean_std(eps, x, t, s, eta)
+    normal = torch.distributions.Normal(mean, std.expand_as(mean))
+    for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum)):
+        out = step_with_logprob(eps, x, t, s, AC, eta=eta, prev_sample=target, reduction=reduction)
+        ref = reduce(normal.log_prob(target.double()), dim=(1, 2, 3))
+        assert torch.allclose(out.log_prob.double(), ref, rtol=1e-4, atol=1e-4)
+        assert out.log_prob.dtype == torch.float32
+    assert torch.allclose(out.mean.double(), mean, atol=1e-5)
+    # sampling with given noise: x_prev = mean + std * noise and its own log-prob
+    noise = torch.randn(4, 3, 5, 5)
+    drawn = step_with_logprob(eps, x, t, s, AC, eta=eta, noise=noise)
+    assert torch.allclose(drawn.prev_sample.double(), mean + std * noise.double(), atol=1e-5)
+    assert torch.allclose(
+        drawn.log_prob.double(), normal.log_prob(drawn.prev_sample.double()).mean((1, 2, 3)), atol=1e-4
+    )
+
+
+def test_gradient_flows_for_std_positive_and_is_zero_at_last_step():
+    torch.manual_seed(1)
+    t, s = torch.tensor([500, 0]), torch.tensor([480, -1])  # sample 1 is the DiT schedule's last step
+    x, target = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    eps = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out = step_with_logprob(eps, x, t, s, AC, eta=1.0, prev_sample=target)
+    assert out.std[1].item() == 0 and out.log_prob[1].item() == 0
+    out.log_prob.sum().backward()
+    assert eps.grad[0].abs().sum() > 0
+    assert torch.equal(eps.grad[1], torch.zeros_like(eps.grad[1]))
+    assert torch.isfinite(eps.grad).all()
+
+
+def test_last_step_of_dit_leading_schedule_is_finite():
+    ts, prev = make_timesteps(1000, 50, "leading")
+    assert ts[-1].item() == 0 and prev[-1].item() == -1
+    x, eps = torch.randn(3, 4, 4, 4), torch.randn(3, 4, 4, 4)
+    for method in ("ddim", "ddpm"):
+        out = step_with_logprob(eps, x, ts[-1], prev[-1], AC, eta=1.0, method=method)
+        assert torch.isfinite(out.prev_sample).all() and torch.equal(out.log_prob, torch.zeros(3))
+        again = step_with_logprob(eps, x, ts[-1], prev[-1], AC, eta=1.0, method=method, prev_sample=x)
+        assert torch.equal(again.log_prob, torch.zeros(3))
+        x0 = (x - (1 - AC[0]).sqrt() * eps) / AC[0].sqrt()  # last step returns the x0 prediction
+        assert torch.allclose(out.prev_sample, x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_step_equals_diffusers(eta):
+    sched = _dit_ddim()
+    sched.set_timesteps(50)
+    ts, prev = make_timesteps(1000, 50)
+    torch.manual_seed(2)
+    for i in (0, 17, 48, 49):
+        x, eps, noise = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+        ref = sched.step(eps, int(ts[i]), x, eta=eta, variance_noise=noise).prev_sample
+        ours = step_with_logprob(eps, x, ts[i], prev[i], AC, eta=eta, noise=noise).prev_sample
+        assert torch.allclose(ours, ref, atol=1e-5), i
+
+
+def test_ddpm_equals_ddim_eta_one():
+    torch.manual_seed(3)
+    t = torch.tensor([999, 700, 250, 40, 0])
+    s = torch.tensor([979, 650, 200, 20, -1])
+    x, eps, target = torch.randn(5, 4, 4, 4), torch.randn(5, 4, 4, 4), torch.randn(5, 4, 4, 4)
+    ddpm = step_with_logprob(eps, x, t, s, AC, method="ddpm", prev_sample=target)
+    ddim = step_with_logprob(eps, x, t, s, AC, eta=1.0, method="ddim", prev_sample=target)
+    assert torch.allclose(ddpm.mean, ddim.mean, atol=1e-5)
+    assert torch.allclose(ddpm.std, ddim.std, atol=1e-6)
+    assert torch.allclose(ddpm.log_prob, ddim.log_prob, atol=1e-3)
+    with pytest.raises(ValueError, match="method"):
+        step_with_logprob(eps, x, t, s, AC, method="euler")
+
+
+def test_guidance_rule(gen):
+    x, t, y = torch.randn(3, 3, 8, 8), torch.tensor([900, 400, 30]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        cond, uncond = gen(x, t, y), gen(x, t, torch.full_like(y, gen.null_label))
+        assert torch.equal(guided_eps(gen, x, t, y, guidance_scale=1.0), cond)
+        guided = guided_eps(gen, x, t, y, guidance_scale=3.0)
+    assert not torch.allclose(cond, uncond)  # the check below would be vacuous otherwise
+    assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
+
+
+def test_same_seeds_same_images_and_batch_independence(gen):
+    kw = dict(num_steps=6, guidance_scale=2.0, eta=1.0)
+    a = sample(gen, [0, 1, 2], seeds=[11, 12, 13], **kw)
+    b = sample(gen, [0, 1, 2], seeds=[11, 12, 13], **kw)
+    assert torch.equal(a.images, b.images)
+    alone = sample(gen, [1], seeds=[12], **kw)
+    assert torch.allclose(alone.latents[0], a.latents[1], atol=1e-5)
+    other = sample(gen, [0, 1, 2], seeds=[11, 99, 13], **kw)
+    assert not torch.allclose(other.latents[1], a.latents[1])
+    with pytest.raises(ValueError, match="one seed per sample"):
+        sample(gen, [0, 1], seeds=[1])
+    with pytest.raises(ValueError, match="label 4 out of range"):
+        sample(gen, [0, 4], seeds=[1, 2])
+
+
+def test_rescoring_recorded_trajectory_gives_ratio_one(gen):
+    out = sample(
+        gen,
+        [0, 2, 1, 3],
+        seeds=[1, 2, 3, 4],
+        num_steps=5,
+        guidance_scale=2.5,
+        eta=1.0,
+        record_trajectory=True,
+    )
+    traj, steps = out.trajectory, out.timesteps.numel()
+    assert traj.shape == (4, steps + 1, 3, 8, 8) and out.log_probs.shape == (4, steps)
+    assert torch.equal(traj[:, -1], out.latents)
+    assert (out.log_probs[:, :-1] != 0).all() and (out.log_probs[:, -1] == 0).all()
+    labels = torch.tensor([0, 2, 1, 3])
+    with torch.no_grad():  # RL-style: one batch mixing transitions of different steps
+        k = torch.tensor([0, 3, 1, 4])
+        rows = torch.arange(4)
+        x_t, x_prev = traj[rows, k], traj[rows, k + 1]
+        eps = guided_eps(gen, x_t, out.timesteps[k], labels, guidance_scale=2.5)
+        new = step_with_logprob(
+            eps, x_t, out.timesteps[k], out.prev_timesteps[k], gen.alphas_cumprod, prev_sample=x_prev
+        )
+    old = out.log_probs[rows, k]
+    assert torch.allclose(new.log_prob, old, atol=1e-5)
+    assert torch.allclose(torch.exp(new.log_prob - old), torch.ones(4), atol=1e-5)
+
+
+@pytest.mark.parametrize("vae", [None, "tiny"])
+def test_pixel_and_latent_sampling_shapes(vae):
+    gen = _random_tiny(vae=vae)
+    out = sample(gen, [0, 1], generator=torch.Generator().manual_seed(0), num_steps=3, guidance_scale=2.0)
+    assert out.images.shape == (2, 3, 8, 8) and out.images.abs().max() <= 1.0
+    assert out.latents.shape == (2, *gen.latent_shape)
+    assert gen.latent_shape == ((4, 8, 8) if vae else (3, 8, 8))
+    assert out.trajectory is None and torch.equal(out.log_probs, torch.zeros(2, 3))  # η = 0: deterministic
+    assert sample(gen, [0], seeds=[0], num_steps=2, decode=False).images is None
+    with pytest.raises(ValueError, match="not both"):
+        sample(gen, [0], seeds=[0], generator=torch.Generator())
+
+
+def test_denoising_loss_matches_hand_computation(gen):
+    x0, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    noise, t = torch.randn(4, 3, 8, 8), torch.tensor([5, 100, 600, 999])
+    with torch.no_grad():
+        a = AC[t].view(-1, 1, 1, 1)
+        ref = ((gen(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, y) - noise) ** 2).mean()
+        loss = denoising_loss(gen, x0, y, noise=noise, timesteps=t)
+        assert torch.allclose(loss, ref, atol=1e-6)
+        r1 = denoising_loss(gen, x0, y, generator_rng=torch.Generator().manual_seed(5))
+        r2 = denoising_loss(gen, x0, y, generator_rng=torch.Generator().manual_seed(5))
+    assert torch.equal(r1, r2)

@@ -35,7 +35,9 @@ def test_pretrained_weights_come_from_a_local_file_only(tmp_path):
 
 def test_feature_extractor_is_frozen_normalised_and_stays_in_eval(tmp_path):
     net = EmbeddingNet("test_resnet", neck="bnneck")
-    save_embedding_net(net, tmp_path, input_size=(32, 16), mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    save_embedding_net(
+        net, tmp_path, input_size=(32, 16), mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]
+    )
     fx = FeatureExtractor.from_export(tmp_path)
     fx.train()
     assert not fx.net.training

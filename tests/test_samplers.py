@@ -43,7 +43,9 @@ def test_synthetic_fraction_fills_slots_of_identities_that_have_synthetic_images
 
 def test_ranks_get_different_identities_and_same_stream_per_seed():
     labels, syn = _pool(num_ids=20)
-    samplers = [PKBatchSampler(labels, 5, 2, rank=r, world_size=2, batches_per_epoch=10, seed=3) for r in range(2)]
+    samplers = [
+        PKBatchSampler(labels, 5, 2, rank=r, world_size=2, batches_per_epoch=10, seed=3) for r in range(2)
+    ]
     for b0, b1 in zip(*samplers, strict=True):
         assert not set(labels[b0]) & set(labels[b1])
     again = PKBatchSampler(labels, 5, 2, rank=1, world_size=2, batches_per_epoch=10, seed=3)

@@ -181,6 +181,8 @@ class IdentityDataModule(L.LightningDataModule):
         self.synthetic_records = self._read_synthetic()
         self.verification_sets: list[VerificationPairs] = []
         self.val_names: list[str] = []
+        # (identity, seed) pairs a resumed generation already wrote; set by SyntheticSetWriter.setup
+        self.completed_requests: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ parsing (cheap, in __init__)
     @property
@@ -232,7 +234,9 @@ class IdentityDataModule(L.LightningDataModule):
         mapping = hp.synthetic_identity_map or {}
         for entry in hp.synthetic or []:
             for rec in read_manifest(_manifest_path(entry)):
-                out.append(_replace(rec, identity=mapping.get(rec.identity, rec.identity), source="synthetic"))
+                out.append(
+                    _replace(rec, identity=mapping.get(rec.identity, rec.identity), source="synthetic")
+                )
         unknown = sorted({r.identity for r in out} - set(self.label_of))
         if unknown:
             if hp.unknown_synthetic == "error":
@@ -244,7 +248,9 @@ class IdentityDataModule(L.LightningDataModule):
             log.warning("dropping synthetic records of %d unknown identities", len(unknown))
             out = [r for r in out if r.identity in self.label_of]
         if hp.synthetic and not out:
-            log.warning("the synthetic sets %s hold no usable images: training on real data only", hp.synthetic)
+            log.warning(
+                "the synthetic sets %s hold no usable images: training on real data only", hp.synthetic
+            )
         return out
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -314,12 +320,21 @@ class IdentityDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.task == "face":
             return face_transform(
-                hp.face_size, train=train, flip=hp.flip, channels=hp.channels, random_erasing=hp.random_erasing
+                hp.face_size,
+                train=train,
+                flip=hp.flip,
+                channels=hp.channels,
+                random_erasing=hp.random_erasing,
             )
         return reid_transform(
-            hp.height, hp.width, train=train, flip=hp.flip, pad=hp.pad,
-            random_erasing=hp.random_erasing, channels=hp.channels,
-        )  # fmt: skip
+            hp.height,
+            hp.width,
+            train=train,
+            flip=hp.flip,
+            pad=hp.pad,
+            random_erasing=hp.random_erasing,
+            channels=hp.channels,
+        )
 
     def recognizer_preprocessing(self) -> dict:
         """Input geometry and normalisation of the recognizer (what its export records)."""
@@ -355,7 +370,9 @@ class IdentityDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def _loader(self, dataset, *, shuffle: bool = False, batch_sampler=None, drop_last: bool = False):
         hp = self.hparams
-        kwargs = dict(num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0)
+        kwargs = dict(
+            num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0
+        )
         if batch_sampler is not None:
             return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
         rank, world = self._rank_world()
@@ -365,7 +382,9 @@ class IdentityDataModule(L.LightningDataModule):
             else:
                 sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(hp.seed))
             drop_last = drop_last and len(dataset) >= hp.batch_size * world
-            return DataLoader(dataset, batch_size=hp.batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+            return DataLoader(
+                dataset, batch_size=hp.batch_size, sampler=sampler, drop_last=drop_last, **kwargs
+            )
         if world > 1:  # evaluation / predict: an unpadded strided shard per rank, nothing duplicated
             dataset = Subset(dataset, list(range(rank, len(dataset), world)))
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=False, **kwargs)
@@ -374,18 +393,28 @@ class IdentityDataModule(L.LightningDataModule):
         hp = self.hparams
         if self.task == "generator":
             train, _ = self._generator_split()
-            ds = RecordDataset(train, self.generator_transform(True), label_of=self.label_of, mode=self.mode,
-                               kind="generator")  # fmt: skip
+            ds = RecordDataset(
+                train,
+                self.generator_transform(True),
+                label_of=self.label_of,
+                mode=self.mode,
+                kind="generator",
+            )
             return self._loader(ds, shuffle=True, drop_last=True)
         records = self.train_records + self.synthetic_records
         ds = RecordDataset(records, self.recognizer_transform(True), label_of=self.label_of, mode=self.mode)
         rank, world = self._rank_world()
         sampler = PKBatchSampler(
-            [self.label_of[r.identity] for r in records], hp.p, hp.k,
+            [self.label_of[r.identity] for r in records],
+            hp.p,
+            hp.k,
             is_synthetic=[r.source == "synthetic" for r in records],
             synthetic_fraction=hp.synthetic_fraction if self.synthetic_records else 0.0,
-            batches_per_epoch=hp.batches_per_epoch, seed=hp.seed, rank=rank, world_size=world,
-        )  # fmt: skip
+            batches_per_epoch=hp.batches_per_epoch,
+            seed=hp.seed,
+            rank=rank,
+            world_size=world,
+        )
         return self._loader(ds, batch_sampler=sampler)
 
     def val_dataloader(self):
@@ -393,8 +422,9 @@ class IdentityDataModule(L.LightningDataModule):
             _, val = self._generator_split()
             if not val:
                 return []
-            ds = RecordDataset(val, self.generator_transform(False), label_of=self.label_of, mode=self.mode,
-                               kind="generator")  # fmt: skip
+            ds = RecordDataset(
+                val, self.generator_transform(False), label_of=self.label_of, mode=self.mode, kind="generator"
+            )
             self.val_names = ["heldout"]
             return self._loader(ds)
         if self.task == "reid":
@@ -404,6 +434,22 @@ class IdentityDataModule(L.LightningDataModule):
 
     def test_dataloader(self):
         return self.val_dataloader()
+
+    def reference_dataloader(self) -> DataLoader:
+        """Every real training image through the generator's test transform, unsharded and in order.
+
+        The reward memory bank is built from this loader on every rank (identical banks), so real
+        references pass through the same square geometry as generated images before feature extraction.
+        """
+        hp = self.hparams
+        ds = RecordDataset(
+            self.train_records,
+            self.generator_transform(False),
+            label_of=self.label_of,
+            mode=self.mode,
+            kind="generator",
+        )
+        return DataLoader(ds, batch_size=hp.batch_size, shuffle=False, num_workers=hp.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(RequestDataset(self.generation_requests()))
@@ -415,8 +461,9 @@ class IdentityDataModule(L.LightningDataModule):
             raise ValueError(f"dataset {self.root!r} has no query/gallery split for ReID evaluation")
         names = sorted({r.identity for r in query + gallery})
         pid_of = {name: i for i, name in enumerate(names)}
-        return RecordDataset(query + gallery, self.recognizer_transform(False), mode=self.mode, kind="reid_eval",
-                             pid_of=pid_of)  # fmt: skip
+        return RecordDataset(
+            query + gallery, self.recognizer_transform(False), mode=self.mode, kind="reid_eval", pid_of=pid_of
+        )
 
     def _verification_sets(self) -> list[VerificationPairs]:
         specs = self.hparams.verification
@@ -432,14 +479,21 @@ class IdentityDataModule(L.LightningDataModule):
                         f"verification kind 'auto' needs a test split in {self.root!r} "
                         "(set train_per_identity for identity folders)"
                     )
-                sets.append(sources.make_pairs(test, num_pairs=spec.num_pairs, seed=spec.seed, name=spec.name or "auto"))
+                sets.append(
+                    sources.make_pairs(
+                        test, num_pairs=spec.num_pairs, seed=spec.seed, name=spec.name or "auto"
+                    )
+                )
             elif spec.kind == "bin":
                 sets.append(sources.read_verification_bin(_required(spec.path, "path", spec), name=spec.name))
             elif spec.kind == "pairs":
                 sets.append(sources.load_pairs(_required(spec.path, "path", spec)))
             elif spec.kind == "lfw":
-                sets.append(sources.read_pairs_txt(_required(spec.path, "path", spec),
-                                                   _required(spec.root, "root", spec), name=spec.name))  # fmt: skip
+                sets.append(
+                    sources.read_pairs_txt(
+                        _required(spec.path, "path", spec), _required(spec.root, "root", spec), name=spec.name
+                    )
+                )
             elif spec.kind == "rfw":
                 sets += list(sources.read_rfw_groups(_required(spec.root, "root", spec)).values())
             else:
@@ -466,7 +520,8 @@ class IdentityDataModule(L.LightningDataModule):
         """The predict requests: ``generate_per_identity`` seeded images per identity."""
         hp = self.hparams
         names = hp.generate_identities or self.identities
-        return make_requests(names, self.label_of, hp.generate_per_identity, hp.generate_seed)
+        requests = make_requests(names, self.label_of, hp.generate_per_identity, hp.generate_seed)
+        return [r for r in requests if (r.identity, r.seed) not in self.completed_requests]
 
 
 def _group_by_split(records: list[IdentityRecord]) -> dict[str, list[IdentityRecord]]:
@@ -484,7 +539,9 @@ def _manifest_path(entry: str | os.PathLike) -> Path:
     if path.is_dir():
         path = path / "manifest.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"no manifest at {path} (expected a synthetic set folder or a .jsonl manifest)")
+        raise FileNotFoundError(
+            f"no manifest at {path} (expected a synthetic set folder or a .jsonl manifest)"
+        )
     return path
 
 

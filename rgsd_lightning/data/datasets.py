@@ -134,7 +134,11 @@ def make_requests(
     out = []
     for identity in identities:
         for n in range(per_identity):
-            out.append(GenerationRequest(identity, label_of[identity], request_seed(base_seed, identity, n), len(out)))
+            out.append(
+                GenerationRequest(
+                    identity, label_of[identity], request_seed(base_seed, identity, n), len(out)
+                )
+            )
     return out
 
 
@@ -152,7 +156,9 @@ class RequestDataset(Dataset):
         return {"label": r.label, "seed": r.seed, "identity": r.identity, "request": r.request}
 
 
-def filter_decodable(records: Sequence[IdentityRecord], mode: str = "RGB") -> tuple[list, list[BadImageError]]:
+def filter_decodable(
+    records: Sequence[IdentityRecord], mode: str = "RGB"
+) -> tuple[list, list[BadImageError]]:
     """Split records into those whose image decodes and the errors of those that do not."""
     good, bad = [], []
     for rec in records:

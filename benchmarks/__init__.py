@@ -1,0 +1,1 @@
+"""Speed, memory and task-utility benchmarks (JSON + markdown); see README."""

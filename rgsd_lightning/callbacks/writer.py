@@ -1,0 +1,206 @@
+"""SyntheticSetWriter: writes generated images as a synthetic identity set (DESIGN §3).
+
+Layout of a synthetic set folder::
+
+    images/<identity>/<seed>.png     one PNG per generated image
+    manifest.jsonl                   one row per image (path, identity, seed, sampler settings,
+                                     generator hash, reward components ...), merged on rank 0
+    card.json                        counts, per-identity statistics, generator provenance, audit result
+
+Each rank writes its images and appends rows to its own ``manifest.rank<r>.jsonl`` shard right after
+every batch (line-buffered and fsync'ed), so a killed generation loses at most the batch in flight.
+When generation starts again, the requests already present (in the merged manifest or in any shard,
+with their image on disk) are skipped: the set completes without duplicates or gaps. At the end rank 0
+merges the shards into ``manifest.jsonl`` (atomic rename) and writes ``card.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from rgsd_lightning.callbacks.images import save_png, to_uint8
+from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, write_manifest
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.jsonl"
+CARD = "card.json"
+
+
+def request_key(identity: str, seed: int) -> tuple[str, int]:
+    """Requests are identified by (identity, seed): the same pair always gives the same image."""
+    return (str(identity), int(seed))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of a manifest or shard; a torn last line (interrupted append) is ignored."""
+    if not path.is_file():
+        return []
+    rows = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("ignoring a torn last line in %s (interrupted write)", path)
+                continue
+            raise ValueError(f"{path}:{i + 1}: malformed manifest row") from None
+    return rows
+
+
+def completed_rows(output_dir: Path) -> dict[tuple[str, int], dict]:
+    """Rows already written (merged manifest and shards) whose image exists on disk."""
+    done: dict[tuple[str, int], dict] = {}
+    for path in [output_dir / MANIFEST, *sorted(output_dir.glob("manifest.rank*.jsonl"))]:
+        for row in read_rows(path):
+            if (output_dir / row["path"]).is_file():
+                done[request_key(row["identity"], row["seed"])] = row
+    return done
+
+
+class SyntheticSetWriter(BasePredictionWriter):
+    """Write ``predict`` outputs as a synthetic set; resumable and sharded per rank.
+
+    The module's ``predict_step`` returns a dict with ``images`` (B, C, H, W) in [-1, 1], ``identity``
+    (list of names), ``seed`` (B,), and optionally ``request`` (B,), ``rewards`` (dict of (B,) tensors)
+    and ``meta`` (dict of settings shared by the batch, e.g. sampler and generator hash).
+
+    Args:
+        output_dir: the synthetic set folder.
+        card_extra: extra fields for card.json (e.g. the dataset the identities come from).
+    """
+
+    def __init__(self, output_dir: str, card_extra: dict[str, Any] | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.card_extra = dict(card_extra or {})
+        self._shard = None
+
+    # -- resume: tell the datamodule which requests are done before its loader is built
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "predict":
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if trainer.is_global_zero and any(self.output_dir.glob("manifest.rank*.jsonl")):
+            self.merge()  # fold an interrupted run's shards (torn last lines dropped) into manifest.jsonl
+        trainer.strategy.barrier("synthetic_writer_resume")
+        done = completed_rows(self.output_dir)
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "completed_requests"):
+            datamodule.completed_requests = set(done)
+        if done:
+            log.info("resuming synthetic set %s: %d images already written", self.output_dir, len(done))
+
+    def _open_shard(self, rank: int):
+        if self._shard is None:
+            path = self.output_dir / f"manifest.rank{rank}.jsonl"
+            self._shard = path.open("a", encoding="utf-8")
+        return self._shard
+
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ):
+        if prediction is None:
+            return
+        images = to_uint8(prediction["images"])
+        identities = list(prediction["identity"])
+        seeds = [int(s) for s in _as_list(prediction["seed"])]
+        requests = _as_list(prediction.get("request", [None] * len(seeds)))
+        rewards = {k: _as_list(v) for k, v in (prediction.get("rewards") or {}).items()}
+        meta = dict(prediction.get("meta") or {})
+        shard = self._open_shard(trainer.global_rank)
+        for i, (identity, seed) in enumerate(zip(identities, seeds, strict=True)):
+            rel = Path("images") / _safe(identity) / f"{seed:010d}.png"
+            save_png(images[i], self.output_dir / rel)
+            row = {
+                "path": str(rel),
+                "identity": identity,
+                "camera": -1,
+                "source": "synthetic",
+                "split": "train",
+            }
+            row["seed"] = seed
+            if requests[i] is not None:
+                row["request"] = int(requests[i])
+            row.update({k: float(v[i]) for k, v in rewards.items()})
+            row.update(meta)
+            shard.write(json.dumps(row) + "\n")
+        shard.flush()
+        os.fsync(shard.fileno())
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+        trainer.strategy.barrier("synthetic_writer_merge")
+        if trainer.is_global_zero:
+            self.merge(getattr(pl_module, "card_info", lambda: {})())
+        trainer.strategy.barrier("synthetic_writer_merged")
+
+    def merge(self, module_info: dict[str, Any] | None = None) -> Path:
+        """Merge shards into manifest.jsonl (deduplicated, sorted) and write card.json; remove the shards."""
+        rows = completed_rows(self.output_dir)
+        ordered = sorted(rows.values(), key=lambda r: (r["identity"], r.get("request", 0), r["seed"]))
+        records = [IdentityRecord.from_json(r, base_dir=self.output_dir) for r in ordered]
+        write_manifest(self.output_dir / MANIFEST, records)
+        card_path = self.output_dir / CARD
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        card.update(self.card_extra)
+        card.update(module_info or {})
+        card.update(summarize(ordered))
+        atomic_write_json(card_path, card)
+        for shard in self.output_dir.glob("manifest.rank*.jsonl"):
+            shard.unlink()
+        return self.output_dir / MANIFEST
+
+
+def summarize(rows: list[dict]) -> dict[str, Any]:
+    """Counts and per-identity reward statistics of a synthetic set (card.json body)."""
+    counts = Counter(r["identity"] for r in rows)
+    reward_keys = sorted({k for r in rows for k in ("total", "sem", "cov", "exp") if k in r})
+    stats: dict[str, Any] = {}
+    for key in reward_keys:
+        values = np.array([r[key] for r in rows if key in r], dtype=np.float64)
+        stats[key] = {
+            "mean": float(values.mean()),
+            "std": float(values.std()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
+    per_identity = {}
+    for identity in sorted(counts):
+        entry: dict[str, Any] = {"count": counts[identity]}
+        for key in reward_keys:
+            vals = [r[key] for r in rows if r["identity"] == identity and key in r]
+            if vals:
+                entry[f"{key}_mean"] = float(np.mean(vals))
+        per_identity[identity] = entry
+    return {
+        "num_images": len(rows),
+        "num_identities": len(counts),
+        "reward_stats": stats,
+        "per_identity": per_identity,
+    }
+
+
+def _as_list(values) -> list:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().tolist()
+    return list(values)
+
+
+def _safe(identity: str) -> str:
+    """A folder name for an identity (path separators and dots are not allowed to escape the set)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in identity)
+    return cleaned or "_"

@@ -1,0 +1,216 @@
+"""ColdStartDiT: stage 1 of the method (paper §4.1, §5.1).
+
+A pretrained class-conditional DiT gets a new label table for the target identities (one shared table
+of N + 1 rows, null row copied from the pretrained null row) and is fine-tuned with the denoising loss
+on the real images while its backbone stays frozen (``trainable="label_table"``, the paper). The same
+module pre-trains a small prior from scratch (``preset=...``, ``trainable="all"``) in the CPU demo.
+
+Training: ε-MSE on the ε channels, labels dropped to null once per sample with ``label_dropout`` (CFG),
+AdamW, optional EMA of the trainable parameters. Validation: held-out denoising loss with fixed noise
+and a grid real | generated per identity written to ``<log_dir>/samples``. Predict: seeded generation
+for (identity, seed) requests, written by ``SyntheticSetWriter``. The export (``ExportArtifact``) is the
+generator folder the RL stage and generation load by path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+
+from rgsd_lightning.diffusion import build_dit, drop_labels
+from rgsd_lightning.diffusion.schedule import denoising_loss
+from rgsd_lightning.modules.ema import ParameterEMA
+from rgsd_lightning.modules.generator_base import GeneratorModule
+
+
+class ColdStartDiT(GeneratorModule):
+    """Cold-start a class-conditional DiT on the target identities.
+
+    Args:
+        num_identities: number of target identities (linked from the datamodule by the CLI).
+        pretrained: local folder or hub id of a pretrained DiT (diffusers layout) or a generator export;
+            None builds ``preset`` from scratch with the DiT initialisation.
+        vae: VAE for latent mode: "pretrained" (the ``vae/`` of ``pretrained``), a folder / hub id, "tiny", or
+            None (pixel mode, or the export's own VAE).
+        preset: "tiny", "small" or "xl2" when ``pretrained`` is None.
+        preset_overrides: DiT config keys replacing the preset's.
+        init_rows: identity rows of the new table: "null" (copies of the null row), "zero" (paper), "mean".
+        trainable: "label_table" (paper: backbone frozen), "adaln", "all", or a list of name patterns.
+        image_size: pixel side of the generated images (must equal the datamodule's image_size).
+        channels: image channels (must equal the datamodule's).
+        label_dropout: probability of replacing a label by null during training (classifier-free guidance).
+        lr: AdamW learning rate (paper: 1e-5).
+        table_lr: learning rate of the label table (None: ``lr``).
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear learning-rate warm-up steps.
+        ema_decay: EMA decay of the trainable parameters (None: no EMA); EMA weights sample and export.
+        sampler: "ddim" or "ddpm" for validation grids and generation.
+        sample_steps: sampling steps.
+        guidance_scale: classifier-free guidance scale w (1 = no guidance).
+        eta: DDIM η (0 deterministic, 1 ancestral).
+        grid_identities: identities shown in validation grids.
+        grid_samples: real and generated images per identity in the grids.
+        grid_seed: seed of the grid samples (fixed so grids are comparable across epochs).
+        reward_extractor: recognizer export used to score generated images in ``predict`` (optional).
+    """
+
+    def __init__(
+        self,
+        num_identities: int,
+        pretrained: str | None = None,
+        vae: str | None = None,
+        preset: str | None = "small",
+        preset_overrides: dict[str, Any] | None = None,
+        init_rows: Literal["null", "zero", "mean"] = "null",
+        trainable: str | list[str] = "label_table",
+        image_size: int = 32,
+        channels: int = 3,
+        label_dropout: float = 0.1,
+        lr: float = 1e-5,
+        table_lr: float | None = None,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 0,
+        ema_decay: float | None = None,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sample_steps: int = 50,
+        guidance_scale: float = 2.0,
+        eta: float = 0.0,
+        grid_identities: int = 8,
+        grid_samples: int = 4,
+        grid_seed: int = 0,
+        reward_extractor: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if pretrained is not None:
+            preset = None
+        self.generator = build_dit(
+            num_identities=num_identities,
+            pretrained=pretrained,
+            vae=vae,
+            preset=preset,
+            preset_overrides=preset_overrides,
+            label_space="swap",
+            init_rows=init_rows,
+            trainable=trainable,
+            image_size=image_size,
+            channels=channels,
+        )
+        if self.generator.image_size != image_size or self.generator.channels != channels:
+            raise ValueError(
+                f"the generator makes {self.generator.channels}x{self.generator.image_size}px images but "
+                f"image_size={image_size}, channels={channels} were configured"
+            )
+        self.trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
+        self.ema = ParameterEMA(self._trainable(), ema_decay) if ema_decay else None
+        # frozen pretrained weights are reloaded from `pretrained`; weights built from a preset are saved
+        self._save_frozen = pretrained is None
+        self.strict_loading = False
+        self.reward = None
+
+    def _trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        self.adopt_identities()
+        if stage == "predict":
+            self.reward = self.build_reward(self.hparams.reward_extractor)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        table = self.generator.label_table.weight
+        rest = [p for p in self._trainable().values() if p is not table]
+        groups = []
+        if table.requires_grad:
+            groups.append({"params": [table], "lr": hp.table_lr or hp.lr, "name": "label_table"})
+        if rest:
+            groups.append({"params": rest, "lr": hp.lr, "name": "backbone"})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.warmup_steps <= 0:
+            return optimizer
+        warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+
+    # ------------------------------------------------------------------ train / val
+    def on_fit_start(self) -> None:
+        self.adopt_identities()
+
+    def on_train_epoch_start(self) -> None:
+        self.generator.train()  # diffusers models load in eval mode; the VAE stays in eval
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = self._to_model_space(batch["image"])
+        labels = drop_labels(batch["label"], self.hparams.label_dropout, self.generator.null_label)
+        loss = denoising_loss(self.generator, x0, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite denoising loss at step {self.global_step}")
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x0 = self._to_model_space(batch["image"])
+        rng = torch.Generator(device="cpu").manual_seed(1000 + batch_idx)  # same noise every epoch
+        noise = torch.randn(x0.shape, generator=rng).to(x0)
+        t = torch.randint(0, self.generator.num_train_timesteps, (len(x0),), generator=rng).to(x0.device)
+        with self.sampling_weights():
+            loss = denoising_loss(self.generator, x0, batch["label"], noise=noise, timesteps=t)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(x0))
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking or self.hparams.grid_identities <= 0:
+            return
+        self.log_sample_grid("val/samples", int(self.global_step))
+
+    def _to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.generator.encode(images.to(self.generator.dtype))
+
+    # ------------------------------------------------------------------ weights used for sampling
+    @contextlib.contextmanager
+    def sampling_weights(self) -> Iterator[None]:
+        if self.ema is None:
+            yield
+        else:
+            with self.ema.swapped():
+                yield
+
+    # ------------------------------------------------------------------ checkpoints: trainable part only
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self._save_frozen:
+            keep = set(self.trainable_names)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        missing = [n for n in self.trainable_names if n not in state_dict]
+        if missing:
+            raise ValueError(
+                f"checkpoint does not match this ColdStartDiT: trainable parameters missing {missing[:5]} "
+                "(different label count or trainable setting?)"
+            )
+        for name, value in state_dict.items():
+            own = dict(self.named_parameters()).get(name)
+            if own is not None and own.shape != value.shape:
+                raise ValueError(
+                    f"checkpoint tensor {name} has shape {tuple(value.shape)}, "
+                    f"the model has {tuple(own.shape)} "
+                    "(a checkpoint for a different number of identities?)"
+                )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    def export_provenance(self) -> dict[str, Any]:
+        return {"parent": self.hparams.pretrained, "ema": self.ema is not None}

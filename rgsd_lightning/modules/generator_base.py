@@ -1,0 +1,208 @@
+"""What ColdStartDiT and RewardDPOK share: generation (``predict``), sample grids, scoring, export.
+
+Subclasses own a ``DiTGenerator`` in ``self.generator`` and the sampling hyper-parameters
+``sample_steps``, ``guidance_scale``, ``eta``, ``sampler``, ``grid_identities``, ``grid_samples`` and
+``grid_seed`` in ``self.hparams``. They override :meth:`sampling_weights` when the weights used for
+generation differ from the training weights (EMA), and :meth:`export_provenance` to describe themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from rgsd_lightning.backbones import FeatureExtractor
+from rgsd_lightning.callbacks.images import image_grid, log_grid
+from rgsd_lightning.data.images import load_image
+from rgsd_lightning.diffusion import DiTGenerator, sample
+from rgsd_lightning.provenance import provenance, tensor_fingerprint
+from rgsd_lightning.rewards import CompositeReward, MemoryBank
+
+
+class GeneratorModule(L.LightningModule):
+    """Base of the generator stages (no constructor arguments of its own)."""
+
+    export_name = "generator"
+    generator: DiTGenerator
+
+    # ------------------------------------------------------------------ data facts
+    def _datamodule(self):
+        trainer = self._trainer
+        return getattr(trainer, "datamodule", None) if trainer is not None else None
+
+    def adopt_identities(self) -> None:
+        """Take the identity names from the datamodule (labels.json of exports) and check the geometry."""
+        dm = self._datamodule()
+        if dm is None or not hasattr(dm, "identities"):
+            return
+        if len(dm.identities) != self.generator.num_identities:
+            raise ValueError(
+                f"the generator has {self.generator.num_identities} identity labels, the data has "
+                f"{len(dm.identities)}: rebuild the model with num_identities={len(dm.identities)}"
+            )
+        hp = getattr(dm, "hparams", {})
+        size, channels = hp.get("image_size"), hp.get("channels")
+        if size is not None and int(size) != self.generator.image_size:
+            raise ValueError(
+                f"data.image_size={size} but the generator makes {self.generator.image_size}px images"
+            )
+        if channels is not None and int(channels) != self.generator.channels:
+            raise ValueError(
+                f"data.channels={channels} but the generator makes {self.generator.channels}-channel images"
+            )
+        self.generator.identities = list(dm.identities)
+
+    # ------------------------------------------------------------------ sampling
+    @contextlib.contextmanager
+    def sampling_weights(self) -> Iterator[None]:
+        """The weights generation uses (default: the current ones)."""
+        yield
+
+    def sampler_settings(self) -> dict[str, Any]:
+        """Sampler settings recorded with every generated image."""
+        hp = self.hparams
+        return {
+            "sampler": hp.sampler,
+            "num_steps": int(hp.sample_steps),
+            "guidance_scale": float(hp.guidance_scale),
+            "eta": float(hp.eta),
+        }
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] for the labels, one seeded image per request."""
+        s = self.sampler_settings()
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            with self.sampling_weights():
+                out = sample(
+                    self.generator,
+                    labels.to(self.device),
+                    seeds=seeds,
+                    num_steps=s["num_steps"],
+                    guidance_scale=s["guidance_scale"],
+                    eta=s["eta"],
+                    method=s["sampler"],
+                )
+        finally:
+            self.generator.train(was_training)
+        return out.images
+
+    # ------------------------------------------------------------------ scoring (optional)
+    def build_reward(self, extractor_dir: str | None, **reward_kwargs: Any) -> CompositeReward | None:
+        """A CompositeReward whose memory bank holds the real training images' features (every rank)."""
+        if extractor_dir is None:
+            return None
+        dm = self._datamodule()
+        if dm is None or not hasattr(dm, "reference_dataloader"):
+            raise RuntimeError("scoring needs an IdentityDataModule to build the reward memory bank from")
+        extractor = FeatureExtractor.from_export(extractor_dir).to(self.device)
+        bank = MemoryBank.from_extractor(
+            extractor, dm.reference_dataloader(), dm.num_identities, device=self.device
+        )
+        reward = CompositeReward(bank, **reward_kwargs).to(self.device)
+        self.reward_extractor = extractor
+        return reward
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Per-sample reward components of generated images, or None without a reward model."""
+        reward = getattr(self, "reward", None)
+        if reward is None:
+            return None
+        with torch.no_grad():
+            feats = self.reward_extractor(images)
+            return {k: v.detach().cpu() for k, v in reward.components(feats, labels.to(feats.device)).items()}
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_start(self) -> None:
+        self.adopt_identities()
+        with self.sampling_weights():
+            self._fingerprint = tensor_fingerprint(self.generator.transformer.state_dict().items())
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        labels = batch["label"]
+        images = self.generate(labels, [int(s) for s in batch["seed"]])
+        meta = dict(
+            self.sampler_settings(), generator=getattr(self, "_fingerprint", None), stage=type(self).__name__
+        )
+        return {
+            "images": images.cpu(),
+            "identity": list(batch["identity"]),
+            "seed": batch["seed"],
+            "request": batch["request"],
+            "rewards": self.score(images, labels),
+            "meta": meta,
+        }
+
+    def card_info(self) -> dict[str, Any]:
+        """Generator facts for the synthetic set's card.json."""
+        return {
+            "generator": {
+                "stage": type(self).__name__,
+                "fingerprint": getattr(self, "_fingerprint", None),
+                "source": self.export_provenance().get("parent"),
+            },
+            "sampler": self.sampler_settings(),
+            "image_size": self.generator.image_size,
+            "channels": self.generator.channels,
+        }
+
+    # ------------------------------------------------------------------ export
+    def export_provenance(self) -> dict[str, Any]:
+        """The stage's parent artifact and config for provenance.json (subclasses extend)."""
+        return {"parent": None}
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the generator export (DESIGN §3) with the sampling weights."""
+        info = self.export_provenance()
+        record = provenance(
+            type(self).__name__,
+            parent=info.pop("parent"),
+            config=_plain(dict(self.hparams)),
+            global_step=int(self.global_step),
+            **info,
+        )
+        with self.sampling_weights():
+            return self.generator.save_pretrained(directory, provenance=record)
+
+    # ------------------------------------------------------------------ grids
+    def real_images(self, identity: str, n: int) -> list[torch.Tensor]:
+        """Up to n real training images of an identity, as the generator sees them."""
+        dm = self._datamodule()
+        if dm is None:
+            return []
+        transform = dm.generator_transform(train=False)
+        records = [r for r in dm.split_records("train") if r.identity == identity][:n]
+        return [transform(load_image(r.path, dm.mode)) for r in records]
+
+    def log_sample_grid(self, tag: str, step: int) -> Path | None:
+        """Grid with one row per identity: real images | samples with fixed seeds (rank 0 only)."""
+        if self._trainer is None or not self.trainer.is_global_zero:
+            return None
+        hp = self.hparams
+        names = self.generator.identities[: hp.grid_identities]
+        labels = torch.arange(len(names)).repeat_interleave(hp.grid_samples)
+        seeds = [hp.grid_seed * 1000 + i for i in range(hp.grid_samples)] * len(names)
+        fakes = self.generate(labels, seeds).cpu()
+        rows = []
+        for i, name in enumerate(names):
+            real = self.real_images(name, hp.grid_samples)
+            rows.append(list(real) + list(fakes[i * hp.grid_samples : (i + 1) * hp.grid_samples]))
+        return log_grid(self.trainer, image_grid(rows), tag, step)
+
+
+def _plain(value: Any) -> Any:
+    """hparams -> JSON-friendly values (paths and callables become strings)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return repr(value)

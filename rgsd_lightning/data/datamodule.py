@@ -11,6 +11,7 @@ task              train                                       val / test
 ``generator``     square images + label (shuffled)            held-out images (denoising loss)
 ``reid``          P x K identity batches, real + synthetic     query + gallery (mAP / CMC)
 ``face``          P x K identity batches, real + synthetic     verification sets (+ identification)
+``rl``            P identity labels per step (the RL rollout)  none
 ================  ==========================================  ======================================
 
 ``predict`` always serves generation requests (identity, seed). Under DDP every loader is sharded here,
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subs
 from rgsd_lightning.data import sources, toy
 from rgsd_lightning.data.datasets import (
     GenerationRequest,
+    IdentityLabels,
     ImageListDataset,
     RecordDataset,
     RequestDataset,
@@ -87,7 +89,8 @@ class IdentityDataModule(L.LightningDataModule):
     Args:
         root: dataset folder (toy formats: where the toy data is written if missing).
         format: dataset layout; see ``sources`` for each parser.
-        task: which train/val loaders to serve: "generator", "reid" or "face".
+        task: which train/val loaders to serve: "generator", "reid", "face" or "rl" (identity labels for
+            RL rollouts: P distinct identities per step, different identities on every rank).
         cuhk03_variant: "labeled" or "detected" (required for ``cuhk03np``).
         train_per_identity: identity folders: the first k images of each identity train, the rest test.
         split_seed: identity folders: draw the k train images at random with this seed instead.
@@ -106,7 +109,7 @@ class IdentityDataModule(L.LightningDataModule):
         pad: ReID pad-crop padding in training.
         random_erasing: Random Erasing probability for recognizer training (the real-augmentation baseline).
         batch_size: batch size of generator training and of every evaluation/predict loader.
-        p: identities per recognizer training batch.
+        p: identities per recognizer training batch (and per RL rollout).
         k: images per identity in a recognizer training batch.
         batches_per_epoch: recognizer batches per epoch (None: about one pass over the real images).
         generator_val_fraction: generator task: share of each identity's images held out for the val loss
@@ -115,7 +118,8 @@ class IdentityDataModule(L.LightningDataModule):
         generate_per_identity: predict: images to generate per identity.
         generate_seed: predict: base seed of the per-image seeds.
         generate_identities: predict: only these identities (default: all).
-        toy: toy formats: keyword arguments of ``toy.make_toy_market`` / ``toy.make_toy_faces``.
+        toy: toy formats: keyword arguments of ``toy.make_toy_market`` / ``toy.make_toy_faces``; None uses
+            the toy data already at ``root`` or writes the defaults there.
         on_bad_image: "error" raises on the first unreadable image (naming it); "skip" decodes every image
             once at setup, drops the unreadable ones and reports how many.
         num_workers: DataLoader workers.
@@ -127,7 +131,7 @@ class IdentityDataModule(L.LightningDataModule):
         self,
         root: str = "runs/data/toy_market",
         format: DatasetFormat = "toy_market",
-        task: Literal["generator", "reid", "face"] = "reid",
+        task: Literal["generator", "reid", "face", "rl"] = "reid",
         cuhk03_variant: Literal["labeled", "detected"] | None = None,
         train_per_identity: int | None = None,
         split_seed: int | None = None,
@@ -194,7 +198,7 @@ class IdentityDataModule(L.LightningDataModule):
         hp, root = self.hparams, self.root
         fmt = self.format
         if fmt == "toy_market":
-            toy.make_toy_market(root, **(hp.toy or {}))
+            self._ensure_toy(toy.make_toy_market)
             return sources.read_market1501(root)
         if fmt == "market1501":
             return sources.read_market1501(root)
@@ -202,7 +206,7 @@ class IdentityDataModule(L.LightningDataModule):
             return sources.read_cuhk03np(root, hp.cuhk03_variant)
         if fmt in ("toy_faces", "identity_folders"):
             if fmt == "toy_faces":
-                toy.make_toy_faces(root, **(hp.toy or {}))
+                self._ensure_toy(toy.make_toy_faces)
             records = sources.read_identity_folders(
                 root, train_per_identity=hp.train_per_identity, seed=hp.split_seed
             )
@@ -212,6 +216,12 @@ class IdentityDataModule(L.LightningDataModule):
         if fmt == "manifest":
             return _group_by_split(read_manifest(_manifest_path(root)))
         raise ValueError(f"unknown dataset format {fmt!r}")
+
+    def _ensure_toy(self, make) -> None:
+        """Write the toy data if missing; ``toy=None`` reuses whatever toy data is already at ``root``."""
+        if self.hparams.toy is None and (Path(self.root) / "toy.json").is_file():
+            return
+        make(self.root, **(self.hparams.toy or {}))
 
     def _few_shot(self, records: list[IdentityRecord]) -> list[IdentityRecord]:
         k = self.hparams.max_train_per_identity
@@ -401,6 +411,19 @@ class IdentityDataModule(L.LightningDataModule):
                 kind="generator",
             )
             return self._loader(ds, shuffle=True, drop_last=True)
+        if self.task == "rl":
+            labels = list(range(self.num_identities))
+            rank, world = self._rank_world()
+            sampler = PKBatchSampler(
+                labels,
+                min(hp.p, len(labels)),
+                1,
+                batches_per_epoch=hp.batches_per_epoch or 1,
+                seed=hp.seed,
+                rank=rank,
+                world_size=world,
+            )
+            return self._loader(IdentityLabels(self.identities), batch_sampler=sampler)
         records = self.train_records + self.synthetic_records
         ds = RecordDataset(records, self.recognizer_transform(True), label_of=self.label_of, mode=self.mode)
         rank, world = self._rank_world()
@@ -418,6 +441,8 @@ class IdentityDataModule(L.LightningDataModule):
         return self._loader(ds, batch_sampler=sampler)
 
     def val_dataloader(self):
+        if self.task == "rl":
+            return []
         if self.task == "generator":
             _, val = self._generator_split()
             if not val:

@@ -6,7 +6,8 @@ Every item is a dict, so batches are dicts of tensors (and lists of strings) tha
 * recognizer training: ``image``, ``label``, ``is_synthetic``, ``camera``, ``index``;
 * ReID evaluation: ``image``, ``pid`` (evaluation id), ``camera``, ``is_query``;
 * verification: ``image``, ``index`` (position in the set's image list);
-* generation requests: ``label``, ``seed``, ``identity``, ``request`` (running number).
+* generation requests: ``label``, ``seed``, ``identity``, ``request`` (running number);
+* RL rollouts: ``label``, ``identity`` (one item per identity).
 """
 
 from __future__ import annotations
@@ -104,6 +105,19 @@ class ImageListDataset(Dataset):
         source = self.images[i]
         label = f"{self.name}[{i}]" if isinstance(source, bytes | bytearray) else None
         return {"image": self.transform(load_image(source, self.mode, name=label)), "index": i}
+
+
+class IdentityLabels(Dataset):
+    """One item per identity (``label``, ``identity``): what an RL rollout step draws from."""
+
+    def __init__(self, identities: Sequence[str]) -> None:
+        self.identities = list(identities)
+
+    def __len__(self) -> int:
+        return len(self.identities)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"label": i, "identity": self.identities[i]}
 
 
 @dataclass(frozen=True)

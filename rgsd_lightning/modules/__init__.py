@@ -2,5 +2,6 @@
 
 from rgsd_lightning.modules.cold_start import ColdStartDiT
 from rgsd_lightning.modules.generate import SyntheticGenerator
+from rgsd_lightning.modules.reward_dpok import RewardDPOK
 
-__all__ = ["ColdStartDiT", "SyntheticGenerator"]
+__all__ = ["ColdStartDiT", "RewardDPOK", "SyntheticGenerator"]

@@ -1,0 +1,42 @@
+"""Plots written into run folders (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+CURVES = (
+    ("train/reward_total", "total (tanh)"),
+    ("train/reward_sem", "semantic (raw)"),
+    ("train/reward_cov", "coverage (raw)"),
+    ("train/reward_exp", "expansion (raw)"),
+    ("train/kl", "KL to cold start"),
+)
+
+
+def plot_reward_curves(history: list[dict[str, float]], path: str | os.PathLike) -> Path:
+    """One panel per reward component (and the KL) over RL rollouts; returns the PNG path."""
+    present = [(k, title) for k, title in CURVES if any(k in h for h in history)]
+    fig, axes = plt.subplots(
+        1, max(1, len(present)), figsize=(3.2 * max(1, len(present)), 2.6), squeeze=False
+    )
+    for ax, (key, title) in zip(axes[0], present, strict=False):
+        xs = [h["rollout"] for h in history if key in h]
+        ys = [h[key] for h in history if key in h]
+        ax.plot(xs, ys, lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("rollout", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -47,3 +47,35 @@ def _clean_torch_state():
     torch.set_default_dtype(dtype)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_export(toy_market, tmp_path_factory) -> str:
+    """A tiny pixel-space DiT (8x8) cold-started on the small toy market set for 60 steps, exported."""
+    import lightning as L
+
+    from rgsd_lightning import ColdStartDiT, IdentityDataModule
+    from rgsd_lightning.callbacks.export import ExportArtifact
+
+    L.seed_everything(0)
+    run = tmp_path_factory.mktemp("generator")
+    out = run / "export"
+    dm = IdentityDataModule(
+        root=toy_market, format="toy_market", task="generator", image_size=8, batch_size=8
+    )
+    model = ColdStartDiT(
+        dm.num_identities, preset="tiny", image_size=8, trainable="all", lr=3e-3, grid_identities=0
+    )
+    trainer = L.Trainer(
+        max_steps=60,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[ExportArtifact(str(out))],
+        use_distributed_sampler=False,
+        check_val_every_n_epoch=1000,
+        default_root_dir=str(run),
+    )
+    trainer.fit(model, dm)
+    return str(out)

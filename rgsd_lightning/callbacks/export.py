@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from rgsd_lightning.callbacks.images import run_dir
+
 
 class ExportArtifact(Callback):
     """Call ``pl_module.export`` when fitting ends.
@@ -28,8 +30,7 @@ class ExportArtifact(Callback):
         """The folder the artifact goes to."""
         if self.dirpath is not None:
             return Path(self.dirpath)
-        base = Path(trainer.log_dir or trainer.default_root_dir)
-        return base / "export" / pl_module.export_name
+        return run_dir(trainer) / "export" / pl_module.export_name
 
     def on_fit_end(self, trainer, pl_module) -> None:
         path = self.target(trainer, pl_module)

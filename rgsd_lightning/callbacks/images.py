@@ -41,12 +41,20 @@ def image_grid(rows: list[list[torch.Tensor]], pad: int = 2) -> torch.Tensor:
     return make_grid(torch.stack(flat), nrow=ncol, padding=pad, pad_value=1.0)
 
 
-def log_grid(trainer, grid: torch.Tensor, name: str, step: int) -> Path | None:
-    """Save the grid as ``<log_dir>/samples/<name>_<step>.png`` and log it (TensorBoard) on rank 0."""
+def run_dir(trainer) -> Path:
+    """The run folder (the logger's log_dir, else default_root_dir).
+
+    Under DDP ``trainer.log_dir`` is a broadcast from rank 0: call this on EVERY rank, before any
+    rank-0-only branch, or the ranks deadlock.
+    """
+    return Path(trainer.log_dir or trainer.default_root_dir)
+
+
+def log_grid(trainer, grid: torch.Tensor, name: str, step: int, directory: str | os.PathLike) -> Path | None:
+    """Save the grid as ``<directory>/samples/<name>_<step>.png`` and log it (TensorBoard), rank 0 only."""
     if not trainer.is_global_zero:
         return None
-    log_dir = trainer.log_dir or trainer.default_root_dir
-    path = Path(log_dir) / "samples" / f"{name.replace('/', '_')}_{step:07d}.png"
+    path = Path(directory) / "samples" / f"{name.replace('/', '_')}_{step:07d}.png"
     save_png(to_uint8(grid.unsqueeze(0))[0], path)
     for logger in trainer.loggers:
         experiment = getattr(logger, "experiment", None)

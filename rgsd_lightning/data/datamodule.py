@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
+from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.data import sources, toy
 from rgsd_lightning.data.datasets import (
     GenerationRequest,
@@ -292,9 +293,11 @@ class IdentityDataModule(L.LightningDataModule):
 
     def _save_label_map(self) -> None:
         trainer = self._trainer_or_none()
-        if trainer is None or not trainer.is_global_zero or not trainer.log_dir:
+        if trainer is None:
             return
-        atomic_write_json(Path(trainer.log_dir) / "labels.json", self.label_map())
+        directory = run_dir(trainer)  # a collective under DDP: every rank asks
+        if trainer.is_global_zero:
+            atomic_write_json(directory / "labels.json", self.label_map())
 
     def label_map(self) -> dict:
         """The identity <-> index mapping (sorted names, identical on every rank) as saved in labels.json."""

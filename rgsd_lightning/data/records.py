@@ -46,9 +46,13 @@ class IdentityRecord:
 
     def __post_init__(self) -> None:
         if self.source not in ("real", "synthetic"):
-            raise ValueError(f"record {self.path!r}: source must be 'real' or 'synthetic', got {self.source!r}")
+            raise ValueError(
+                f"record {self.path!r}: source must be 'real' or 'synthetic', not {self.source!r}"
+            )
         if not isinstance(self.identity, str) or not self.identity:
-            raise ValueError(f"record {self.path!r}: identity must be a non-empty string, got {self.identity!r}")
+            raise ValueError(
+                f"record {self.path!r}: identity must be a non-empty string, not {self.identity!r}"
+            )
 
     def to_json(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """The manifest row for this record (path made relative to ``relative_to`` when below it)."""

@@ -60,10 +60,13 @@ class PKBatchSampler(Sampler[list[int]]):
             raise ValueError(f"is_synthetic has {len(synthetic)} entries for {len(labels)} labels")
         self.real = {int(y): np.flatnonzero((labels == y) & ~synthetic) for y in np.unique(labels)}
         self.real = {y: idx for y, idx in self.real.items() if len(idx)}
-        self.synthetic = {int(y): np.flatnonzero((labels == y) & synthetic) for y in np.unique(labels[synthetic])}
+        syn_ids = np.unique(labels[synthetic])
+        self.synthetic = {int(y): np.flatnonzero((labels == y) & synthetic) for y in syn_ids}
         orphans = sorted(set(self.synthetic) - set(self.real))
         if orphans:
-            raise ValueError(f"synthetic images of identities with no real image (label indices {orphans[:10]})")
+            raise ValueError(
+                f"synthetic images of identities without real images (label indices {orphans[:10]})"
+            )
         self.identities = np.array(sorted(self.real), dtype=np.int64)
         if len(self.identities) < p:
             raise ValueError(f"P={p} identities per batch, but the data has only {len(self.identities)}")

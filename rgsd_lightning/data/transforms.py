@@ -73,7 +73,8 @@ def generator_transform(
         steps.append(T.Grayscale(num_output_channels=1))
     if square == "pad":
         steps.append(PadToSquare())
-    steps.append(T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
+    bicubic = T.InterpolationMode.BICUBIC
+    steps.append(T.Resize((image_size, image_size), interpolation=bicubic, antialias=True))
     if hflip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(HALF[:channels], HALF[:channels])]
@@ -99,8 +100,8 @@ def reid_transform(
         width: input width (paper: 128).
         train: training augmentation on; off gives resize + normalise only.
         flip: random horizontal flip (training).
-        pad: reflect-free zero padding before the random crop back to size (training; 0 disables).
-        random_erasing: probability of Random Erasing (Zhong et al. 2020), the paper's real-augmentation baseline.
+        pad: zero padding before the random crop back to size (training; 0 disables).
+        random_erasing: Random Erasing probability (Zhong et al. 2020), the paper's real-augmentation row.
         mean: normalisation mean (ImageNet by default, for timm backbones).
         std: normalisation std.
         channels: 3 or 1.

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from rgsd_lightning.backbones import FeatureExtractor
-from rgsd_lightning.callbacks.images import image_grid, log_grid
+from rgsd_lightning.callbacks.images import image_grid, log_grid, run_dir
 from rgsd_lightning.data.images import load_image
 from rgsd_lightning.diffusion import DiTGenerator, sample
 from rgsd_lightning.provenance import provenance, tensor_fingerprint
@@ -95,20 +95,26 @@ class GeneratorModule(L.LightningModule):
         return out.images
 
     # ------------------------------------------------------------------ scoring (optional)
+    def set_reward_extractor(self, extractor: torch.nn.Module) -> None:
+        """Use this module (images in [-1, 1] -> features) instead of the ``reward_extractor`` export."""
+        self.reward_extractor = extractor.eval().requires_grad_(False)
+
     def build_reward(self, extractor_dir: str | None, **reward_kwargs: Any) -> CompositeReward | None:
         """A CompositeReward whose memory bank holds the real training images' features (every rank)."""
-        if extractor_dir is None:
-            return None
+        extractor = getattr(self, "reward_extractor", None)
+        if extractor is None:
+            if extractor_dir is None:
+                return None
+            extractor = FeatureExtractor.from_export(extractor_dir)
+            self.reward_extractor = extractor
         dm = self._datamodule()
         if dm is None or not hasattr(dm, "reference_dataloader"):
             raise RuntimeError("scoring needs an IdentityDataModule to build the reward memory bank from")
-        extractor = FeatureExtractor.from_export(extractor_dir).to(self.device)
+        extractor.to(self.device)
         bank = MemoryBank.from_extractor(
             extractor, dm.reference_dataloader(), dm.num_identities, device=self.device
         )
-        reward = CompositeReward(bank, **reward_kwargs).to(self.device)
-        self.reward_extractor = extractor
-        return reward
+        return CompositeReward(bank, **reward_kwargs).to(self.device)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Per-sample reward components of generated images, or None without a reward model."""
@@ -183,7 +189,10 @@ class GeneratorModule(L.LightningModule):
 
     def log_sample_grid(self, tag: str, step: int) -> Path | None:
         """Grid with one row per identity: real images | samples with fixed seeds (rank 0 only)."""
-        if self._trainer is None or not self.trainer.is_global_zero:
+        if self._trainer is None:
+            return None
+        directory = run_dir(self.trainer)  # every rank: log_dir is a collective under DDP
+        if not self.trainer.is_global_zero:
             return None
         hp = self.hparams
         names = self.generator.identities[: hp.grid_identities]
@@ -194,7 +203,7 @@ class GeneratorModule(L.LightningModule):
         for i, name in enumerate(names):
             real = self.real_images(name, hp.grid_samples)
             rows.append(list(real) + list(fakes[i * hp.grid_samples : (i + 1) * hp.grid_samples]))
-        return log_grid(self.trainer, image_grid(rows), tag, step)
+        return log_grid(self.trainer, image_grid(rows), tag, step, directory)
 
 
 def _plain(value: Any) -> Any:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 import torch
 
+from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.diffusion import DiTGenerator, guided_eps, sample, step_with_logprob
 from rgsd_lightning.diffusion.dit import check_identities_match, set_trainable
 from rgsd_lightning.modules.generator_base import GeneratorModule
@@ -57,7 +58,8 @@ class RewardDPOK(GeneratorModule):
     Args:
         num_identities: number of identities (linked from the datamodule; must equal the export's).
         generator: the cold-start generator export folder (the policy's initialisation and KL reference).
-        reward_extractor: recognizer export (baseline recognizer backbone) giving the reward's feature space.
+        reward_extractor: recognizer export (baseline recognizer backbone) giving the reward's feature space
+            (from Python, ``set_reward_extractor(module)`` may provide any module instead).
         trainable: "lora" (adapters on attention; default), "label_table", or "all" (full fine-tuning; the
             KL reference is then a frozen copy of the generator).
         lora_rank: LoRA rank (DPOK: 4).
@@ -103,7 +105,7 @@ class RewardDPOK(GeneratorModule):
         self,
         num_identities: int,
         generator: str,
-        reward_extractor: str,
+        reward_extractor: str | None = None,
         trainable: Literal["lora", "label_table", "all"] = "lora",
         lora_rank: int = 4,
         lora_alpha: float | None = None,
@@ -188,6 +190,10 @@ class RewardDPOK(GeneratorModule):
         self.adopt_identities()
         if self.reward is None:
             hp = self.hparams
+            if hp.reward_extractor is None and getattr(self, "reward_extractor", None) is None:
+                raise ValueError(
+                    "RewardDPOK needs reward_extractor (a recognizer export) or set_reward_extractor()"
+                )
             self.reward = self.build_reward(
                 hp.reward_extractor,
                 lambdas=tuple(hp.reward_lambdas),
@@ -314,6 +320,7 @@ class RewardDPOK(GeneratorModule):
         dev = (step.log_prob.detach() - mb.log_prob).abs().max()
         if check_ratio:
             stats["logp_check"] = dev
+            stats["kl_first"] = torch.zeros(()) if eps_ref is None else dpok_kl(eps.detach(), eps_ref).mean()
             if dev > hp.ratio_check_tol:
                 raise RuntimeError(
                     f"importance ratio != 1 on the first micro-batch of an update window: max |log p_new - "
@@ -375,18 +382,22 @@ class RewardDPOK(GeneratorModule):
         values = {f"train/reward_{k}": comps[k].float().mean() for k in REWARD_KEYS if k in comps}
         for k, v in window.items():
             stacked = torch.stack(v)
-            values[f"train/{k}"] = stacked.max() if k in ("logp_check", "ratio_max_dev") else stacked.mean()
+            values[f"train/{k}"] = (
+                stacked.max() if k in ("logp_check", "ratio_max_dev", "kl_first") else stacked.mean()
+            )
         values["train/buffer_size"] = torch.tensor(float(len(self.buffer)))
         self.log_dict(values, on_step=True, on_epoch=False, sync_dist=True, batch_size=1)
         record = {"rollout": self.rollout_index, **{k: float(v) for k, v in values.items()}}
         self.history.append(record)
 
     def on_train_end(self) -> None:
-        if self._trainer is None or not self.trainer.is_global_zero or not self.history:
+        if self._trainer is None:
+            return
+        log_dir = run_dir(self.trainer)  # every rank: log_dir is a collective under DDP
+        if not self.trainer.is_global_zero or not self.history:
             return
         from rgsd_lightning.callbacks.plots import plot_reward_curves
 
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         (log_dir / "reward_history.json").write_text(json.dumps(self.history, indent=1))
         plot_reward_curves(self.history, log_dir / "reward_curves.png")
 
@@ -421,12 +432,11 @@ class RewardDPOK(GeneratorModule):
     # ------------------------------------------------------------------ export
     def export_provenance(self) -> dict[str, Any]:
         extractor = self.hparams.reward_extractor
+        fingerprint = folder_fingerprint(extractor) if extractor and Path(extractor).exists() else None
         return {
             "parent": self.hparams.generator,
             "reward_extractor": extractor,
-            "reward_extractor_fingerprint": folder_fingerprint(extractor)
-            if Path(extractor).exists()
-            else None,
+            "reward_extractor_fingerprint": fingerprint,
             "rollouts": self.rollout_index,
         }
 

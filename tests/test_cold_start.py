@@ -183,3 +183,32 @@ def test_geometry_mismatch_between_data_and_model_is_an_error(toy_market, tmp_pa
     model = ColdStartDiT(dm.num_identities, **TINY)
     with pytest.raises(ValueError, match="image_size=16"):
         _trainer(tmp_path, max_steps=1).fit(model, dm)
+
+
+def test_generation_audits_the_set_and_drops_near_copies_for_good(trained, toy_market, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    out = tmp_path / "synthetic"
+    dm = _generate(trained["export"], toy_market, out, 2, tmp_path)
+    card = json.loads((out / "card.json").read_text())
+    assert "audit" in card and card["audit"]["num_images"] == 2 * dm.num_identities
+    assert all(
+        "sim_pixel" in r.extra and "near_copy" in r.extra for r in read_manifest(out / "manifest.jsonl")
+    )
+    # plant a memorised image: a real training image (resized like a generated one) replaces a sample
+    victim = read_manifest(out / "manifest.jsonl")[0]
+    real = next(r for r in dm.split_records("train") if r.identity == victim.identity)
+    Image.open(real.path).convert("RGB").resize((8, 8), Image.BICUBIC).save(victim.path)
+    writer = SyntheticSetWriter(str(out), drop_near_copies=True)
+    result = writer.run_audit(dm.split_records("train"))
+    assert victim.path.endswith(result.flagged[0].path) and len(result.flagged) == 1
+    kept = read_manifest(out / "manifest.jsonl")
+    assert len(kept) == 2 * dm.num_identities - 1 and victim.path not in {r.path for r in kept}
+    assert (out / "rejected" / Path(victim.path).relative_to(out)).is_file()
+    # resuming generation does not make the rejected image again
+    shutil.copy(out / "manifest.jsonl", tmp_path / "before.jsonl")
+    _generate(trained["export"], toy_market, out, 2, tmp_path)
+    again = read_manifest(out / "manifest.jsonl")
+    assert len(again) == len(kept) and not Path(victim.path).exists()

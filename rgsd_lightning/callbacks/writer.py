@@ -12,6 +12,11 @@ every batch (line-buffered and fsync'ed), so a killed generation loses at most t
 When generation starts again, the requests already present (in the merged manifest or in any shard,
 with their image on disk) are skipped: the set completes without duplicates or gaps. At the end rank 0
 merges the shards into ``manifest.jsonl`` (atomic rename) and writes ``card.json``.
+
+Then, by default, the privacy audit runs (``evaluation.privacy``): every image's nearest real training
+image and similarities go into its manifest row, the summary into ``card.json["audit"]``. With
+``drop_near_copies`` the flagged images leave the manifest (their files move to ``rejected/``, their
+keys to ``rejected/manifest.jsonl`` so a resumed generation does not make them again).
 """
 
 from __future__ import annotations
@@ -28,11 +33,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from rgsd_lightning.callbacks.images import save_png, to_uint8
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, write_manifest
+from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, atomic_write_text, write_manifest
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
 CARD = "card.json"
+REJECTED_MANIFEST = Path("rejected") / MANIFEST
 
 
 def request_key(identity: str, seed: int) -> tuple[str, int]:
@@ -79,12 +85,30 @@ class SyntheticSetWriter(BasePredictionWriter):
     Args:
         output_dir: the synthetic set folder.
         card_extra: extra fields for card.json (e.g. the dataset the identities come from).
+        audit: run the privacy audit against the datamodule's real training images at the end.
+        audit_extractor: recognizer export for the audit's feature space (None: pixel space only).
+        audit_thresholds: near-copy criteria (``NearCopyThresholds`` fields: pixel, feature,
+            relative_alpha, baseline_quantile); None = the documented defaults.
+        drop_near_copies: remove the images the audit flags from the set.
     """
 
-    def __init__(self, output_dir: str, card_extra: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        card_extra: dict[str, Any] | None = None,
+        audit: bool = True,
+        audit_extractor: str | None = None,
+        audit_thresholds: dict[str, float | None] | None = None,
+        drop_near_copies: bool = False,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.card_extra = dict(card_extra or {})
+        self.audit = audit
+        self.audit_extractor = audit_extractor
+        self.audit_thresholds = dict(audit_thresholds or {})
+        self.drop_near_copies = drop_near_copies
+        self.last_audit = None
         self._shard = None
 
     # -- resume: tell the datamodule which requests are done before its loader is built
@@ -95,7 +119,10 @@ class SyntheticSetWriter(BasePredictionWriter):
         if trainer.is_global_zero and any(self.output_dir.glob("manifest.rank*.jsonl")):
             self.merge()  # fold an interrupted run's shards (torn last lines dropped) into manifest.jsonl
         trainer.strategy.barrier("synthetic_writer_resume")
-        done = completed_rows(self.output_dir)
+        done = set(completed_rows(self.output_dir))
+        done |= {
+            request_key(r["identity"], r["seed"]) for r in read_rows(self.output_dir / REJECTED_MANIFEST)
+        }
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "completed_requests"):
             datamodule.completed_requests = set(done)
@@ -146,7 +173,33 @@ class SyntheticSetWriter(BasePredictionWriter):
         trainer.strategy.barrier("synthetic_writer_merge")
         if trainer.is_global_zero:
             self.merge(getattr(pl_module, "card_info", lambda: {})())
+            datamodule = getattr(trainer, "datamodule", None)
+            if self.audit and datamodule is not None and hasattr(datamodule, "split_records"):
+                self.run_audit(datamodule.split_records("train"))
+            elif self.audit:
+                log.warning(
+                    "privacy audit skipped: no IdentityDataModule to take the real training images from"
+                )
         trainer.strategy.barrier("synthetic_writer_merged")
+
+    def run_audit(self, real_records: list[IdentityRecord]):
+        """Audit the merged set against the real training images; drop flagged images if configured."""
+        from rgsd_lightning.evaluation.privacy import NearCopyThresholds, audit_synthetic_set, drop_flagged
+
+        thresholds = NearCopyThresholds(**self.audit_thresholds)
+        result = audit_synthetic_set(
+            self.output_dir, real_records, extractor=self.audit_extractor, thresholds=thresholds
+        )
+        if self.drop_near_copies and result.flagged:
+            flagged = {a.path for a in result.flagged}
+            rows = [r for r in read_rows(self.output_dir / MANIFEST) if r["path"] in flagged]
+            rejected = self.output_dir / REJECTED_MANIFEST
+            previous = read_rows(rejected)
+            rejected.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(rejected, "".join(json.dumps(r) + "\n" for r in previous + rows))
+            drop_flagged(self.output_dir, result, move_files=True)
+        self.last_audit = result
+        return result
 
     def merge(self, module_info: dict[str, Any] | None = None) -> Path:
         """Merge shards into manifest.jsonl (deduplicated, sorted) and write card.json; remove the shards."""

@@ -24,7 +24,7 @@ from rgsd_lightning.data.datamodule import IdentityDataModule
 # name -> "module:function"; each function takes the remaining argv list and returns an exit code
 EXTRA_COMMANDS: dict[str, str] = {
     "audit": "rgsd_lightning.commands.audit:main",
-    "make-toy": "rgsd_lightning.data.toy:main",
+    "make-toy": "rgsd_lightning.commands.make_toy:main",
 }
 
 

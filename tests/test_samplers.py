@@ -71,7 +71,7 @@ def test_bad_configuration_errors():
         PKBatchSampler(labels, 4, 2)
     with pytest.raises(ValueError, match="synthetic_fraction"):
         PKBatchSampler(labels, 2, 2, synthetic_fraction=1.5)
-    with pytest.raises(ValueError, match="no real image"):
+    with pytest.raises(ValueError, match="without real images"):
         PKBatchSampler([0, 1, 2], 1, 2, is_synthetic=[False, False, True])
     with pytest.raises(ValueError, match="rank"):
         PKBatchSampler(labels, 1, 2, rank=2, world_size=2)

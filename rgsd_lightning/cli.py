@@ -73,5 +73,5 @@ def main(args: Sequence[str] | None = None) -> int:
     if argv and argv[0] in EXTRA_COMMANDS:
         code = _resolve(EXTRA_COMMANDS[argv[0]])(argv[1:])
         return int(code or 0)
-    build_cli(argv)
+    build_cli(None if args is None else argv)  # None: LightningCLI reads sys.argv itself
     return 0

@@ -1,0 +1,224 @@
+"""CosFaceRecognizer: the face recognizer of the paper (§5.1), with lookahead selection.
+
+timm backbone (ResNet-50 by default) -> linear projection to the embedding (512-d) -> BatchNorm neck, trained
+with CosFace (large-margin cosine loss, s = 64, m = 0.35 as pytorch-metric-learning's ``CosFaceLoss`` and the
+CosFace paper; arcface_torch uses m = 0.4). The class weights W live in a pml ``CosFaceLoss`` held as a
+submodule, so they are in ``self.parameters()``, in the optimizer and in DDP. The per-sample loss is computed
+here from ``cosface.W`` (:func:`cosface_losses`, equal to pml's loss before its mean) on float32 embeddings
+with autocast disabled (pml casts W to the embeddings' dtype otherwise). SGD with momentum 0.9 and weight
+decay 5e-4; warm-up then step decay.
+
+Evaluation (validation and test), per the datamodule's loaders (``datamodule.val_names``):
+
+* one :class:`~rgsd_lightning.evaluation.VerificationMetric` per verification set (10-fold accuracy):
+  ``val/<set>/accuracy``, and ``val/verif_acc``, the mean over the sets without a demographic group (paper
+  Table 2; over all sets when every set has a group);
+* sets with a ``group`` (RFW): ``val/group/<group>`` accuracy plus the group report ``val/group_mean``,
+  ``val/group_std`` and ``val/group_error_ratio`` (max error / min error; paper Table 3);
+* the "identification" loader (held-out images of the training identities): ``val/id_acc``, closed-set
+  accuracy of the nearest CosFace class weight (largest cosine), i.e. the classifier the loss trains.
+
+Embeddings are flip-fused (sum with the mirror image's embedding, L2-normalised) with ``flip_test``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import CosFaceLoss
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from rgsd_lightning.evaluation import VerificationMetric, flip_fuse, group_report
+from rgsd_lightning.modules.recognizer import Recognizer
+from rgsd_lightning.selection import SelectionConfig
+
+
+def cosface_losses(embeddings: Tensor, labels: Tensor, weight: Tensor, margin: float, scale: float) -> Tensor:
+    """Per-sample CosFace loss: cross-entropy of ``scale * (cos - margin * onehot)`` (float32).
+
+    Args:
+        embeddings: (B, D) embeddings (any scale; normalised here).
+        labels: (B,) class indices.
+        weight: (D, C) class weights (pml's ``CosFaceLoss.W`` layout; normalised per class here).
+        margin: additive cosine margin m.
+        scale: logit scale s.
+    """
+    with torch.autocast(device_type=embeddings.device.type, enabled=False):
+        cosine = F.normalize(embeddings.float(), dim=1) @ F.normalize(weight.float(), dim=0)
+        logits = scale * (cosine - margin * F.one_hot(labels, cosine.shape[1]).to(cosine.dtype))
+        return F.cross_entropy(logits, labels, reduction="none")
+
+
+class CosFaceRecognizer(Recognizer):
+    """Face recognizer: embedding network + CosFace, verification evaluation, optional lookahead selection.
+
+    Args:
+        num_identities: number of training identities (linked from the datamodule by the CLI).
+        architecture: timm model name of the backbone.
+        pretrained_path: local backbone weights file; None = random init (nothing is ever downloaded).
+        in_chans: input channels (must match the datamodule's ``channels``).
+        neck: "bnneck" (BatchNorm on the embedding) or "none".
+        embedding_dim: embedding size (linear projection after pooling).
+        timm_kwargs: extra ``timm.create_model`` arguments.
+        margin: CosFace additive cosine margin m.
+        scale: CosFace logit scale s.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        warmup_epochs: linear warm-up length (in units of ``schedule_interval``).
+        warmup_factor: learning-rate multiplier at the start of the warm-up.
+        milestones: learning-rate decay points (in units of ``schedule_interval``).
+        gamma: learning-rate multiplier at each milestone.
+        schedule_interval: "epoch" or "step".
+        selection: lookahead selection options (``enabled``, ``keep_ratio`` or ``k``, ``lr``, ``scope``).
+        flip_test: fuse each evaluation embedding with the mirror image's (sum, then L2-normalise).
+        n_folds: folds of the verification protocol.
+    """
+
+    task = "face"
+
+    def __init__(
+        self,
+        num_identities: int,
+        architecture: str = "resnet50",
+        pretrained_path: str | None = None,
+        in_chans: int = 3,
+        neck: Literal["bnneck", "none"] = "bnneck",
+        embedding_dim: int = 512,
+        timm_kwargs: dict[str, Any] | None = None,
+        margin: float = 0.35,
+        scale: float = 64.0,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_epochs: int = 1,
+        warmup_factor: float = 0.1,
+        milestones: Sequence[int] = (20, 28),
+        gamma: float = 0.1,
+        schedule_interval: Literal["epoch", "step"] = "epoch",
+        selection: SelectionConfig | None = None,
+        flip_test: bool = False,
+        n_folds: int = 10,
+    ) -> None:
+        selection = self._plain_selection(selection)
+        milestones = [int(m) for m in milestones]
+        super().__init__(
+            num_identities,
+            architecture,
+            pretrained_path,
+            in_chans,
+            neck,
+            embedding_dim,
+            timm_kwargs,
+            selection,
+            flip_test,
+        )
+        self.save_hyperparameters()
+        self.cosface = CosFaceLoss(num_identities, self.net.feature_dim, margin=margin, scale=scale)
+        self.val_metrics: dict[str, Any] = {}
+        self.test_metrics: dict[str, Any] = {}
+
+    def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Per-sample CosFace losses with the submodule's class weights W."""
+        hp = self.hparams
+        return cosface_losses(embeddings, labels, self.cosface.W, hp.margin, hp.scale)
+
+    def fuse_flip(self, embeddings: Tensor, flipped: Tensor) -> Tensor:
+        """insightface flip test: sum of both embeddings, L2-normalised."""
+        return flip_fuse(embeddings, flipped)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self.identity_forward(batch)
+        loss = out["losses"][out["keep"]].mean()
+        n = int(batch["label"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/id_loss", loss.detach(), batch_size=n)
+        self.log_selection(out["selection"], n)
+        return loss
+
+    # ------------------------------------------------------------------ evaluation
+    def _build_metrics(self) -> dict[str, Any]:
+        """One metric per evaluation loader, keyed by the loader's position (from the datamodule)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        sets = getattr(datamodule, "verification_sets", None)
+        names = getattr(datamodule, "val_names", None)
+        if sets is None or names is None:
+            raise ValueError(
+                "CosFaceRecognizer evaluation needs an IdentityDataModule with task='face' "
+                "(verification_sets and val_names)"
+            )
+        metrics: dict[str, Any] = {}
+        for i, vs in enumerate(sets):
+            metric = VerificationMetric(
+                vs.pairs, vs.issame, num_images=len(vs.images), n_folds=self.hparams.n_folds
+            )
+            metrics[str(i)] = (vs, metric.to(self.device))
+        if len(names) > len(sets) and names[len(sets)] == "identification":
+            metrics[str(len(sets))] = (None, MeanMetric().to(self.device))
+        return metrics
+
+    def _eval_step(self, metrics: dict[str, Any], batch: dict[str, Any], dataloader_idx: int) -> None:
+        vs, metric = metrics[str(dataloader_idx)]
+        emb = self.embed(batch["image"])
+        if vs is None:  # identification: nearest class weight
+            cosine = F.normalize(emb, dim=1) @ F.normalize(self.cosface.W.float(), dim=0)
+            metric.update((cosine.argmax(dim=1) == batch["label"]).float())
+        else:
+            metric.update(emb, batch["index"])
+
+    def _eval_end(self, metrics: dict[str, Any], prefix: str) -> None:
+        if self.trainer.sanity_checking:  # partial sets: nothing meaningful to compute
+            for _, metric in metrics.values():
+                metric.reset()
+            return
+        logs: dict[str, float] = {}
+        plain, groups = [], {}
+        for vs, metric in metrics.values():
+            if vs is None:
+                logs[f"{prefix}/id_acc"] = float(metric.compute())
+            else:
+                acc = float(metric.compute()["accuracy"])
+                logs[f"{prefix}/{vs.name}/accuracy"] = acc
+                if vs.group is not None:
+                    groups[vs.group] = acc
+                else:
+                    plain.append(acc)
+            metric.reset()
+        averaged = plain or list(groups.values())
+        if averaged:
+            logs[f"{prefix}/verif_acc"] = sum(averaged) / len(averaged)
+        if groups:
+            report = group_report(groups)
+            logs.update({f"{prefix}/group/{g}": acc for g, acc in groups.items()})
+            logs[f"{prefix}/group_mean"] = report["mean"]
+            logs[f"{prefix}/group_std"] = report["std"]
+            logs[f"{prefix}/group_error_ratio"] = report["max_min_error_ratio"]
+        self.log_dict(logs)
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics = self._build_metrics()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.val_metrics, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end(self.val_metrics, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics = self._build_metrics()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(self.test_metrics, batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end(self.test_metrics, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        return self._schedule(optimizer, hp)

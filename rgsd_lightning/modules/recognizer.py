@@ -1,0 +1,208 @@
+"""Shared shell of the downstream recognizers (LookaheadReID, CosFaceRecognizer).
+
+A recognizer is an :class:`~rgsd_lightning.backbones.EmbeddingNet` (timm backbone -> optional projection ->
+neck) plus an identity head given by the subclass (a classifier for ReID, CosFace weights for faces). This
+base owns what both share:
+
+* the training forward, split as backbone -> head so the per-sample identity losses of that one forward
+  serve both lookahead selection and the real update (``identity_forward``);
+* lookahead selection (``selection:`` block, :class:`~rgsd_lightning.selection.SelectionConfig`) on batches
+  that hold synthetic samples, with ``scope="full"`` (virtual step on every trainable parameter) or
+  ``scope="head"`` (projection + neck + identity head only, on detached backbone features);
+* evaluation embeddings (post-neck, optionally fused with the mirrored image's) and the export of the
+  backbone for the reward / audit stages;
+* the BoT-style learning-rate schedule (linear warm-up, then step decay).
+
+The real update backpropagates the losses of the *kept* samples of the same forward. BatchNorm in that
+forward normalised with the statistics of the whole batch (dropped synthetic samples included); this is the
+price of not running a second forward, and l(w) / l(w') are computed under the same statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
+from rgsd_lightning.selection import SelectionConfig, SelectionResult, lookahead_select, selection_stats
+
+
+def warmup_multistep_factor(
+    epoch: int, warmup_epochs: int, warmup_factor: float, milestones: Sequence[int], gamma: float
+) -> float:
+    """Learning-rate multiplier: linear warm-up from ``warmup_factor`` to 1 over ``warmup_epochs``, then
+    ``gamma`` to the power of the number of milestones reached (BoT: 10 epochs from 0.01, x0.1 at 40, 70)."""
+    if epoch < warmup_epochs:
+        alpha = epoch / warmup_epochs
+        warm = warmup_factor * (1 - alpha) + alpha
+    else:
+        warm = 1.0
+    return warm * gamma ** sum(1 for m in milestones if epoch >= m)
+
+
+def _full_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
+    """Identity losses from images (every trainable parameter in play)."""
+    return module.identity_losses(module.net(inputs["image"]), inputs["label"])
+
+
+def _head_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
+    """Identity losses from (detached) backbone features: projection, neck and identity head only."""
+    net = module.net
+    return module.identity_losses(net.neck(net.proj(inputs["features"])), inputs["label"])
+
+
+class Recognizer(L.LightningModule):
+    """Base class: EmbeddingNet + identity head + lookahead selection + export (see the module docstring).
+
+    Args:
+        num_identities: number of training identities (linked from the datamodule by the CLI).
+        architecture: timm model name of the backbone.
+        pretrained_path: local backbone weights file; None = random init (nothing is ever downloaded).
+        in_chans: input channels.
+        neck: "bnneck" or "none".
+        embedding_dim: projection size after pooling (None: the backbone's width).
+        timm_kwargs: extra ``timm.create_model`` arguments.
+        selection: lookahead selection options (a :class:`SelectionConfig` or a dict of its fields).
+        flip_test: fuse the embeddings of each evaluation image and its mirror image.
+    """
+
+    export_name = "backbone"
+    task = "recognizer"
+
+    def __init__(
+        self,
+        num_identities: int,
+        architecture: str,
+        pretrained_path: str | None,
+        in_chans: int,
+        neck: str,
+        embedding_dim: int | None,
+        timm_kwargs: dict[str, Any] | None,
+        selection: SelectionConfig | dict[str, Any] | None,
+        flip_test: bool,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_identities, bool) or not isinstance(num_identities, int) or num_identities < 2:
+            raise ValueError(f"num_identities must be an integer >= 2, got {num_identities!r}")
+        self.num_identities = num_identities
+        self.selection = SelectionConfig.coerce(selection)
+        self.flip_test = flip_test
+        self.net = EmbeddingNet(
+            architecture=architecture,
+            pretrained_path=pretrained_path,
+            in_chans=in_chans,
+            neck=neck,
+            embedding_dim=embedding_dim,
+            timm_kwargs=timm_kwargs,
+        )
+
+    @staticmethod
+    def _plain_selection(selection: SelectionConfig | dict[str, Any] | None) -> dict[str, Any] | None:
+        """The selection block as a plain dict (checkpoint hyper-parameters must be primitives)."""
+        return None if selection is None else asdict(SelectionConfig.coerce(selection))
+
+    # ------------------------------------------------------------------ to be provided by subclasses
+    def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Per-sample identity losses (B,) of post-neck embeddings; the l_id of selection."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ training forward + selection
+    def head_parameter_names(self) -> list[str]:
+        """Trainable parameters outside the backbone: the ``scope="head"`` virtual step."""
+        return [
+            n for n, p in self.named_parameters() if p.requires_grad and not n.startswith("net.backbone.")
+        ]
+
+    def identity_forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One training forward: pre-neck features, embeddings, per-sample identity losses, and the keep mask.
+
+        Returns a dict with ``features`` (B, D) pre-neck, ``embeddings`` (B, D) post-neck, ``losses`` (B,)
+        identity losses at w (with graph), ``keep`` (B,) bool and ``selection`` (a
+        :class:`SelectionResult` or None when selection did not run).
+        """
+        images, labels = batch["image"], batch["label"]
+        backbone = self.net.backbone(images)
+        features = self.net.proj(backbone)
+        embeddings = self.net.neck(features)
+        losses = self.identity_losses(embeddings, labels)
+        keep = torch.ones_like(losses, dtype=torch.bool)
+        result = None
+        is_syn = batch.get("is_synthetic")
+        cfg = self.selection
+        if cfg.enabled and is_syn is not None and bool(torch.as_tensor(is_syn).any()):
+            options = dict(lr=cfg.lr, k=cfg.k, keep_ratio=None if cfg.k is not None else cfg.keep_ratio)
+            options.update(losses=losses, step_on=cfg.step_on)
+            if cfg.scope == "head":
+                inputs = {"features": backbone.detach(), "label": labels}
+                params = self.head_parameter_names()
+                result = lookahead_select(self, _head_scope_losses, inputs, is_syn, params=params, **options)
+            else:
+                inputs = {"image": images, "label": labels}
+                result = lookahead_select(self, _full_scope_losses, inputs, is_syn, **options)
+            keep = result.keep
+        return {
+            "features": features,
+            "embeddings": embeddings,
+            "losses": losses,
+            "keep": keep,
+            "selection": result,
+        }
+
+    def log_selection(self, result: SelectionResult | None, batch_size: int) -> None:
+        """Log ``train/kept_fraction`` and ``train/delta_mean|min|max`` of a selection result."""
+        if not self.selection.enabled:
+            return
+        stats = {"kept_fraction": 1.0} if result is None else selection_stats(result)
+        stats.pop("num_synthetic", None)
+        self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ evaluation + export
+    def fuse_flip(self, embeddings: Tensor, flipped: Tensor) -> Tensor:
+        """Combine the embeddings of an image and its mirror (subclasses pick the rule)."""
+        return (embeddings + flipped) / 2
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Evaluation embeddings (post-neck, float32), flip-fused when ``flip_test``."""
+        emb = self.net(images).float()
+        if self.flip_test:
+            emb = self.fuse_flip(emb, self.net(torch.flip(images, dims=[-1])).float())
+        return emb
+
+    def export(self, directory: str | Path, preprocessing: dict[str, Any] | None = None) -> Path:
+        """Write the EmbeddingNet (safetensors + config with the input geometry and normalisation).
+
+        Args:
+            directory: target folder.
+            preprocessing: ``input_size`` / ``mean`` / ``std``; default the attached datamodule's
+                ``recognizer_preprocessing()``.
+        """
+        if preprocessing is None:
+            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is None or not hasattr(datamodule, "recognizer_preprocessing"):
+                raise ValueError(
+                    "export needs the preprocessing (input_size, mean, std): pass it or attach an "
+                    "IdentityDataModule through the trainer"
+                )
+            preprocessing = datamodule.recognizer_preprocessing()
+        extra = {"task": self.task, "num_identities": self.num_identities, "source": type(self).__name__}
+        return save_embedding_net(self.net, directory, **preprocessing, extra=extra)
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, hp: Any) -> dict[str, Any]:
+        """The warm-up + step LambdaLR configuration for ``configure_optimizers``."""
+        milestones = [int(m) for m in hp.milestones]
+
+        def factor(step: int) -> float:
+            return warmup_multistep_factor(step, hp.warmup_epochs, hp.warmup_factor, milestones, hp.gamma)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": hp.schedule_interval},
+        }

@@ -1,0 +1,268 @@
+"""Lookahead selection (rgsd_lightning.selection) against a brute-force deep-copy + real SGD step."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import CosFaceLoss
+from torch import nn
+
+from rgsd_lightning.modules.cosface import cosface_losses
+from rgsd_lightning.selection import (
+    SelectionConfig,
+    lookahead_select,
+    num_to_keep,
+    selection_stats,
+)
+
+NUM_CLASSES = 5
+
+
+class TinyNet(nn.Module):
+    """conv + BN2d + pool -> linear -> BNNeck (frozen bias) -> identity head (CE classifier or CosFace W)."""
+
+    def __init__(self, head: str = "ce", dropout: float = 0.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Dropout(dropout)
+        )
+        self.proj = nn.Linear(6, 8)
+        self.neck = nn.BatchNorm1d(8)
+        self.neck.bias.requires_grad_(False)
+        self.head = head
+        if head == "ce":
+            self.classifier = nn.Linear(8, NUM_CLASSES, bias=False)
+        else:
+            self.cosface = CosFaceLoss(NUM_CLASSES, 8, margin=0.35, scale=16)
+
+    def features(self, x):
+        return self.body(x).mean(dim=(2, 3))
+
+    def head_losses(self, feats, labels):
+        emb = self.neck(self.proj(feats))
+        if self.head == "ce":
+            return F.cross_entropy(self.classifier(emb), labels, label_smoothing=0.1, reduction="none")
+        return cosface_losses(emb, labels, self.cosface.W, 0.35, 16.0)
+
+
+def image_losses(module, inputs):
+    return module.head_losses(module.features(inputs["image"]), inputs["label"])
+
+
+def feature_losses(module, inputs):
+    return module.head_losses(inputs["features"], inputs["label"])
+
+
+def make_batch(seed=0, n=12):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, 6, 5, generator=g)
+    labels = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    is_syn = torch.zeros(n, dtype=torch.bool)
+    is_syn[torch.randperm(n, generator=g)[: n // 2]] = True
+    return {"image": images, "label": labels}, is_syn
+
+
+def make_net(head="ce", seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    net = TinyNet(head, dropout)
+    net.train()
+    with torch.no_grad():  # move BN running stats away from their init so a pollution would show
+        net.body(torch.randn(8, 3, 6, 5))
+        net.neck(torch.randn(8, 8))
+    return net
+
+
+def brute_force_delta(net, inputs, lr, loss_fn=image_losses, param_filter=None, seed=None, step_mask=None):
+    """Deep copy, l(w) in train mode, torch.optim.SGD step on the mean loss (of step_mask samples), l(w')."""
+    model = copy.deepcopy(net)
+    params = [
+        p
+        for n, p in model.named_parameters()
+        if p.requires_grad and (param_filter is None or param_filter(n))
+    ]
+    opt = torch.optim.SGD(params, lr=lr)
+    if seed is not None:
+        torch.manual_seed(seed)
+    before = loss_fn(model, inputs)
+    opt.zero_grad()
+    (before.mean() if step_mask is None else before[step_mask].mean()).backward()
+    opt.step()
+    with torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        after = loss_fn(model, inputs)
+    return (after - before).detach()
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("head", ["ce", "cosface"])
+@pytest.mark.parametrize("reuse", [False, True])
+def test_delta_matches_deepcopy_sgd_step(head, reuse):
+    net = make_net(head)
+    inputs, is_syn = make_batch(1)
+    lr = 0.5
+    expected = brute_force_delta(net, inputs, lr)
+    losses = image_losses(net, inputs) if reuse else None
+    result = lookahead_select(net, image_losses, inputs, is_syn, lr=lr, keep_ratio=0.5, losses=losses)
+    assert torch.isnan(result.delta[~is_syn]).all()
+    torch.testing.assert_close(result.delta[is_syn], expected[is_syn], rtol=0, atol=1e-5)
+    assert expected[is_syn].abs().max() > 1e-3  # the step is large enough for the check to mean something
+    torch.testing.assert_close(result.loss_after - result.loss_before, expected, rtol=0, atol=1e-5)
+    if reuse:  # the graph of the caller's losses survives for the real update
+        losses.mean().backward()
+        assert net.proj.weight.grad is not None
+
+
+def test_step_on_real_takes_the_virtual_step_on_the_real_samples_loss():
+    net = make_net("ce", seed=4)
+    inputs, is_syn = make_batch(9)
+    expected = brute_force_delta(net, inputs, 0.5, step_mask=~is_syn)
+    result = lookahead_select(net, image_losses, inputs, is_syn, lr=0.5, k=2, step_on="real")
+    torch.testing.assert_close(result.delta[is_syn], expected[is_syn], rtol=0, atol=1e-5)
+    batch_step = lookahead_select(net, image_losses, inputs, is_syn, lr=0.5, k=2)
+    assert not torch.allclose(batch_step.delta[is_syn], result.delta[is_syn], atol=1e-4)
+
+
+def test_head_scope_matches_brute_force_on_the_head_parameters():
+    net = make_net("ce")
+    inputs, is_syn = make_batch(2)
+    feats = net.features(inputs["image"])
+    head_names = [n for n, p in net.named_parameters() if p.requires_grad and not n.startswith("body.")]
+    detached = {"features": feats.detach(), "label": inputs["label"]}
+    expected = brute_force_delta(net, detached, 0.5, feature_losses, lambda n: not n.startswith("body."))
+    losses = net.head_losses(feats, inputs["label"])
+    result = lookahead_select(
+        net, feature_losses, detached, is_syn, lr=0.5, k=3, losses=losses, params=head_names
+    )
+    torch.testing.assert_close(result.delta[is_syn], expected[is_syn], rtol=0, atol=1e-5)
+    # the virtual step did not go through the backbone: the backbone gradient is still to be made
+    assert net.body[0].weight.grad is None
+    losses.mean().backward()
+    assert net.body[0].weight.grad is not None
+
+
+@pytest.mark.parametrize(
+    "keep_ratio,k,expected_kept", [(0.5, None, 3), (0.34, None, 2), (None, 4, 4), (None, 9, 6)]
+)
+def test_keeps_exactly_the_smallest_deltas_and_every_real_sample(keep_ratio, k, expected_kept):
+    net = make_net("ce", seed=3)
+    inputs, is_syn = make_batch(3)
+    result = lookahead_select(net, image_losses, inputs, is_syn, lr=0.5, keep_ratio=keep_ratio, k=k)
+    assert result.keep[~is_syn].all()
+    kept_syn = torch.nonzero(result.keep & is_syn).flatten()
+    assert len(kept_syn) == expected_kept
+    syn_idx = torch.nonzero(is_syn).flatten()
+    deltas = result.delta[syn_idx].tolist()
+    smallest = {int(syn_idx[i]) for i in sorted(range(len(deltas)), key=lambda i: deltas[i])[:expected_kept]}
+    assert set(kept_syn.tolist()) == smallest
+    stats = selection_stats(result)
+    assert stats["kept_fraction"] == pytest.approx(expected_kept / int(is_syn.sum()))
+    assert stats["delta_min"] == pytest.approx(min(deltas)) and stats["delta_max"] == pytest.approx(
+        max(deltas)
+    )
+    assert stats["delta_mean"] == pytest.approx(sum(deltas) / len(deltas))
+
+
+def test_keep_ratio_one_keeps_everything_and_zero_only_real():
+    net = make_net("ce")
+    inputs, is_syn = make_batch(4)
+    assert lookahead_select(net, image_losses, inputs, is_syn, lr=0.1, keep_ratio=1.0).keep.all()
+    keep = lookahead_select(net, image_losses, inputs, is_syn, lr=0.1, keep_ratio=0.0).keep
+    assert torch.equal(keep, ~is_syn)
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_selection_changes_no_parameter_buffer_or_grad(reuse):
+    net = make_net("cosface")
+    inputs, is_syn = make_batch(5)
+    losses = image_losses(net, inputs) if reuse else None  # the caller's real forward may move BN stats
+    state = snapshot(net)
+    tracked = net.body[1].num_batches_tracked.item()
+    lookahead_select(net, image_losses, inputs, is_syn, lr=1.0, keep_ratio=0.5, losses=losses)
+    after = snapshot(net)
+    assert state.keys() == after.keys()
+    for key in state:
+        assert torch.equal(state[key], after[key]), key
+    assert net.body[1].num_batches_tracked.item() == tracked
+    assert all(p.grad is None for p in net.parameters())  # the virtual gradient never lands in .grad
+
+
+def test_rng_is_not_consumed_and_dropout_masks_match_in_both_passes():
+    net = make_net("ce", dropout=0.3)
+    inputs, is_syn = make_batch(6)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    result = lookahead_select(net, image_losses, inputs, is_syn, lr=0.5, keep_ratio=0.5)
+    assert torch.equal(torch.get_rng_state(), state)
+    expected = brute_force_delta(net, inputs, 0.5, seed=123)  # same dropout masks at w and w'
+    torch.testing.assert_close(result.delta[is_syn], expected[is_syn], rtol=0, atol=1e-5)
+
+
+def test_batch_without_synthetic_samples_keeps_all_and_computes_nothing():
+    net = make_net("ce")
+    inputs, _ = make_batch(7)
+    calls = []
+
+    def counting(module, x):
+        calls.append(1)
+        return image_losses(module, x)
+
+    result = lookahead_select(net, counting, inputs, torch.zeros(12, dtype=torch.bool), lr=0.1, k=2)
+    assert result.keep.all() and not calls
+    assert selection_stats(result) == {"num_synthetic": 0.0, "kept_fraction": 1.0}
+
+
+def test_num_to_keep_rounding():
+    assert num_to_keep(10, keep_ratio=0.7) == 7  # 0.7 * 10 is 7.000000000000001 in floats
+    assert num_to_keep(5, keep_ratio=0.5) == 3  # half up
+    assert num_to_keep(3, k=5) == 3
+    assert num_to_keep(0, keep_ratio=0.5) == 0
+
+
+def test_bad_input_is_rejected_with_clear_messages():
+    net = make_net("ce")
+    inputs, is_syn = make_batch(8)
+    with pytest.raises(ValueError, match="inner module"):
+        lookahead_select(nn.DataParallel(net), image_losses, inputs, is_syn, lr=0.1, k=1)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        lookahead_select(net, image_losses, inputs, is_syn, lr=0.1)
+    with pytest.raises(ValueError, match="positive"):
+        lookahead_select(net, image_losses, inputs, is_syn, lr=0.0, k=1)
+    with pytest.raises(ValueError, match="shape"):
+        lookahead_select(net, image_losses, inputs, is_syn, lr=0.1, k=1, losses=torch.zeros(3))
+    with pytest.raises(ValueError, match="no parameters named"):
+        lookahead_select(net, image_losses, inputs, is_syn, lr=0.1, k=1, params=["nope.weight"])
+    with pytest.raises(ValueError, match="do not require grad"):
+        lookahead_select(net, image_losses, inputs, is_syn, lr=0.1, k=1, params=["neck.bias"])
+    with pytest.raises(ValueError, match="step_on"):
+        lookahead_select(net, image_losses, inputs, is_syn, lr=0.1, k=1, step_on="synthetic")
+    with pytest.raises(ValueError, match="1-D"):
+        lookahead_select(net, image_losses, inputs, is_syn[None], lr=0.1, k=1)
+
+
+def test_selection_config_validation():
+    cfg = SelectionConfig.coerce({"enabled": True, "keep_ratio": 0.25, "scope": "head"})
+    assert cfg.enabled and cfg.keep_ratio == 0.25 and cfg.scope == "head"
+    assert not SelectionConfig.coerce(None).enabled
+    with pytest.raises(ValueError, match="unknown keys"):
+        SelectionConfig.coerce({"ratio": 0.5})
+    with pytest.raises(ValueError, match="keep_ratio"):
+        SelectionConfig(keep_ratio=1.5)
+    with pytest.raises(ValueError, match="scope"):
+        SelectionConfig(scope="neck")
+    with pytest.raises(ValueError, match="lr"):
+        SelectionConfig(lr=-1.0)
+
+
+def test_cosface_per_sample_loss_equals_pml_mean_loss():
+    torch.manual_seed(0)
+    loss = CosFaceLoss(7, 16, margin=0.35, scale=64)
+    emb = torch.randn(10, 16)
+    labels = torch.randint(0, 7, (10,))
+    ours = cosface_losses(emb, labels, loss.W, 0.35, 64.0)
+    assert ours.shape == (10,)
+    torch.testing.assert_close(ours.mean(), loss(emb, labels), rtol=1e-5, atol=1e-5)

@@ -293,7 +293,7 @@ class IdentityDataModule(L.LightningDataModule):
 
     def _save_label_map(self) -> None:
         trainer = self._trainer_or_none()
-        if trainer is None:
+        if trainer is None or not trainer.loggers:  # no logger, no run folder to write into
             return
         directory = run_dir(trainer)  # a collective under DDP: every rank asks
         if trainer.is_global_zero:

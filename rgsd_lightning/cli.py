@@ -23,6 +23,8 @@ from rgsd_lightning.data.datamodule import IdentityDataModule
 
 # name -> "module:function"; each function takes the remaining argv list and returns an exit code
 EXTRA_COMMANDS: dict[str, str] = {
+    "demo": "rgsd_lightning.demo:main",
+    "pipeline": "rgsd_lightning.commands.pipeline:main",
     "audit": "rgsd_lightning.commands.audit:main",
     "make-toy": "rgsd_lightning.commands.make_toy:main",
 }

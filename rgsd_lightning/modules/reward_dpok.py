@@ -398,6 +398,7 @@ class RewardDPOK(GeneratorModule):
             return
         from rgsd_lightning.callbacks.plots import plot_reward_curves
 
+        log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "reward_history.json").write_text(json.dumps(self.history, indent=1))
         plot_reward_curves(self.history, log_dir / "reward_curves.png")
 

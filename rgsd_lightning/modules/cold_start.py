@@ -104,6 +104,7 @@ class ColdStartDiT(GeneratorModule):
                 f"the generator makes {self.generator.channels}x{self.generator.image_size}px images but "
                 f"image_size={image_size}, channels={channels} were configured"
             )
+        self.generator.train()  # trainable part in train mode from the start (the VAE stays in eval)
         self.trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
         self.ema = ParameterEMA(self._trainable(), ema_decay) if ema_decay else None
         # frozen pretrained weights are reloaded from `pretrained`; weights built from a preset are saved

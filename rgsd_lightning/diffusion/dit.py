@@ -8,6 +8,7 @@ DiT paper initialisation to models built from scratch and write/read self-descri
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
@@ -17,6 +18,7 @@ import re
 import shutil
 import uuid
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -376,10 +378,25 @@ class DiTGenerator(nn.Module):
                 f"(N = {self.num_identities} identities, null label {self.null_label})"
             )
 
+    @contextlib.contextmanager
+    def trusted_labels(self) -> Iterator[None]:
+        """Skip the per-forward label check inside the block (the caller checked the labels once).
+
+        The check reads the labels' min/max, a device synchronisation on GPUs; sampling loops check once
+        up front and run their steps inside this block.
+        """
+        previous = getattr(self, "_labels_trusted", False)
+        self._labels_trusted = True
+        try:
+            yield
+        finally:
+            self._labels_trusted = previous
+
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
         """Predicted ε (the first ``in_channels`` output channels; learned-variance channels are dropped)."""
         labels = torch.as_tensor(labels, device=x_t.device, dtype=torch.long)
-        self.check_labels(labels)
+        if not getattr(self, "_labels_trusted", False):
+            self.check_labels(labels)
         timesteps = torch.as_tensor(timesteps, device=x_t.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x_t.shape[0])

@@ -7,6 +7,7 @@ log-prob recompute in RL and the KL reference. All Gaussian maths runs in fp32; 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ def guided_eps(
 
 def _per_sample(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
     """values[t] in fp32 shaped (B, 1, 1, 1); t < 0 gives 1 (ᾱ past the end of the chain)."""
+    if isinstance(t, int):  # one timestep for the whole batch (the sampling loop): a broadcast view
+        value = values[t].to(device=like.device, dtype=torch.float32) if t >= 0 else like.new_ones(())
+        return value.expand(like.shape[0], *([1] * (like.ndim - 1)))
     t = torch.as_tensor(t, device=like.device, dtype=torch.long)
     t = t.expand(like.shape[0]) if t.ndim == 0 else t
     values = values.to(device=like.device, dtype=torch.float32)
@@ -109,6 +113,7 @@ def step_with_logprob(
     method: str = "ddim",
     clip_x0: bool = False,
     reduction: str = "mean",
+    compute_log_prob: bool = True,
 ) -> StepOutput:
     """One reverse step with the Gaussian log-density of its result, all in fp32.
 
@@ -117,7 +122,8 @@ def step_with_logprob(
     equal to DDIM η=1, ``eta`` ignored). ``t``/``t_prev`` are ints or per-sample (B,) tensors (t_prev < 0:
     ᾱ_s = 1). With ``prev_sample`` the log-prob of that (detached) sample is returned and the gradient
     flows through ``mean`` only; otherwise x_prev = μ + σ·noise (``noise`` drawn when None).
-    ``reduction``: "mean" (default) or "sum" over the non-batch elements.
+    ``reduction``: "mean" (default) or "sum" over the non-batch elements. ``compute_log_prob=False``
+    returns zeros instead (deterministic sampling has no use for it).
     """
     if method not in ("ddim", "ddpm"):
         raise ValueError(f"method={method!r}: expected 'ddim' or 'ddpm'")
@@ -147,6 +153,10 @@ def step_with_logprob(
     else:
         prev = prev_sample.detach().float()
         target = prev
+    if not compute_log_prob:
+        return StepOutput(
+            prev_sample=prev, log_prob=torch.zeros(x.shape[0], device=x.device), mean=mean, std=std
+        )
     safe_std = torch.where(deterministic, torch.ones_like(std), std)
     elem = -((target - mean) ** 2) / (2.0 * safe_std**2) - safe_std.log() - 0.5 * math.log(2.0 * math.pi)
     dims = tuple(range(1, elem.ndim))
@@ -212,16 +222,27 @@ def sample(
     x = _noise(sample_shape, rngs, generator, device).float()
     states = [x] if record_trajectory else None
     log_probs = []
-    for t, t_prev in zip(timesteps.tolist(), prev_timesteps.tolist(), strict=True):
-        eps = guided_eps(model, x, t, labels, guidance_scale=guidance_scale, null_label=model.null_label)
-        noise = _noise(sample_shape, rngs, generator, device) if stochastic else torch.zeros_like(x)
-        out = step_with_logprob(
-            eps, x, t, t_prev, alphas, eta=eta, noise=noise, method=method, clip_x0=clip_x0
-        )
-        x = out.prev_sample
-        log_probs.append(out.log_prob)
-        if states is not None:
-            states.append(x)
+    trusted = model.trusted_labels() if hasattr(model, "trusted_labels") else contextlib.nullcontext()
+    with trusted:  # labels were checked once above
+        for t, t_prev in zip(timesteps.tolist(), prev_timesteps.tolist(), strict=True):
+            eps = guided_eps(model, x, t, labels, guidance_scale=guidance_scale, null_label=model.null_label)
+            noise = _noise(sample_shape, rngs, generator, device) if stochastic else torch.zeros_like(x)
+            out = step_with_logprob(
+                eps,
+                x,
+                t,
+                t_prev,
+                alphas,
+                eta=eta,
+                noise=noise,
+                method=method,
+                clip_x0=clip_x0,
+                compute_log_prob=stochastic,
+            )
+            x = out.prev_sample
+            log_probs.append(out.log_prob)
+            if states is not None:
+                states.append(x)
     images = model.decode(x) if decode else None
     return SampleOutput(
         images=images,

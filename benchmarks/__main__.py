@@ -1,0 +1,49 @@
+"""``python -m benchmarks {speed,utility} ...``: dispatch to a benchmark's own command line.
+
+* ``speed``   - speed and memory (``benchmarks.speed``; ``--gpu-scale`` is the CUDA run of ``gpu.sh``);
+* ``utility`` - the real-data utility study (``benchmarks.utility``, imported only when asked for).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+
+COMMANDS = {
+    "speed": "benchmarks.speed:main",
+    "utility": "benchmarks.utility:main",
+}
+
+
+def _load(target: str) -> Callable[[list[str]], int] | None:
+    """The command's ``main``, or None when its module does not exist (yet)."""
+    module_name, func = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:  # a missing dependency inside the module: a real error
+            raise
+        return None
+    return getattr(module, func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m benchmarks <command> [args]``; returns the command's exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: python -m benchmarks {{{','.join(COMMANDS)}}} [args]  (--help after a command)")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"unknown benchmark {command!r}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    entry = _load(COMMANDS[command])
+    if entry is None:
+        print(f"{COMMANDS[command].split(':')[0]} is not part of this checkout", file=sys.stderr)
+        return 2
+    return int(entry(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

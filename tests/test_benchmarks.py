@@ -1,0 +1,224 @@
+"""The speed benchmarks: the entry point writes complete reports; each comparison compares equal things."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks/` is a top-level folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import __main__ as bench_main  # noqa: E402
+from benchmarks import common, speed  # noqa: E402
+from rgsd_lightning.evaluation import reid_map_cmc  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------ the quick run
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory) -> tuple[int, Path]:
+    """One in-process ``python -m benchmarks speed --quick`` run shared by the tests below."""
+    out = tmp_path_factory.mktemp("speed")
+    threads = torch.get_num_threads()
+    rc = bench_main.main(["speed", "--quick", "--threads", "1", "--out", str(out)])
+    assert torch.get_num_threads() == threads  # --threads is restored after the run
+    return rc, out
+
+
+def test_quick_run_writes_json_and_markdown(quick_report):
+    rc, out = quick_report
+    assert rc == 0
+    report = json.loads((out / "speed.json").read_text())
+    assert report["errors"] == {}
+    assert set(report["results"]) == {"sampler", "reid", "selection", "dpok"}
+    env = report["environment"]
+    assert env["torch_threads"] == 1 and env["torch"] == torch.__version__ and env["date_utc"]
+
+    sampler = report["results"]["sampler"]["rows"]
+    assert {(r["preset"], r["guidance_scale"]) for r in sampler} == {
+        (p, w) for p in ("tiny", "small") for w in (1.0, 4.0)
+    }
+    for row in sampler:
+        assert row["ratio_ours_over_pipeline"] == pytest.approx(row["pipeline_s"] / row["ours_s"])
+        assert row["image_shape"][0] == 3
+        # Same model, scheduler, labels and noise: the two samplers must produce the same images.
+        assert row["max_abs_pixel_diff"] < 1e-4
+
+    reid = report["results"]["reid"]
+    assert set(reid["median_s"]) == {
+        "ours_reid_evaluate",
+        "ours_reid_map_cmc_on_distmat",
+        "torchreid_style_per_query",
+        "lean_per_query",
+        "full_distance_matrix_only",
+    }
+    for diffs in reid["equality_vs_torchreid_style"].values():
+        assert diffs["max_abs_diff_mAP"] < 1e-6 and diffs["max_abs_diff_cmc"] < 1e-6
+    assert reid["memory_method"] in ("rss_hwm", "tracemalloc")
+
+    selection = report["results"]["selection"]["report"]["results"]
+    assert {"no_selection", "selection_full", "selection_head", "deepcopy_reference"} <= set(selection)
+
+    (dpok,) = report["results"]["dpok"]["rows"]
+    for key in ("sampling_s", "reward_s", "update_s"):
+        assert dpok[key] > 0
+    assert dpok["total_s"] == pytest.approx(dpok["sampling_s"] + dpok["reward_s"] + dpok["update_s"])
+    assert dpok["logp_check_first_round"] < 1e-4  # fp32: the recompute reproduces the rollout
+    census = dpok["census"]
+    assert census["no_second_copy"] and census["reference_extra_bytes"] == 0
+    assert census["generator_base_bytes"] > 0 and 0 < census["lora_bytes"] < census["generator_base_bytes"]
+
+    md = (out / "speed.md").read_text()
+    for heading in ("## 1. Sampler", "## 2. ReID", "## 3. Lookahead", "## 4. RewardDPOK", "torch threads"):
+        assert heading in md
+    assert "FAILED" not in md
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    assert bench_main.main(["nonsense"]) == 2
+    with pytest.raises(ValueError, match="unknown measurement"):
+        speed.run_speed(tmp_path, quick=True, only=["sampler", "typo"])
+    with pytest.raises(ValueError, match="threads"):
+        with speed.torch_threads(0):
+            pass
+
+
+# ------------------------------------------------------------------------------------ ReID references
+def _random_case(seed: int, num_q: int = 30, num_g: int = 120):
+    rng = np.random.default_rng(seed)
+    q_pids = rng.integers(1, 8, num_q)
+    g_pids = rng.integers(-1, 8, num_g)  # -1 junk, 0 distractors, 1..7 identities
+    q_cams = rng.integers(0, 3, num_q)
+    g_cams = rng.integers(0, 3, num_g)
+    distmat = rng.integers(0, 6, (num_q, num_g)).astype(np.float32)  # coarse values: many exact ties
+    return distmat, q_pids, g_pids, q_cams, g_cams
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_query_references_agree_with_reid_map_cmc(seed):
+    case = _random_case(seed)
+    cmc, mean_ap = reid_map_cmc(*case, max_rank=10)
+    for reference in (speed.reid_per_query_reference, speed.reid_per_query_lean):
+        ref_cmc, ref_map = reference(*case, max_rank=10)
+        np.testing.assert_allclose(ref_cmc, cmc, rtol=0, atol=1e-12)
+        assert ref_map == pytest.approx(mean_ap, abs=1e-12)
+
+
+def test_per_query_references_on_a_hand_worked_case():
+    # Query: identity 1, camera 0. Ranked gallery: id 2 (cam 1), id 1 (cam 1), id 1 (cam 0: junk, removed),
+    # id -1 (junk), id 1 (cam 2), id 0 (distractor). Junk-free list: [2, 1, 1, 0] -> hits at ranks 2 and 3.
+    distmat = np.array([[0.1, 0.2, 0.3, 0.35, 0.4, 0.5]])
+    args = (
+        distmat,
+        np.array([1]),
+        np.array([2, 1, 1, -1, 1, 0]),
+        np.array([0]),
+        np.array([1, 1, 0, 2, 2, 0]),
+    )
+    for reference in (speed.reid_per_query_reference, speed.reid_per_query_lean):
+        cmc, mean_ap = reference(*args, max_rank=5)
+        assert mean_ap == pytest.approx((1 / 2 + 2 / 3) / 2)
+        np.testing.assert_array_equal(cmc, [0, 1, 1, 1, 1])
+    no_match = (distmat, np.array([5]), *args[2:])
+    with pytest.raises(ValueError, match="no query"):
+        speed.reid_per_query_reference(*no_match)
+
+
+def test_market_like_features_have_the_market_structure():
+    data = speed.market_like_features(
+        num_query=90, num_gallery=400, num_ids=20, num_distractors=60, num_cameras=6, dim=16
+    )
+    assert data["q_feats"].shape == (90, 16) and data["g_feats"].shape == (400, 16)
+    assert data["q_feats"].dtype == np.float32
+    assert (data["g_pids"] == 0).sum() == 60 and set(np.unique(data["q_pids"])) == set(range(1, 21))
+    pairs = list(zip(data["q_pids"].tolist(), data["q_camids"].tolist(), strict=True))
+    assert len(pairs) == len(set(pairs))  # at most one query per identity and camera
+    same_cam = [(p, c) in pairs for p, c in zip(data["g_pids"], data["g_camids"], strict=True) if p > 0]
+    assert any(same_cam) and not all(same_cam)  # same-camera junk exists, and cross-camera matches too
+    with pytest.raises(ValueError, match="one query per camera"):
+        speed.market_like_features(
+            num_query=200, num_ids=10, num_cameras=6, num_gallery=400, num_distractors=10
+        )
+
+
+# ------------------------------------------------------------------------------------ helpers
+def test_interleaved_times_alternates_and_skips_warmup():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name) or name) for name in ("a", "b")}
+    times, first = common.interleaved_times(fns, 3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert [len(t) for t in times.values()] == [3, 3] and first == {"a": "a", "b": "b"}
+    with pytest.raises(ValueError, match="repeats"):
+        common.interleaved_times(fns, 0)
+
+
+def test_rss_meter_sees_a_large_allocation():
+    def allocate():
+        block = np.ones(40 * 2**20 // 8)  # 40 MiB, touched
+        return float(block.sum())
+
+    _, peak, method = common.measure_peak(allocate)
+    assert peak >= 30 * 2**20, (peak, method)
+    _, small_peak, _ = common.measure_peak(lambda: None)
+    assert small_peak < 10 * 2**20
+
+
+def test_census_detects_a_second_generator_copy():
+    cfg = dict(speed.QUICK["dpok"])
+    with tempfile.TemporaryDirectory() as tmp:
+        export = speed.make_generator_export("tiny", cfg["num_identities"], tmp)
+        lora = speed.parameter_census(speed.build_dpok(export, cfg, torch.device("cpu")))
+        full = speed.parameter_census(speed.build_dpok(export, cfg, torch.device("cpu"), trainable="all"))
+    assert lora["no_second_copy"] and lora["reference_extra_bytes"] == 0 and lora["lora_bytes"] > 0
+    # trainable="all" keeps a frozen deep copy as KL reference: the census must see a second generator.
+    assert not full["no_second_copy"]
+    assert full["reference_extra_bytes"] >= full["generator_base_bytes"] > 0
+
+
+def test_census_ignores_unrelated_modules():
+    module = torch.nn.Linear(3, 3)
+    twin = copy.deepcopy(module)
+    storages = speed._storages(list(module.parameters()) + list(module.parameters()))
+    assert sum(storages.values()) == (9 + 3) * 4  # shared tensors counted once
+    assert set(storages).isdisjoint(speed._storages(twin.parameters()))
+
+
+# ------------------------------------------------------------------------------------ the GPU script
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_sh_skips_cleanly_without_cuda(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--out", str(tmp_path / "gpu")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped: no CUDA" in proc.stdout
+    assert not (tmp_path / "gpu").exists()  # nothing measured, nothing written
+
+
+def test_gpu_scale_code_path_runs_at_toy_size_on_cpu(tmp_path):
+    with speed.torch_threads(1):
+        report = speed.run_gpu_scale(tmp_path, device="cpu", quick=True)
+    assert report is not None and report["errors"] == {}, report["errors"]
+    assert set(report["results"]) == {"sampler", "recognizer", "reid", "selection", "dpok"}
+    sampler = report["results"]["sampler"]
+    assert sampler["forward_flops_counted"] > 0 and "AttnProcessor2_0" in sampler["attention_processors"]
+    for row in sampler["rows"]:
+        assert row["ours_mfu_counted"] > 0 and row["max_abs_pixel_diff"] < 0.05  # bf16 autocast on both
+    assert report["results"]["recognizer"]["step_flops_counted"] > 0
+    assert report["results"]["dpok"]["rows"][0]["census"]["no_second_copy"]
+    md = (tmp_path / "speed_gpu.md").read_text()
+    assert "Recognizer training step" in md and "FAILED" not in md

@@ -1,7 +1,8 @@
-"""``python -m benchmarks {speed,utility} ...``: dispatch to a benchmark's own command line.
+"""``python -m benchmarks {speed,utility,init_rows} ...``: dispatch to a benchmark's own command line.
 
 * ``speed``   - speed and memory (``benchmarks.speed``; ``--gpu-scale`` is the CUDA run of ``gpu.sh``);
-* ``utility`` - the real-data utility study (``benchmarks.utility``, imported only when asked for).
+* ``utility`` - the real-data utility study (``benchmarks.utility``, imported only when asked for);
+* ``init_rows`` - cold start with zero vs null label rows (``benchmarks.init_rows``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Callable
 COMMANDS = {
     "speed": "benchmarks.speed:main",
     "utility": "benchmarks.utility:main",
+    "init_rows": "benchmarks.init_rows:main",
 }
 
 

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from rgsd_lightning.backbones import FeatureExtractor  # noqa: E402
 from rgsd_lightning.callbacks.images import image_grid, save_png, to_uint8  # noqa: E402
+from rgsd_lightning.callbacks.plots import save_figure  # noqa: E402
 from rgsd_lightning.data.images import load_image  # noqa: E402
 from rgsd_lightning.data.records import IdentityRecord, atomic_write_text, read_manifest  # noqa: E402
 from rgsd_lightning.data.transforms import generator_transform  # noqa: E402
@@ -145,13 +146,7 @@ def feature_plot(
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def audit_summary(card_path: str | os.PathLike) -> str:

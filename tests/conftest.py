@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +20,33 @@ SMALL_MARKET = {
     "num_distractors": 4,
 }
 SMALL_FACES = {"num_ids": 6, "images_per_id": 6, "size": 32}
+
+
+def quiet_trainer(root: str | os.PathLike | None = None, **overrides: Any):
+    """A CPU ``lightning.Trainer`` for tests: no logger, progress bar, model summary or checkpoints, and the
+    datamodule's own samplers (``use_distributed_sampler=False``); files under ``root`` when given.
+    ``overrides`` replace or add Trainer arguments."""
+    import lightning as L
+
+    args: dict[str, Any] = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+    )
+    if root is not None:
+        args["default_root_dir"] = str(root)
+    args.update(overrides)
+    return L.Trainer(**args)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for gloo process groups in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

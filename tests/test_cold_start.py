@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import SMALL_MARKET
+from conftest import SMALL_MARKET, quiet_trainer
 
 from rgsd_lightning import ColdStartDiT, IdentityDataModule
 from rgsd_lightning.callbacks.export import ExportArtifact
@@ -29,20 +29,6 @@ def _dm(root, **kw):
     return IdentityDataModule(**args)
 
 
-def _trainer(tmp_path, **kw):
-    args = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=str(tmp_path),
-        enable_checkpointing=False,
-    )
-    args.update(kw)
-    return L.Trainer(**args)
-
-
 @pytest.fixture(scope="module")
 def trained(toy_market, tmp_path_factory):
     """A tiny cold start fitted for a few dozen steps, exported."""
@@ -50,10 +36,10 @@ def trained(toy_market, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cold")
     dm = _dm(toy_market)
     model = ColdStartDiT(dm.num_identities, trainable="all", lr=3e-3, **TINY)
-    before = _trainer(tmp).validate(model, dm, verbose=False)[0]["val/loss"]
+    before = quiet_trainer(tmp).validate(model, dm, verbose=False)[0]["val/loss"]
     export = ExportArtifact(str(tmp / "export" / "generator"))
-    _trainer(tmp, max_steps=60, callbacks=[export], check_val_every_n_epoch=1000).fit(model, dm)
-    after = _trainer(tmp).validate(model, dm, verbose=False)[0]["val/loss"]
+    quiet_trainer(tmp, max_steps=60, callbacks=[export], check_val_every_n_epoch=1000).fit(model, dm)
+    after = quiet_trainer(tmp).validate(model, dm, verbose=False)[0]["val/loss"]
     return {
         "model": model,
         "dm": dm,
@@ -86,7 +72,7 @@ def _generate(export, root, out, per_identity, tmp, writer_cls=SyntheticSetWrite
     dm = _dm(root, generate_per_identity=per_identity)
     model = SyntheticGenerator(dm.num_identities, export=str(export), sample_steps=3)
     writer = writer_cls(str(out))
-    _trainer(tmp, callbacks=[writer]).predict(model, dm, return_predictions=False)
+    quiet_trainer(tmp, callbacks=[writer]).predict(model, dm, return_predictions=False)
     return dm
 
 
@@ -182,7 +168,7 @@ def test_geometry_mismatch_between_data_and_model_is_an_error(toy_market, tmp_pa
     dm = _dm(toy_market, image_size=16)
     model = ColdStartDiT(dm.num_identities, **TINY)
     with pytest.raises(ValueError, match="image_size=16"):
-        _trainer(tmp_path, max_steps=1).fit(model, dm)
+        quiet_trainer(tmp_path, max_steps=1).fit(model, dm)
 
 
 def test_generation_audits_the_set_and_drops_near_copies_for_good(trained, toy_market, tmp_path):

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 
 from rgsd_lightning import IdentityDataModule, LookaheadReID
 from rgsd_lightning.callbacks.writer import SyntheticSetWriter
@@ -19,19 +20,7 @@ pytestmark = pytest.mark.slow
 
 
 def _trainer(tmp_path, **kw):
-    args = dict(
-        accelerator="cpu",
-        strategy="ddp_spawn",
-        devices=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        default_root_dir=str(tmp_path),
-    )
-    args.update(kw)
-    return L.Trainer(**args)
+    return quiet_trainer(tmp_path, strategy="ddp_spawn", devices=2, **kw)
 
 
 def _digests(folder: Path) -> dict[str, str]:

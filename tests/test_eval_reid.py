@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 
 from rgsd_lightning.evaluation import (
     ReIDMetric,
@@ -333,15 +332,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_metrics_under_two_gloo_ranks_equal_single_process(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     feats, pids, cams, is_query = _reid_data()
     ref = reid_evaluate(
         feats[is_query], feats[~is_query], pids[is_query], pids[~is_query], cams[is_query], cams[~is_query]

@@ -4,11 +4,11 @@ import copy
 import logging
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import quiet_trainer
 from PIL import Image
 
 from rgsd_lightning.backbones import FeatureExtractor, load_embedding_net
@@ -41,13 +41,6 @@ def short_fit(config, root, out, *extra, steps=3):
     """A few training steps, no validation."""
     args = ["fit", "--config", config, "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0"]
     return run_cli([*args, *extra], root, out)
-
-
-def eval_trainer():
-    return L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, use_distributed_sampler=False,
-    )  # fmt: skip
 
 
 def write_synthetic_set(folder, pids, per_id=3, wrong_label=None):
@@ -102,7 +95,7 @@ def test_reid_training_beats_random_features_and_tests(trained_reid):
     trained = {k: float(v) for k, v in trained_reid.trainer.callback_metrics.items() if k.startswith("val/")}
     torch.manual_seed(0)
     untrained = LookaheadReID(trained_reid.datamodule.num_identities, architecture="test_resnet")
-    random = eval_trainer().validate(untrained, datamodule=trained_reid.datamodule, verbose=False)[0]
+    random = quiet_trainer().validate(untrained, datamodule=trained_reid.datamodule, verbose=False)[0]
     assert random["val/mAP"] < 0.2 and random["val/rank1"] < 0.2  # untrained features on unseen identities
     assert trained["val/mAP"] > random["val/mAP"] + 0.2
     assert trained["val/rank1"] > random["val/rank1"] + 0.2
@@ -255,7 +248,7 @@ def test_cosface_training_beats_chance_and_reports_groups(tmp_path):
     assert metrics["val/verif_acc"] == metrics["val/auto/accuracy"]
     torch.manual_seed(0)
     untrained = CosFaceRecognizer(cli.datamodule.num_identities, architecture="test_resnet", embedding_dim=64)
-    random = eval_trainer().validate(untrained, datamodule=cli.datamodule, verbose=False)[0]
+    random = quiet_trainer().validate(untrained, datamodule=cli.datamodule, verbose=False)[0]
     assert random["val/verif_acc"] < 0.65  # untrained features already separate some toy faces
     assert metrics["val/verif_acc"] > 0.7 and metrics["val/verif_acc"] > random["val/verif_acc"] + 0.1
     assert metrics["val/id_acc"] > random["val/id_acc"] + 0.1  # nearest class weight, 32 classes
@@ -268,7 +261,7 @@ def test_cosface_training_beats_chance_and_reports_groups(tmp_path):
         {"kind": "rfw", "root": str(rfw)},
     ]
     dm = IdentityDataModule(**hp)
-    result = eval_trainer().test(cli.model, datamodule=dm, verbose=False)[0]
+    result = quiet_trainer().test(cli.model, datamodule=dm, verbose=False)[0]
     groups = [result["test/group/GroupA"], result["test/group/GroupB"]]
     assert result["test/GroupA/accuracy"] == groups[0]
     assert result["test/group_mean"] == pytest.approx(np.mean(groups))

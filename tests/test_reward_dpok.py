@@ -7,6 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
+from conftest import quiet_trainer
 from torch import nn
 
 from rgsd_lightning import IdentityDataModule, RewardDPOK
@@ -55,18 +56,7 @@ def _model(export, **kw) -> RewardDPOK:
 
 
 def _trainer(tmp_path, **kw):
-    args = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        default_root_dir=str(tmp_path),
-        enable_checkpointing=False,
-        max_epochs=1,
-    )
-    args.update(kw)
-    return L.Trainer(**args)
+    return quiet_trainer(tmp_path, **{"max_epochs": 1, **kw})
 
 
 def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_generator_export, toy_market, tmp_path):

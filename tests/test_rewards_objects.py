@@ -5,10 +5,10 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import socket
 
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
 from rgsd_lightning.rewards import (
@@ -269,15 +269,9 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_compute_reduces_over_two_gloo_ranks(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     bank = MemoryBank(*make_bank_data(), N)
     batches = [make_batch(s) for s in (0, 1, 10, 11, 12)]
     comps = [

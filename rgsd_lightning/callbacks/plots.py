@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CURVES = (
     ("train/reward_total", "total (tanh)"),
@@ -33,10 +37,15 @@ def plot_reward_curves(history: list[dict[str, float]], path: str | os.PathLike)
         ax.set_xlabel("rollout", fontsize=8)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
     return path

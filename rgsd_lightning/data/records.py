@@ -95,12 +95,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     The text goes to a temporary file in the same folder, is flushed to disk, then renamed over
     ``path``; an interrupted write leaves the previous file untouched.
     """
+    _atomic_write(path, text, "w", encoding="utf-8")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """:func:`atomic_write_text` for binary content (temporary file, flush to disk, rename)."""
+    _atomic_write(path, data, "wb")
+
+
+def _atomic_write(path: str | os.PathLike, data: str | bytes, mode: str, encoding: str | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, encoding=encoding) as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

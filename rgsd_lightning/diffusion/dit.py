@@ -3,22 +3,18 @@
 diffusers' ``DiTTransformer2DModel`` keeps a label table (and a timestep MLP) per block and draws its own
 label dropout per block. We tie all blocks to one ``nn.Embedding(N + 1, hidden)`` (row N = null/CFG label),
 switch the built-in dropout off (labels are dropped once per sample with :func:`drop_labels`), apply the
-DiT paper initialisation to models built from scratch and write/read self-describing export folders.
+DiT paper initialisation to models built from scratch and build the :class:`DiTGenerator` of a stage. The
+generator module itself, with its self-describing export folders, is :mod:`rgsd_lightning.diffusion.generator`
+(re-exported here).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import fnmatch
 import inspect
 import json
 import os
-import re
-import shutil
-import uuid
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +22,33 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from torch import nn
 
-from rgsd_lightning.diffusion.schedule import alphas_cumprod as _alphas_cumprod
-from rgsd_lightning.diffusion.schedule import clean_scheduler_config
+from rgsd_lightning.diffusion.generator import (
+    EXPORT_FORMAT,
+    DiTGenerator,
+    _class_embedder,
+    _is_hub_id,
+    check_identities_match,
+    load_vae,
+    share_label_table,
+)
 
-EXPORT_FORMAT = 1
+__all__ = [
+    "EXPORT_FORMAT",
+    "INIT_ROWS",
+    "LABEL_SPACES",
+    "PRESETS",
+    "DiTGenerator",
+    "build_dit",
+    "check_identities_match",
+    "dit_initialize_",
+    "drop_labels",
+    "load_vae",
+    "set_trainable",
+    "share_label_table",
+    "swap_label_space",
+    "tie_timestep_embedders",
+]
+
 PRESETS: dict[str, dict[str, Any]] = {
     # diffusers' own unit-test size, pixel space.
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, patch_size=2, sample_size=8),
@@ -47,46 +66,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 LABEL_SPACES = ("swap", "keep")
-_ARCH_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "sample_size")
-_ARCH_KEYS += ("in_channels", "out_channels", "num_embeds_ada_norm")
 INIT_ROWS = ("zero", "null", "mean")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _class_embedder(block: nn.Module) -> nn.Module:
-    return block.norm1.emb.class_embedder
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (not a complete rgsd generator export?)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err})") from err
-
-
-def _is_hub_id(name: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith((".", "/", "~"))
-
-
 def _is_export(source: str | os.PathLike) -> bool:
     return (Path(source).expanduser() / "labels.json").is_file()
-
-
-def share_label_table(transformer: DiTTransformer2DModel, table: nn.Embedding) -> None:
-    """Make every block use ``table`` (N + 1 rows, row N = null), with diffusers' own dropout off."""
-    num_identities = table.num_embeddings - 1
-    for block in transformer.transformer_blocks:
-        embedder = _class_embedder(block)
-        embedder.embedding_table = table
-        embedder.num_classes = num_identities
-        embedder.dropout_prob = 0.0
-    transformer.register_to_config(num_embeds_ada_norm=num_identities)
 
 
 def tie_timestep_embedders(transformer: DiTTransformer2DModel) -> None:
@@ -94,24 +79,6 @@ def tie_timestep_embedders(transformer: DiTTransformer2DModel) -> None:
     shared = transformer.transformer_blocks[0].norm1.emb.timestep_embedder
     for block in transformer.transformer_blocks[1:]:
         block.norm1.emb.timestep_embedder = shared
-
-
-def _retie(transformer: DiTTransformer2DModel, attr: str, what: str, source: str) -> None:
-    """Tie a per-block module (loaded as independent copies) back to block 0's, warning if copies differ."""
-
-    def owner(block: nn.Module) -> nn.Module:
-        return block.norm1.emb if attr == "timestep_embedder" else _class_embedder(block)
-
-    blocks = transformer.transformer_blocks
-    first = getattr(owner(blocks[0]), attr)
-    ref = first.state_dict()
-    for block in blocks[1:]:
-        other = getattr(owner(block), attr).state_dict()
-        if any(not torch.equal(ref[k], other[k]) for k in ref):
-            warnings.warn(f"{source}: the per-block {what} copies differ; using block 0's", stacklevel=3)
-            break
-    for block in blocks[1:]:
-        setattr(owner(block), attr, first)
 
 
 @torch.no_grad()
@@ -230,365 +197,7 @@ def set_trainable(generator: DiTGenerator, trainable: str | list[str] = "label_t
     return [n for n, _ in named if n in keep]
 
 
-# ------------------------------------------------------------------------------------------- the module
-class DiTGenerator(nn.Module):
-    """DiT transformer (one shared label table) + optional VAE + schedule and label facts of a stage.
-
-    Args:
-        transformer: diffusers ``DiTTransformer2DModel`` whose blocks all share one label table of N + 1 rows.
-        vae: ``AutoencoderKL`` for latent mode, or None for pixel mode (transformer works on images).
-        identities: identity names; index i is label i, label N = len(identities) is the null label.
-        image_size: pixel side of the (square) images.
-        channels: pixel channels of the images.
-        scheduler_config: diffusers ``DDPMScheduler`` config (default: 1000 steps, linear 1e-4..0.02).
-        preset: name of the preset the transformer was built from (recorded in exports), or None.
-        vae_source: {"source": path or hub id, "subfolder": str | None} the VAE was loaded from, or None.
-        tied_timestep_embedder: whether all blocks share block 0's timestep MLP (models built from scratch).
-    """
-
-    def __init__(
-        self,
-        transformer: DiTTransformer2DModel,
-        vae: AutoencoderKL | None,
-        identities: list[str],
-        *,
-        image_size: int,
-        channels: int = 3,
-        scheduler_config: dict[str, Any] | None = None,
-        preset: str | None = None,
-        vae_source: dict[str, Any] | None = None,
-        tied_timestep_embedder: bool = False,
-    ) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.vae = vae
-        self.identities = [str(i) for i in identities]
-        self.image_size = int(image_size)
-        self.channels = int(channels)
-        self.scheduler_config = clean_scheduler_config(scheduler_config)
-        self.preset = preset
-        self.vae_source = vae_source
-        self.tied_timestep_embedder = tied_timestep_embedder
-        self._alphas_cumprod: torch.Tensor | None = None
-        self._validate()
-        for block in transformer.transformer_blocks:
-            _class_embedder(block).dropout_prob = 0.0
-        if vae is not None:
-            vae.requires_grad_(False).eval()
-
-    def _validate(self) -> None:
-        n = self.num_identities
-        table = self.label_table
-        if any(_class_embedder(b).embedding_table is not table for b in self.transformer.transformer_blocks):
-            raise ValueError("every transformer block must share one label table (use share_label_table)")
-        if table.num_embeddings != n + 1 or int(self.transformer.config.num_embeds_ada_norm) != n:
-            raise ValueError(
-                f"label table has {table.num_embeddings} rows and num_embeds_ada_norm="
-                f"{self.transformer.config.num_embeds_ada_norm}; {n} identities need {n + 1} rows and {n}"
-            )
-        in_ch = int(self.transformer.config.in_channels)
-        if self.vae is None:
-            if in_ch != self.channels:
-                raise ValueError(
-                    f"latent mode needs a VAE: the transformer takes {in_ch} channels but images have "
-                    f"{self.channels}; pass vae='pretrained', a VAE folder / hub id or 'tiny'"
-                )
-        else:
-            if int(self.vae.config.latent_channels) != in_ch:
-                raise ValueError(
-                    f"VAE latent_channels={self.vae.config.latent_channels} != DiT in_channels={in_ch}"
-                )
-            if int(self.vae.config.in_channels) != self.channels:
-                raise ValueError(f"VAE in_channels={self.vae.config.in_channels} != channels={self.channels}")
-        step = self.vae_scale_factor * int(self.transformer.config.patch_size)
-        if self.image_size <= 0 or self.image_size % step:
-            raise ValueError(f"image_size={self.image_size} must be a positive multiple of {step}")
-
-    # ------------------------------------------------------------------------------------ properties
-    @property
-    def label_table(self) -> nn.Embedding:
-        """The ONE label table (N + 1 rows) every block uses."""
-        return _class_embedder(self.transformer.transformer_blocks[0]).embedding_table
-
-    @property
-    def num_identities(self) -> int:
-        """N, the number of identity labels."""
-        return len(self.identities)
-
-    @property
-    def null_label(self) -> int:
-        """The null (unconditional) label, = N."""
-        return len(self.identities)
-
-    @property
-    def in_channels(self) -> int:
-        """Channels the transformer sees (and whose ε it predicts)."""
-        return int(self.transformer.config.in_channels)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Spatial down-sampling of the VAE (1 in pixel mode)."""
-        if self.vae is None:
-            return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """(C, h, w) of what the transformer sees."""
-        side = self.image_size // self.vae_scale_factor
-        return (self.in_channels, side, side)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        """T of the training schedule."""
-        return int(self.scheduler_config["num_train_timesteps"])
-
-    @property
-    def alphas_cumprod(self) -> torch.Tensor:
-        """ᾱ_t (fp32, CPU; never cast with the module's dtype)."""
-        if self._alphas_cumprod is None:
-            self._alphas_cumprod = _alphas_cumprod(self.scheduler_config)
-        return self._alphas_cumprod
-
-    @property
-    def device(self) -> torch.device:
-        """Device of the transformer."""
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """Parameter dtype of the transformer."""
-        return next(self.transformer.parameters()).dtype
-
-    def train(self, mode: bool = True) -> DiTGenerator:
-        """Set the transformer's mode; the VAE always stays in eval mode."""
-        super().train(mode)
-        if self.vae is not None:
-            self.vae.eval()
-        return self
-
-    # ---------------------------------------------------------------------------------------- compute
-    def check_labels(self, labels: torch.Tensor, allow_null: bool = True) -> None:
-        """Raise ValueError naming the first label outside [0, N] ([0, N) when ``allow_null`` is False)."""
-        high = self.null_label if allow_null else self.null_label - 1
-        bad = labels[(labels < 0) | (labels > high)]
-        if bad.numel():
-            raise ValueError(
-                f"label {int(bad[0])} out of range: labels must lie in [0, {high}] "
-                f"(N = {self.num_identities} identities, null label {self.null_label})"
-            )
-
-    @contextlib.contextmanager
-    def trusted_labels(self) -> Iterator[None]:
-        """Skip the per-forward label check inside the block (the caller checked the labels once).
-
-        The check reads the labels' min/max, a device synchronisation on GPUs; sampling loops check once
-        up front and run their steps inside this block.
-        """
-        previous = getattr(self, "_labels_trusted", False)
-        self._labels_trusted = True
-        try:
-            yield
-        finally:
-            self._labels_trusted = previous
-
-    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
-        """Predicted ε (the first ``in_channels`` output channels; learned-variance channels are dropped)."""
-        labels = torch.as_tensor(labels, device=x_t.device, dtype=torch.long)
-        if not getattr(self, "_labels_trusted", False):
-            self.check_labels(labels)
-        timesteps = torch.as_tensor(timesteps, device=x_t.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x_t.shape[0])
-        out = self.transformer(
-            x_t.to(self.dtype), timestep=timesteps, class_labels=labels, return_dict=False
-        )[0]
-        return out[:, : self.in_channels]
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
-        """Images in [-1, 1] -> what the transformer sees (latents × ``vae.config.scaling_factor``).
-
-        Uses the posterior mean by default (deterministic, so latents can be pre-encoded once);
-        ``sample=True`` draws from the posterior as official DiT training does. Identity in pixel mode.
-        """
-        if self.vae is None:
-            return images
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mean
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`encode`, clamped to [-1, 1] (pixel mode: just the clamp)."""
-        if self.vae is None:
-            return latents.clamp(-1.0, 1.0)
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        return self.vae.decode(z, return_dict=False)[0].clamp(-1.0, 1.0)
-
-    # ------------------------------------------------------------------------------------------ export
-    def _generator_facts(self) -> dict[str, Any]:
-        import diffusers
-
-        import rgsd_lightning
-
-        cfg = self.transformer.config
-        return {
-            "format": EXPORT_FORMAT,
-            "image_size": self.image_size,
-            "channels": self.channels,
-            "latent": self.vae is not None,
-            "latent_shape": list(self.latent_shape),
-            "vae_scale_factor": self.vae_scale_factor,
-            "preset": self.preset,
-            "tied_timestep_embedder": self.tied_timestep_embedder,
-            "architecture": {k: cfg[k] for k in _ARCH_KEYS},
-            "rgsd_lightning_version": rgsd_lightning.__version__,
-            "diffusers_version": diffusers.__version__,
-            "torch_version": torch.__version__,
-        }
-
-    def _save_transformer(self, directory: Path) -> None:
-        """diffusers save with every block holding its own clone of the shared modules (safetensors)."""
-        blocks = self.transformer.transformer_blocks
-        table = self.label_table
-        time_mlp = blocks[0].norm1.emb.timestep_embedder
-        tied_time = [b.norm1.emb.timestep_embedder is time_mlp for b in blocks]
-        try:
-            for block, tied in zip(blocks[1:], tied_time[1:], strict=True):
-                clone = nn.Embedding(table.num_embeddings, table.embedding_dim, device=table.weight.device)
-                clone.weight = nn.Parameter(table.weight.detach().clone())
-                _class_embedder(block).embedding_table = clone
-                if tied:
-                    block.norm1.emb.timestep_embedder = copy.deepcopy(time_mlp)
-            self.transformer.save_pretrained(directory, safe_serialization=True)
-        finally:
-            for block, tied in zip(blocks, tied_time, strict=True):
-                _class_embedder(block).embedding_table = table
-                if tied:
-                    block.norm1.emb.timestep_embedder = time_mlp
-
-    def save_pretrained(self, directory: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
-        """Write an export folder atomically (temp sibling + rename); returns its path.
-
-        Contents: ``transformer/`` (diffusers, safetensors), ``vae/`` (VAE built from a config) or
-        ``vae.json`` (the source it was loaded from), ``scheduler/``, ``labels.json``, ``generator.json``
-        and ``provenance.json`` when given.
-        """
-        target = Path(directory).expanduser().absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
-            self._save_transformer(tmp / "transformer")
-            if self.vae is not None and self.vae_source is not None:
-                _write_json(tmp / "vae.json", dict(self.vae_source))
-            elif self.vae is not None:
-                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
-            DDPMScheduler(**self.scheduler_config).save_pretrained(tmp / "scheduler")
-            labels = {"identities": self.identities, "num_identities": self.num_identities}
-            _write_json(tmp / "labels.json", {**labels, "null_index": self.null_label})
-            _write_json(tmp / "generator.json", self._generator_facts())
-            if provenance is not None:
-                _write_json(tmp / "provenance.json", provenance)
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                target.rename(old)
-            tmp.rename(target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return target
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike,
-        *,
-        identities: list[str] | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> DiTGenerator:
-        """Load an export written by :meth:`save_pretrained` (shared modules are tied again).
-
-        ``identities`` (when given) must equal the export's labels, else ValueError: an export is never
-        silently re-initialised for another label space.
-        """
-        root = Path(directory).expanduser()
-        labels = _read_json(root / "labels.json")
-        facts = _read_json(root / "generator.json")
-        names = [str(n) for n in labels["identities"]]
-        if identities is not None:
-            check_identities_match(names, list(identities), str(root))
-        transformer = DiTTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
-        _retie(transformer, "embedding_table", "label table", str(root))
-        share_label_table(transformer, _class_embedder(transformer.transformer_blocks[0]).embedding_table)
-        if facts.get("tied_timestep_embedder"):
-            _retie(transformer, "timestep_embedder", "timestep MLP", str(root))
-        vae, vae_source = None, None
-        if (root / "vae.json").is_file():
-            vae_source = _read_json(root / "vae.json")
-            vae = load_vae(vae_source["source"], subfolder=vae_source.get("subfolder"), dtype=dtype)
-        elif (root / "vae").is_dir():
-            vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
-        scheduler = DDPMScheduler.load_config(root / "scheduler")
-        generator = cls(
-            transformer,
-            vae,
-            names,
-            image_size=facts["image_size"],
-            channels=facts["channels"],
-            scheduler_config=scheduler,
-            preset=facts.get("preset"),
-            vae_source=vae_source,
-            tied_timestep_embedder=bool(facts.get("tied_timestep_embedder")),
-        )
-        if device is not None:
-            generator.to(device)
-        return generator.eval()
-
-
-def check_identities_match(export_names: list[str], data_names: list[str], where: str) -> None:
-    """ValueError unless an export's identities equal the data's (count first, then names and order)."""
-    if len(export_names) != len(data_names):
-        raise ValueError(
-            f"{where}: export has {len(export_names)} identities, the data has {len(data_names)}; "
-            "use label_space='swap' to start a new label space"
-        )
-    if export_names != data_names:
-        diff = next(i for i, (a, b) in enumerate(zip(export_names, data_names, strict=True)) if a != b)
-        raise ValueError(
-            f"{where}: identity {diff} is {export_names[diff]!r} in the export but {data_names[diff]!r} "
-            "in the data (names and order must match)"
-        )
-
-
 # ------------------------------------------------------------------------------------------- loading
-def load_vae(
-    source: str | os.PathLike,
-    *,
-    subfolder: str | None = None,
-    dtype: torch.dtype | None = None,
-    local_files_only: bool | None = None,
-) -> AutoencoderKL:
-    """``AutoencoderKL.from_pretrained`` from a local folder or a hub id (FileNotFoundError otherwise)."""
-    path = Path(source).expanduser()
-    if path.exists():
-        folder = path / subfolder if subfolder else path
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no VAE config.json")
-        return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
-    if not _is_hub_id(str(source)):
-        raise FileNotFoundError(f"VAE source {str(source)!r} is neither a local folder nor a hub id")
-    kwargs = {"local_files_only": local_files_only} if local_files_only is not None else {}
-    return AutoencoderKL.from_pretrained(str(source), subfolder=subfolder, torch_dtype=dtype, **kwargs)
-
-
 def _load_transformer(
     source: str, local_files_only: bool | None
 ) -> tuple[DiTTransformer2DModel, dict[str, Any] | None]:

@@ -69,41 +69,71 @@ Outputs: every manifest row gains ``nn_real_pixel``, ``sim_pixel``, ``nn_real_fe
 and ``near_copy`` (paths of real images relative to the real images' common folder); ``card.json`` gains an
 ``"audit"`` summary; ``audit_pairs.png`` shows the closest synthetic/real pairs. Everything is computed
 first and written at the end, each file atomically; images are only ever read.
+
+Layout: the pixel space and the nearest-neighbour search are in ``privacy_search``, the summary, the pair
+grid and :func:`drop_flagged` in ``privacy_report``; every public name is importable from this module.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-import shutil
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from rgsd_lightning.data.images import BadImageError, load_image
+from rgsd_lightning.data.images import BadImageError
 from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest, write_manifest
+from rgsd_lightning.evaluation.privacy_report import (
+    AUDIT_VERSION,
+    CARD,
+    GRID_NAME,
+    MANIFEST,
+    REJECTED,
+    _display_path,
+    _pair_grid,
+    _read_card,
+    _save_png_atomic,
+    _summary,
+    drop_flagged,
+    similarity_stats,
+)
+from rgsd_lightning.evaluation.privacy_search import (
+    PixelSpace,
+    _Embedder,
+    _extractor_device,
+    _resolve_extractor,
+    _Space,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from rgsd_lightning.backbones import FeatureExtractor
 
+__all__ = [
+    "AUDIT_FIELDS",
+    "AUDIT_VERSION",
+    "CARD",
+    "GRID_NAME",
+    "MANIFEST",
+    "REJECTED",
+    "AuditResult",
+    "ImageAudit",
+    "NearCopyThresholds",
+    "PixelSpace",
+    "audit_synthetic_set",
+    "drop_flagged",
+    "relative_threshold",
+    "similarity_stats",
+]
+
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.jsonl"
-CARD = "card.json"
-GRID_NAME = "audit_pairs.png"
-REJECTED = "rejected"
 AUDIT_FIELDS = ("nn_real_pixel", "sim_pixel", "nn_real_feature", "sim_feature", "near_copy")
-AUDIT_VERSION = 1
-_GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------ thresholds
@@ -148,119 +178,6 @@ def relative_threshold(baseline: np.ndarray, quantile: float, alpha: float) -> f
         return None
     s_q = float(np.quantile(values, quantile))
     return 1.0 - alpha**2 * (1.0 - min(s_q, 1.0))
-
-
-def similarity_stats(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
-    """Count, mean, std, min, median, 90th/99th percentile and max of similarities (None when empty)."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0:
-        return {"count": 0}
-    q50, q90, q99 = np.quantile(v, [0.5, 0.9, 0.99])
-    return {
-        "count": int(v.size),
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-        "min": float(v.min()),
-        "q50": float(q50),
-        "q90": float(q90),
-        "q99": float(q99),
-        "max": float(v.max()),
-    }
-
-
-# ------------------------------------------------------------------------------------------ descriptors
-@dataclass(frozen=True)
-class PixelSpace:
-    """The shift- and mirror-tolerant pixel space of the audit (see the module docstring).
-
-    Attributes:
-        side: the descriptor is a ``side x side`` grid (``side**2`` values).
-        blur: Gaussian blur sigma, in descriptor cells, applied before pooling.
-        max_shift: query images are also compared shifted by up to this many cells in x and y.
-    """
-
-    side: int = 16
-    blur: float = 1.0
-    max_shift: int = 1
-
-    def __post_init__(self) -> None:
-        if isinstance(self.side, bool) or not isinstance(self.side, int) or self.side < 2:
-            raise ValueError(f"pixel descriptor side must be an integer >= 2, got {self.side!r}")
-        if self.blur < 0:
-            raise ValueError(f"pixel descriptor blur must be >= 0, got {self.blur}")
-        if not isinstance(self.max_shift, int) or not 0 <= self.max_shift < self.side:
-            raise ValueError(f"max_shift must be an integer in [0, side), got {self.max_shift!r}")
-
-    @property
-    def dim(self) -> int:
-        """Length of a descriptor."""
-        return self.side * self.side
-
-    @property
-    def num_variants(self) -> int:
-        """Variants per query: (2 max_shift + 1)^2 shifts, each also mirrored."""
-        return 2 * (2 * self.max_shift + 1) ** 2
-
-    def describe(self, image: Image.Image) -> np.ndarray:
-        """The descriptor of one image: (side * side,) float32, zero-mean, unit-norm (zero if flat).
-
-        Grayscale, antialiased resize to ``2 side``, Gaussian blur, 2x2 average pooling, then mean
-        removal and L2 normalisation.
-        """
-        side = self.side
-        rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-        gray = Image.fromarray(np.ascontiguousarray(rgb @ _GRAY, dtype=np.float32))  # mode "F"
-        work = np.asarray(gray.resize((2 * side, 2 * side), Image.Resampling.BILINEAR), dtype=np.float32)
-        kernel = _gaussian(2.0 * self.blur)
-        work = _blur(_blur(work, kernel, axis=0), kernel, axis=1)
-        pooled = work.reshape(side, 2, side, 2).mean(axis=(1, 3))
-        vec = (pooled - pooled.mean()).reshape(-1)
-        norm = float(np.linalg.norm(vec))
-        if norm < 1e-3 * side:  # RMS contrast under 1/1000 of a grey level: a flat image
-            return np.zeros(self.dim, dtype=np.float32)
-        return (vec / norm).astype(np.float32)
-
-    def variants(self, descriptors: np.ndarray) -> np.ndarray:
-        """(B, dim) -> (B, V, dim): each descriptor, then shifted (edge cells repeated), then all of that
-        mirrored, each renormalised. Variant 0 is the descriptor itself, variant ``V // 2`` its mirror.
-        """
-        b, side, r = descriptors.shape[0], self.side, self.max_shift
-        grid = descriptors.reshape(b, side, side)
-        shifts = [(0, 0)] + [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if dy or dx]
-        out = []
-        for g in (grid, grid[:, :, ::-1]):
-            padded = np.pad(g, ((0, 0), (r, r), (r, r)), mode="edge")
-            for dy, dx in shifts:
-                out.append(padded[:, r + dy : r + dy + side, r + dx : r + dx + side].reshape(b, -1))
-        v = np.stack(out, axis=1)
-        v = v - v.mean(axis=2, keepdims=True)
-        norm = np.linalg.norm(v, axis=2, keepdims=True)
-        return np.ascontiguousarray(np.where(norm > 1e-6, v / np.maximum(norm, 1e-12), 0.0), dtype=np.float32)
-
-    def similarity(self, a: Image.Image, b: Image.Image) -> float:
-        """The audit's pixel similarity of image ``a`` (shifted / mirrored) to image ``b``."""
-        va = self.variants(self.describe(a)[None])[0]
-        return float((va @ self.describe(b)).max())
-
-
-def _gaussian(sigma: float) -> np.ndarray:
-    if sigma <= 0:
-        return np.ones(1, dtype=np.float32)
-    radius = max(1, math.ceil(2.5 * sigma))
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1, dtype=np.float32) / sigma) ** 2)
-    return (taps / taps.sum()).astype(np.float32)
-
-
-def _blur(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
-    r = kernel.size // 2
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (r, r)
-    padded = np.pad(x, pad, mode="symmetric")
-    n = x.shape[axis]
-    out = np.zeros_like(x)
-    for i, w in enumerate(kernel):
-        out += w * (padded[i : i + n] if axis == 0 else padded[:, i : i + n])
-    return out
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -326,142 +243,6 @@ class AuditResult:
     def flagged(self) -> list[ImageAudit]:
         """The images flagged as near copies."""
         return [a for a in self.images if a.near_copy]
-
-
-# ------------------------------------------------------------------------------------------ embedding
-class _Embedder:
-    """Decodes images in batches and turns them into pixel descriptors and (optionally) features."""
-
-    def __init__(
-        self, space: PixelSpace, extractor: Any, device: Any, batch_size: int, num_threads: int
-    ) -> None:
-        self.space = space
-        self.extractor = extractor
-        self.device = device
-        self.batch_size = batch_size
-        self.num_threads = max(1, num_threads)
-        if extractor is not None:
-            h, w = (int(s) for s in extractor.input_size)
-            self.feature_size = (w, h)  # PIL order
-
-    def _decode(self, path: str) -> tuple[np.ndarray, np.ndarray | None]:
-        img = load_image(path, mode="RGB")
-        desc = self.space.describe(img)
-        if self.extractor is None:
-            return desc, None
-        resized = np.asarray(img.resize(self.feature_size, Image.Resampling.BICUBIC), dtype=np.float32)
-        return desc, resized.transpose(2, 0, 1) / 127.5 - 1.0
-
-    def batches(self, paths: Sequence[str]) -> Iterator[tuple[int, np.ndarray, Any]]:
-        """Yield ``(start, descriptors, features)`` per batch; features are (B, 2, D) -- the image and its
-        mirror -- or None without an extractor."""
-        with ThreadPoolExecutor(self.num_threads) as pool:
-            for start in range(0, len(paths), self.batch_size):
-                decoded = list(pool.map(self._decode, paths[start : start + self.batch_size]))
-                desc = np.stack([d for d, _ in decoded])
-                feats = None
-                if self.extractor is not None:
-                    feats = self._features(np.stack([x for _, x in decoded]))
-                yield start, desc, feats
-
-    def _features(self, images: np.ndarray) -> np.ndarray:
-        import torch
-
-        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(self.device)
-        with torch.inference_mode():
-            f = self.extractor(x).float().cpu().numpy()
-            fm = self.extractor(torch.flip(x, dims=[-1])).float().cpu().numpy()
-        return np.stack([_unit(f), _unit(fm)], axis=1)
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norm = np.linalg.norm(x, axis=-1, keepdims=True)
-    return np.ascontiguousarray((x / np.maximum(norm, 1e-12)).astype(np.float32))
-
-
-def _resolve_extractor(extractor: Any) -> Any:
-    if extractor is None or hasattr(extractor, "input_size"):
-        return extractor
-    if isinstance(extractor, str | os.PathLike):
-        from rgsd_lightning.backbones import FeatureExtractor
-
-        return FeatureExtractor.from_export(extractor)
-    raise TypeError(
-        f"extractor must be a FeatureExtractor (with .input_size), a recognizer export folder or None, "
-        f"got {type(extractor).__name__}"
-    )
-
-
-def _extractor_device(extractor: Any, device: str | torch.device | None) -> Any:
-    if extractor is None:
-        return None
-    import torch
-
-    if device is not None:
-        extractor.to(device)
-        return torch.device(device)
-    param = next(extractor.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-# ------------------------------------------------------------------------------------------ search
-class _Space:
-    """One similarity space: the real vectors (faiss-indexed) and how to expand queries into variants.
-
-    The similarity of a query to a real image is the maximum inner product over the query's variants
-    (mirror, and in the pixel space shifts). Candidates come from an exact faiss search with the
-    ``probes`` variants (the query and its mirror); they are then re-scored with every variant.
-    """
-
-    def __init__(self, vectors: np.ndarray, variants_of, probes: tuple[int, ...], shortlist: int) -> None:
-        import faiss  # lazily: faiss and torch both bring OpenMP (DESIGN §7)
-
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.variants_of = variants_of  # real row indices -> (n, V, d) variants of those real images
-        self.probes = probes
-        self.shortlist = shortlist
-        self.index = faiss.IndexFlatIP(self.vectors.shape[1])
-        self.index.add(self.vectors)
-
-    def nearest(self, variants: np.ndarray, exclude: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
-        """Best (similarity, real index, variant) per query; ``exclude``: one real index per query to skip."""
-        n_real = self.index.ntotal
-        k = min(n_real, self.shortlist + (exclude is not None))
-        cands = np.concatenate(
-            [self.index.search(np.ascontiguousarray(variants[:, p]), k)[1] for p in self.probes], axis=1
-        )
-        scores = np.einsum("bvd,bkd->bvk", variants, self.vectors[cands])  # (B, V, C)
-        best_variant = scores.argmax(axis=1)
-        best = scores.max(axis=1)
-        if exclude is not None:
-            best[cands == exclude[:, None]] = -np.inf
-        col = best.argmax(axis=1)
-        rows = np.arange(len(cands))
-        return best[rows, col].astype(np.float64), cands[rows, col], best_variant[rows, col]
-
-    def same_identity_baseline(self, groups: list[np.ndarray], block: int = 256) -> np.ndarray:
-        """For every real image in a group of >= 2: similarity to its nearest other image of the group."""
-        out: list[np.ndarray] = []
-        for idx in groups:
-            if idx.size < 2:
-                continue
-            members = self.vectors[idx]
-            for start in range(0, idx.size, block):
-                rows = idx[start : start + block]
-                sims = (self.variants_of(rows) @ members.T).max(axis=1)  # (b, n)
-                sims[np.arange(rows.size), np.arange(start, start + rows.size)] = -np.inf
-                out.append(sims.max(axis=1))
-        return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-    def any_identity_baseline(self, sample: np.ndarray, block: int = 256) -> np.ndarray:
-        """For the sampled real images: similarity to the nearest other real image of any identity."""
-        if self.index.ntotal < 2 or sample.size == 0:
-            return np.zeros(0)
-        parts = []
-        for start in range(0, sample.size, block):
-            rows = sample[start : start + block]
-            parts.append(self.nearest(self.variants_of(rows), exclude=rows)[0])
-        return np.concatenate(parts)
 
 
 # ------------------------------------------------------------------------------------------ the audit
@@ -664,153 +445,7 @@ def _decide(
     return images
 
 
-def _summary(
-    images: list[ImageAudit],
-    baseline: dict[str, dict[str, np.ndarray]],
-    baseline_used: dict[str, str | None],
-    bars: dict[str, float | None],
-    thresholds: NearCopyThresholds,
-    real: list[IdentityRecord],
-    real_root: str,
-    extractor: Any,
-    space: PixelSpace,
-) -> dict[str, Any]:
-    n = len(images)
-    flagged = sum(a.near_copy for a in images)
-    by_identity: dict[str, list[ImageAudit]] = {}
-    for a in images:
-        by_identity.setdefault(a.identity, []).append(a)
-    per_identity: dict[str, dict[str, Any]] = {}
-    for identity, group in sorted(by_identity.items()):
-        pix = [a.sim_pixel for a in group]
-        entry: dict[str, Any] = {
-            "count": len(group),
-            "flagged": sum(a.near_copy for a in group),
-            "fraction_flagged": sum(a.near_copy for a in group) / len(group),
-            "mean_sim_pixel": float(np.mean(pix)),
-            "max_sim_pixel": float(np.max(pix)),
-        }
-        feats = [a.sim_feature for a in group if a.sim_feature is not None]
-        if feats:
-            entry.update(mean_sim_feature=float(np.mean(feats)), max_sim_feature=float(np.max(feats)))
-        per_identity[identity] = entry
-    worst = sorted(per_identity.items(), key=lambda kv: (-kv[1]["fraction_flagged"], -kv[1]["max_sim_pixel"]))
-    closest = sorted(images, key=lambda a: -a.sim_pixel)[:10]
-    return {
-        "version": AUDIT_VERSION,
-        "num_images": n,
-        "num_flagged": flagged,
-        "fraction_flagged": flagged / n,
-        "flagged_by": {
-            crit: sum(crit in a.reasons for a in images)
-            for crit in ("pixel", "pixel_relative", "feature", "feature_relative")
-        },
-        "thresholds": {
-            **{k: _round(v) for k, v in bars.items()},
-            "relative_alpha": thresholds.relative_alpha,
-            "baseline_quantile": thresholds.baseline_quantile,
-            "relative_baseline": baseline_used,
-        },
-        "pixel_space": {"side": space.side, "blur": space.blur, "max_shift": space.max_shift, "mirror": True},
-        "feature_extractor": None if extractor is None else type(extractor).__name__,
-        "num_real_images": len(real),
-        "num_real_identities": len({r.identity for r in real}),
-        "real_root": real_root,
-        "baseline": {
-            name: {kind: similarity_stats(values) for kind, values in kinds.items()}
-            for name, kinds in baseline.items()
-        },
-        "synthetic_nn": {
-            "pixel": similarity_stats([a.sim_pixel for a in images]),
-            **(
-                {"feature": similarity_stats([a.sim_feature for a in images])}
-                if images[0].sim_feature is not None
-                else {}
-            ),
-        },
-        "per_identity": per_identity,
-        "worst_identities": [
-            {"identity": k, "fraction_flagged": v["fraction_flagged"], "max_sim_pixel": v["max_sim_pixel"]}
-            for k, v in worst[:10]
-        ],
-        "closest_pairs": [
-            {"synthetic": a.path, "real": a.nn_real_pixel, "sim_pixel": a.sim_pixel, "near_copy": a.near_copy}
-            for a in closest
-        ],
-    }
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 6)
-
-
-# ------------------------------------------------------------------------------------------ grid
-def _pair_grid(
-    images: list[ImageAudit],
-    synthetic: list[IdentityRecord],
-    real: list[IdentityRecord],
-    nn_pixel: np.ndarray,
-    pairs: int,
-    cell: int = 64,
-    per_row: int = 4,
-) -> Image.Image | None:
-    """The ``pairs`` closest pairs in pixel space: synthetic left, real right, similarity underneath."""
-    order = sorted(range(len(images)), key=lambda j: -images[j].sim_pixel)[: max(0, pairs)]
-    if not order:
-        return None
-    per_row = min(per_row, len(order))
-    label_h, gap = 12, 6
-    pair_w, pair_h = 2 * cell + 2, cell + label_h
-    rows = math.ceil(len(order) / per_row)
-    canvas = Image.new("RGB", (per_row * (pair_w + gap) + gap, rows * (pair_h + gap) + gap), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for k, j in enumerate(order):
-        x0 = gap + (k % per_row) * (pair_w + gap)
-        y0 = gap + (k // per_row) * (pair_h + gap)
-        syn = load_image(synthetic[j].path, mode="RGB")
-        ref = load_image(real[int(nn_pixel[j])].path, mode="RGB")
-        if images[j].mirrored_pixel:
-            syn = syn.transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # shown as it matched
-        canvas.paste(_fit(syn, cell), (x0, y0))
-        canvas.paste(_fit(ref, cell), (x0 + cell + 2, y0))
-        text = f"{images[j].sim_pixel:.3f}" + (" COPY" if images[j].near_copy else "")
-        draw.text((x0 + 1, y0 + cell), text, fill=(200, 0, 0) if images[j].near_copy else (0, 0, 0))
-    return canvas
-
-
-def _fit(img: Image.Image, cell: int) -> Image.Image:
-    """The image scaled to fit a cell x cell square (aspect kept), centred on grey."""
-    scale = cell / max(img.size)
-    size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-    out = Image.new("RGB", (cell, cell), (128, 128, 128))
-    out.paste(img.resize(size, Image.Resampling.BICUBIC), ((cell - size[0]) // 2, (cell - size[1]) // 2))
-    return out
-
-
-def _save_png_atomic(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def _read_card(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: card.json is not valid JSON ({err}); not overwriting it") from err
-    if not isinstance(card, dict):
-        raise ValueError(f"{path}: card.json must hold a JSON object, got {type(card).__name__}")
-    return card
-
-
 def _groups(identities: list[str]) -> list[np.ndarray]:
     by_id: dict[str, list[int]] = {}
     for i, identity in enumerate(identities):
@@ -826,61 +461,3 @@ def _common_root(paths: list[str]) -> str:
 def _in_dir(base: Path, path: str | os.PathLike) -> Path:
     path = Path(path)
     return path if path.is_absolute() else base / path
-
-
-def _display_path(path: Path, base: Path) -> str:
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
-    return str(path) if rel.startswith("..") else rel
-
-
-# ------------------------------------------------------------------------------------------ dropping
-def drop_flagged(
-    synthetic_dir: str | os.PathLike, result: AuditResult, *, move_files: bool = False
-) -> list[str]:
-    """Remove the rows flagged by ``result`` from the set's manifest (and optionally move their images).
-
-    The new manifest is written first (atomically); then, with ``move_files``, each flagged image is
-    moved to ``rejected/<its path under the set>``. ``card.json`` counts are refreshed and
-    ``card["audit"]["dropped"]`` records what was dropped. Rows already absent are ignored.
-
-    Args:
-        synthetic_dir: the synthetic set folder that ``result`` audited.
-        result: the audit result naming the flagged images.
-        move_files: move the flagged images to ``rejected/`` instead of leaving them unlisted in place.
-
-    Returns:
-        The manifest paths of the dropped rows.
-    """
-    synthetic_dir = Path(synthetic_dir)
-    if os.path.abspath(synthetic_dir) != os.path.abspath(result.synthetic_dir):
-        raise ValueError(f"the audit result is for {result.synthetic_dir}, not for {synthetic_dir}")
-    manifest_path = synthetic_dir / MANIFEST
-    records = read_manifest(manifest_path)
-    card_path = synthetic_dir / CARD
-    card = _read_card(card_path)
-    flagged = {a.path for a in result.flagged}
-    keep, dropped = [], []
-    for rec in records:
-        (dropped if _display_path(Path(rec.path), synthetic_dir) in flagged else keep).append(rec)
-    if not dropped:
-        return []
-    write_manifest(manifest_path, keep)
-    moved_to = None
-    if move_files:
-        moved_to = REJECTED
-        for rec in dropped:
-            src = Path(rec.path)
-            if src.is_file():
-                dst = synthetic_dir / REJECTED / _display_path(src, synthetic_dir)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(src), str(dst))
-    if card_path.is_file() or card:
-        from rgsd_lightning.callbacks.writer import summarize
-
-        rows = [r.to_json(relative_to=synthetic_dir) for r in keep]
-        card.update(summarize(rows))
-        audit = card.setdefault("audit", {})
-        previous = audit.get("dropped", {}).get("count", 0) if isinstance(audit.get("dropped"), dict) else 0
-        audit["dropped"] = {"count": previous + len(dropped), "moved_to": moved_to}
-        atomic_write_json(card_path, card)
-    return [_display_path(Path(r.path), synthetic_dir) for r in dropped]

@@ -106,18 +106,7 @@ class CosFaceRecognizer(Recognizer):
     ) -> None:
         selection = self._plain_selection(selection)
         milestones = [int(m) for m in milestones]
-        super().__init__(
-            num_identities,
-            architecture,
-            pretrained_path,
-            in_chans,
-            neck,
-            embedding_dim,
-            timm_kwargs,
-            selection,
-            flip_test,
-        )
-        self.save_hyperparameters()
+        super().__init__()
         self.cosface = CosFaceLoss(num_identities, self.net.feature_dim, margin=margin, scale=scale)
         self.val_metrics: dict[str, Any] = {}
         self.test_metrics: dict[str, Any] = {}
@@ -161,8 +150,11 @@ class CosFaceRecognizer(Recognizer):
             metrics[str(len(sets))] = (None, MeanMetric().to(self.device))
         return metrics
 
-    def _eval_step(self, metrics: dict[str, Any], batch: dict[str, Any], dataloader_idx: int) -> None:
-        vs, metric = metrics[str(dataloader_idx)]
+    def _metrics(self, stage: str) -> dict[str, Any]:
+        return self.val_metrics if stage == "val" else self.test_metrics
+
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        vs, metric = self._metrics(stage)[str(dataloader_idx)]
         emb = self.embed(batch["image"])
         if vs is None:  # identification: nearest class weight
             cosine = F.normalize(emb, dim=1) @ F.normalize(self.cosface.W.float(), dim=0)
@@ -170,7 +162,8 @@ class CosFaceRecognizer(Recognizer):
         else:
             metric.update(emb, batch["index"])
 
-    def _eval_end(self, metrics: dict[str, Any], prefix: str) -> None:
+    def _eval_end(self, stage: str) -> None:
+        metrics = self._metrics(stage)
         if self.trainer.sanity_checking:  # partial sets: nothing meaningful to compute
             for _, metric in metrics.values():
                 metric.reset()
@@ -179,10 +172,10 @@ class CosFaceRecognizer(Recognizer):
         plain, groups = [], {}
         for vs, metric in metrics.values():
             if vs is None:
-                logs[f"{prefix}/id_acc"] = float(metric.compute())
+                logs[f"{stage}/id_acc"] = float(metric.compute())
             else:
                 acc = float(metric.compute()["accuracy"])
-                logs[f"{prefix}/{vs.name}/accuracy"] = acc
+                logs[f"{stage}/{vs.name}/accuracy"] = acc
                 if vs.group is not None:
                     groups[vs.group] = acc
                 else:
@@ -190,32 +183,20 @@ class CosFaceRecognizer(Recognizer):
             metric.reset()
         averaged = plain or list(groups.values())
         if averaged:
-            logs[f"{prefix}/verif_acc"] = sum(averaged) / len(averaged)
+            logs[f"{stage}/verif_acc"] = sum(averaged) / len(averaged)
         if groups:
             report = group_report(groups)
-            logs.update({f"{prefix}/group/{g}": acc for g, acc in groups.items()})
-            logs[f"{prefix}/group_mean"] = report["mean"]
-            logs[f"{prefix}/group_std"] = report["std"]
-            logs[f"{prefix}/group_error_ratio"] = report["max_min_error_ratio"]
+            logs.update({f"{stage}/group/{g}": acc for g, acc in groups.items()})
+            logs[f"{stage}/group_mean"] = report["mean"]
+            logs[f"{stage}/group_std"] = report["std"]
+            logs[f"{stage}/group_error_ratio"] = report["max_min_error_ratio"]
         self.log_dict(logs)
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics = self._build_metrics()
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.val_metrics, batch, dataloader_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end(self.val_metrics, "val")
-
     def on_test_epoch_start(self) -> None:
         self.test_metrics = self._build_metrics()
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.test_metrics, batch, dataloader_idx)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end(self.test_metrics, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -85,18 +85,7 @@ class LookaheadReID(Recognizer):
     ) -> None:
         selection = self._plain_selection(selection)
         milestones = [int(m) for m in milestones]
-        super().__init__(
-            num_identities,
-            architecture,
-            pretrained_path,
-            in_chans,
-            neck,
-            embedding_dim,
-            timm_kwargs,
-            selection,
-            flip_test,
-        )
-        self.save_hyperparameters()
+        super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.classifier = nn.Linear(self.net.feature_dim, num_identities, bias=False)
@@ -134,28 +123,22 @@ class LookaheadReID(Recognizer):
         return loss
 
     # ------------------------------------------------------------------ evaluation
-    def _eval_step(self, metric: ReIDMetric, batch: dict[str, Any]) -> None:
-        metric.update(self.embed(batch["image"]), batch["pid"], batch["camera"], batch["is_query"])
+    def _metric(self, stage: str) -> ReIDMetric:
+        return self.val_metric if stage == "val" else self.test_metric
 
-    def _eval_end(self, metric: ReIDMetric, prefix: str) -> None:
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        self._metric(stage).update(
+            self.embed(batch["image"]), batch["pid"], batch["camera"], batch["is_query"]
+        )
+
+    def _eval_end(self, stage: str) -> None:
+        metric = self._metric(stage)
         if self.trainer.sanity_checking:  # a couple of batches hold no complete query/gallery split
             metric.reset()
             return
         result = metric.compute()
         metric.reset()
-        self.log_dict({f"{prefix}/{k}": v for k, v in result.items()}, prog_bar=False)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.val_metric, batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_end(self.val_metric, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(self.test_metric, batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_end(self.test_metric, "test")
+        self.log_dict({f"{stage}/{k}": v for k, v in result.items()}, prog_bar=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -11,7 +11,8 @@ base owns what both share:
   ``scope="head"`` (projection + neck + identity head only, on detached backbone features);
 * evaluation embeddings (post-neck, optionally fused with the mirrored image's) and the export of the
   backbone for the reward / audit stages;
-* the BoT-style learning-rate schedule (linear warm-up, then step decay).
+* the BoT-style learning-rate schedule (linear warm-up, then step decay);
+* the validation / test hooks, which call the subclass's ``_eval_step`` / ``_eval_end`` with the stage.
 
 The real update backpropagates the losses of the *kept* samples of the same forward. BatchNorm in that
 forward normalised with the statistics of the whole batch (dropped synthetic samples included); this is the
@@ -46,6 +47,10 @@ def warmup_multistep_factor(
     return warm * gamma ** sum(1 for m in milestones if epoch >= m)
 
 
+_NET_ARGS = ("architecture", "pretrained_path", "in_chans", "neck", "embedding_dim", "timm_kwargs")
+"""The hyper-parameters that are :class:`~rgsd_lightning.backbones.EmbeddingNet` arguments."""
+
+
 def _full_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
     """Identity losses from images (every trainable parameter in play)."""
     return module.identity_losses(module.net(inputs["image"]), inputs["label"])
@@ -59,6 +64,11 @@ def _head_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
 
 class Recognizer(L.LightningModule):
     """Base class: EmbeddingNet + identity head + lookahead selection + export (see the module docstring).
+
+    A subclass declares every argument in its own ``__init__`` (its signature is the config), turns them
+    into checkpoint-friendly primitives (``selection`` with :meth:`_plain_selection`), then calls
+    ``super().__init__()``: the base saves the subclass's arguments, as they are at that moment, as
+    hyper-parameters and builds the network from these:
 
     Args:
         num_identities: number of training identities (linked from the datamodule by the CLI).
@@ -75,32 +85,17 @@ class Recognizer(L.LightningModule):
     export_name = "backbone"
     task = "recognizer"
 
-    def __init__(
-        self,
-        num_identities: int,
-        architecture: str,
-        pretrained_path: str | None,
-        in_chans: int,
-        neck: str,
-        embedding_dim: int | None,
-        timm_kwargs: dict[str, Any] | None,
-        selection: SelectionConfig | dict[str, Any] | None,
-        flip_test: bool,
-    ) -> None:
+    def __init__(self) -> None:
         super().__init__()
+        self.save_hyperparameters()  # the calling subclass's __init__ arguments, as they are now
+        hp = self.hparams
+        num_identities = hp.num_identities
         if isinstance(num_identities, bool) or not isinstance(num_identities, int) or num_identities < 2:
             raise ValueError(f"num_identities must be an integer >= 2, got {num_identities!r}")
         self.num_identities = num_identities
-        self.selection = SelectionConfig.coerce(selection)
-        self.flip_test = flip_test
-        self.net = EmbeddingNet(
-            architecture=architecture,
-            pretrained_path=pretrained_path,
-            in_chans=in_chans,
-            neck=neck,
-            embedding_dim=embedding_dim,
-            timm_kwargs=timm_kwargs,
-        )
+        self.selection = SelectionConfig.coerce(hp.selection)
+        self.flip_test = hp.flip_test
+        self.net = EmbeddingNet(**{name: hp[name] for name in _NET_ARGS})
 
     @staticmethod
     def _plain_selection(selection: SelectionConfig | dict[str, Any] | None) -> dict[str, Any] | None:
@@ -161,6 +156,27 @@ class Recognizer(L.LightningModule):
         stats = {"kept_fraction": 1.0} if result is None else selection_stats(result)
         stats.pop("num_synthetic", None)
         self.log_dict({f"train/{k}": float(v) for k, v in stats.items()}, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ evaluation hooks
+    def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
+        """Update the ``stage`` ("val" or "test") metrics with one evaluation batch (subclasses)."""
+        raise NotImplementedError
+
+    def _eval_end(self, stage: str) -> None:
+        """Compute, log under ``stage/...`` and reset the ``stage`` metrics (subclasses)."""
+        raise NotImplementedError
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("val", batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step("test", batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")
 
     # ------------------------------------------------------------------ evaluation + export
     def fuse_flip(self, embeddings: Tensor, flipped: Tensor) -> Tensor:

@@ -2,16 +2,18 @@
 
 from rgsd_lightning.diffusion.dit import (
     PRESETS,
-    DiTGenerator,
     build_dit,
-    check_identities_match,
     dit_initialize_,
     drop_labels,
-    load_vae,
     set_trainable,
-    share_label_table,
     swap_label_space,
     tie_timestep_embedders,
+)
+from rgsd_lightning.diffusion.generator import (
+    DiTGenerator,
+    check_identities_match,
+    load_vae,
+    share_label_table,
 )
 from rgsd_lightning.diffusion.sampling import (
     SampleOutput,

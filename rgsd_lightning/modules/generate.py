@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from rgsd_lightning.diffusion import DiTGenerator
-from rgsd_lightning.diffusion.dit import check_identities_match
+from rgsd_lightning.diffusion.generator import check_identities_match
 from rgsd_lightning.modules.generator_base import GeneratorModule
 
 

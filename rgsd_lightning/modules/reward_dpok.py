@@ -33,7 +33,8 @@ import torch
 
 from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.diffusion import DiTGenerator, guided_eps, sample, step_with_logprob
-from rgsd_lightning.diffusion.dit import check_identities_match, set_trainable
+from rgsd_lightning.diffusion.dit import set_trainable
+from rgsd_lightning.diffusion.generator import check_identities_match
 from rgsd_lightning.modules.generator_base import GeneratorModule
 from rgsd_lightning.provenance import folder_fingerprint
 from rgsd_lightning.rl import (

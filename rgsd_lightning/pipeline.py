@@ -170,12 +170,9 @@ def place_stage(config: dict[str, Any], folder: Path) -> tuple[dict[str, Any], P
             init.setdefault("save_last", True)
             has_checkpoint = True
     if not has_checkpoint and trainer.get("enable_checkpointing", True) is not False:
-        trainer["callbacks"].append(
-            {
-                "class_path": CHECKPOINT_CALLBACK,
-                "init_args": {"dirpath": str(folder / "checkpoints"), "save_last": True},
-            }
-        )
+        # every epoch, also when validation is rare: the stage can resume from last.ckpt
+        resume = {"dirpath": str(folder / "checkpoints"), "save_last": True, "save_on_train_epoch_end": True}
+        trainer["callbacks"].append({"class_path": CHECKPOINT_CALLBACK, "init_args": resume})
     return config, export, output
 
 
@@ -257,9 +254,10 @@ def run_pipeline(
     *,
     only: Sequence[str] | None = None,
     force: Sequence[str] = (),
-    announce: Callable[[str], None] = print,
+    announce: Callable[[str], None] | None = None,
 ) -> dict[str, StageResult]:
     """Run stages in order, wiring ``${stage.export}`` / ``${stage.output}`` references between them."""
+    announce = announce or (lambda line: print(line, flush=True))
     output = Path(output)
     names = [s.name for s in stages]
     if len(set(names)) != len(names):

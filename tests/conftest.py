@@ -96,6 +96,7 @@ def tiny_generator_export(toy_market, tmp_path_factory) -> str:
         dm.num_identities, preset="tiny", image_size=8, trainable="all", lr=3e-3, grid_identities=0
     )
     trainer = L.Trainer(
+        accelerator="cpu",
         max_steps=60,
         logger=False,
         enable_progress_bar=False,

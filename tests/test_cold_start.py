@@ -198,3 +198,49 @@ def test_generation_audits_the_set_and_drops_near_copies_for_good(trained, toy_m
     _generate(trained["export"], toy_market, out, 2, tmp_path)
     again = read_manifest(out / "manifest.jsonl")
     assert len(again) == len(kept) and not Path(victim.path).exists()
+
+
+def test_paper_path_in_miniature_latent_mode_from_a_pretrained_folder(toy_market, tmp_path):
+    """A diffusers pipeline folder (DiT with learned-sigma channels + VAE) cold-started with only the label
+    table trainable, exported, and used for generation: the DiT-XL/2 + sd-vae path at toy size."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    folder = tmp_path / "pretrained"
+    DiTTransformer2DModel(
+        in_channels=4,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=4,
+        num_layers=1,
+        patch_size=2,
+        sample_size=8,
+        num_embeds_ada_norm=10,
+    ).save_pretrained(folder / "transformer")
+    AutoencoderKL().save_pretrained(folder / "vae")
+    dm = _dm(toy_market)
+    model = ColdStartDiT(
+        dm.num_identities,
+        pretrained=str(folder),
+        vae="pretrained",
+        image_size=8,
+        trainable="label_table",
+        lr=1e-2,
+        grid_identities=0,
+        sample_steps=3,
+    )
+    assert model.generator.vae is not None and model.generator.in_channels == 4
+    before = {n: p.detach().clone() for n, p in model.generator.transformer.named_parameters()}
+    export = tmp_path / "export"
+    quiet_trainer(
+        tmp_path, max_steps=3, callbacks=[ExportArtifact(str(export))], check_val_every_n_epoch=1000
+    ).fit(model, dm)
+    changed = {n for n, p in model.generator.transformer.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight"}
+    assert json.loads((export / "vae.json").read_text())["source"]  # the VAE is named, not copied
+    out = tmp_path / "synthetic"
+    _generate(export, toy_market, out, 1, tmp_path)
+    records = read_manifest(out / "manifest.jsonl")
+    from PIL import Image
+
+    assert len(records) == dm.num_identities and Image.open(records[0].path).size == (8, 8)

@@ -376,7 +376,9 @@ def run_demo(output: str | Path = "runs/demo", *, quick: bool = False, force: Se
     out = Path(output)
     size = DemoSize.quick() if quick else DemoSize()
     start = time.time()
-    print(f"rgsd demo -> {out} ({'quick' if quick else 'full'} size); finished stages are skipped", flush=True)
+    print(
+        f"rgsd demo -> {out} ({'quick' if quick else 'full'} size); finished stages are skipped", flush=True
+    )
     results = run_pipeline(out, build_stages(out, size), force=force)
     path = make_report(out, results, size, time.time() - start)
     print(f"report: {path} (and {path.with_suffix('.html')})")

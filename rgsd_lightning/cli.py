@@ -27,6 +27,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "pipeline": "rgsd_lightning.commands.pipeline:main",
     "audit": "rgsd_lightning.commands.audit:main",
     "make-toy": "rgsd_lightning.commands.make_toy:main",
+    "import-synthetic": "rgsd_lightning.commands.import_synthetic:main",
 }
 
 

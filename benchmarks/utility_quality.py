@@ -1,0 +1,277 @@
+"""Generator quality of a synthetic set, measured in a judge recognizer's feature space.
+
+The judge is a recognizer trained on ALL real images of the target identities (so it knows every
+identity as well as the data allows; it never trains a downstream model). Every image - real or
+synthetic - goes through the generator's square geometry (``generator_transform``) and then the judge
+(``FeatureExtractor``: its own resize and normalisation), so both sides are processed alike. Features are
+L2-normalised.
+
+* identity fidelity: the share of samples whose nearest judge prototype (normalised mean feature of an
+  identity's real images, largest cosine) is the identity they were generated for;
+* intra-identity diversity: mean pairwise Euclidean distance between the features of one identity's
+  images, averaged over identities, for the samples and for the real images (ratio syn / real);
+* FID and KID from torchmetrics with the judge as the feature extractor (no Inception network);
+* the reward components recorded in the set's manifest (``card.json`` ``reward_stats``) and its privacy
+  audit summary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from rgsd_lightning.data.images import load_image
+from rgsd_lightning.data.records import IdentityRecord
+from rgsd_lightning.data.transforms import generator_transform
+
+
+# ------------------------------------------------------------------------------------- pure maths
+def prototypes(features: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Per-identity prototypes: the L2-normalised mean of each identity's features (sorted names).
+
+    Args:
+        features: (N, D) features.
+        labels: N identity names.
+    """
+    feats = np.asarray(features, dtype=np.float64)
+    names = sorted(set(labels))
+    if not names:
+        raise ValueError("prototypes need at least one labelled feature")
+    labels_arr = np.asarray(labels)
+    protos = np.stack([feats[labels_arr == n].mean(axis=0) for n in names])
+    norms = np.linalg.norm(protos, axis=1, keepdims=True)
+    return protos / np.maximum(norms, 1e-12), names
+
+
+def identity_fidelity(
+    features: np.ndarray, labels: Sequence[str], protos: np.ndarray, proto_names: Sequence[str]
+) -> float:
+    """Share of features whose nearest prototype (largest cosine) carries their own label.
+
+    Args:
+        features: (N, D) features of the samples.
+        labels: N intended identities.
+        protos: (C, D) unit prototypes.
+        proto_names: C identity names of the prototypes.
+    """
+    feats = np.asarray(features, dtype=np.float64)
+    if len(feats) == 0:
+        raise ValueError("identity_fidelity needs at least one sample")
+    if len(feats) != len(labels):
+        raise ValueError(f"{len(feats)} features but {len(labels)} labels")
+    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    predicted = np.asarray(proto_names)[np.argmax(unit @ np.asarray(protos).T, axis=1)]
+    return float(np.mean(predicted == np.asarray(labels)))
+
+
+def intra_identity_distance(features: np.ndarray, labels: Sequence[str]) -> float | None:
+    """Mean over identities (with >= 2 images) of the mean pairwise Euclidean distance of their features.
+
+    Args:
+        features: (N, D) features.
+        labels: N identity names.
+
+    Returns:
+        The mean, or None when no identity has two images.
+    """
+    feats = np.asarray(features, dtype=np.float64)
+    labels_arr = np.asarray(labels)
+    per_identity = []
+    for name in sorted(set(labels)):
+        group = feats[labels_arr == name]
+        n = len(group)
+        if n < 2:
+            continue
+        diff = group[:, None, :] - group[None, :, :]
+        dist = np.sqrt((diff**2).sum(-1))
+        per_identity.append(dist[np.triu_indices(n, 1)].mean())
+    return float(np.mean(per_identity)) if per_identity else None
+
+
+class FeatureModule(nn.Module):
+    """Wraps a feature extractor for torchmetrics: exposes ``num_features``, runs without gradients.
+
+    Args:
+        extractor: module mapping an image batch to (B, D) features.
+        num_features: D.
+    """
+
+    def __init__(self, extractor: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.extractor = extractor
+        self.num_features = int(num_features)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images).float()
+
+
+def fid_kid(
+    extractor: nn.Module,
+    num_features: int,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    *,
+    kid_subset_size: int = 100,
+    kid_subsets: int = 100,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> dict[str, float]:
+    """FID and KID (torchmetrics) of two image batches in ``extractor``'s feature space.
+
+    Args:
+        extractor: the feature network (the judge); it receives the images as given.
+        num_features: its feature size.
+        real: real images, (N, C, H, W).
+        fake: synthetic images, (M, C, H, W).
+        kid_subset_size: KID subset size (clipped to min(N, M)).
+        kid_subsets: KID subsets.
+        batch_size: images per feature forward.
+        seed: torch seed of KID's subset draws (the global RNG state is restored afterwards).
+    """
+    if len(real) < 2 or len(fake) < 2:
+        raise ValueError(f"FID needs >= 2 real and >= 2 synthetic images, got {len(real)} and {len(fake)}")
+    module = FeatureModule(extractor, num_features)
+    subset = int(min(kid_subset_size, len(real), len(fake)))
+    fid = FrechetInceptionDistance(feature=module, normalize=False)
+    with warnings.catch_warnings():  # "will save all extracted features": a few thousand here
+        warnings.simplefilter("ignore", UserWarning)
+        kid = KernelInceptionDistance(
+            feature=module, subsets=kid_subsets, subset_size=subset, normalize=False
+        )
+    for images, is_real in ((real, True), (fake, False)):
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            fid.update(batch, real=is_real)
+            kid.update(batch, real=is_real)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        kid_mean, kid_std = kid.compute()
+    return {
+        "fid": float(fid.compute()),
+        "kid": float(kid_mean),
+        "kid_std": float(kid_std),
+        "kid_subset_size": subset,
+    }
+
+
+# ----------------------------------------------------------------------------------- image loading
+def load_images(records: Sequence[IdentityRecord], size: int, channels: int) -> torch.Tensor:
+    """Images as the generator sees them: (N, C, size, size) in [-1, 1], no flip."""
+    transform = generator_transform(size, channels, hflip=False)
+    mode = "L" if channels == 1 else "RGB"
+    if not records:
+        return torch.zeros(0, channels, size, size)
+    return torch.stack([transform(load_image(r.path, mode)) for r in records])
+
+
+@torch.no_grad()
+def embed(extractor: nn.Module, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Features of an image batch, computed in chunks."""
+    out = [
+        extractor(images[i : i + batch_size]).float().cpu().numpy() for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+class Judge:
+    """The judge's view of the real target images, ready to score synthetic sets.
+
+    Args:
+        extractor: the judge (a ``FeatureExtractor``: images in [-1, 1] -> unit features).
+        real: every real image of the target identities.
+        image_size: generator side (real images are squared to it first, like the samples).
+        channels: image channels.
+        kid_subset_size: KID subset size.
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        real: Sequence[IdentityRecord],
+        image_size: int,
+        channels: int,
+        kid_subset_size: int = 100,
+    ) -> None:
+        self.extractor = extractor.eval()
+        self.image_size, self.channels, self.kid_subset_size = image_size, channels, kid_subset_size
+        self.real_labels = [r.identity for r in real]
+        self.real_images = load_images(real, image_size, channels)
+        self.real_features = embed(self.extractor, self.real_images)
+        self.protos, self.proto_names = prototypes(self.real_features, self.real_labels)
+        self.real_diversity = intra_identity_distance(self.real_features, self.real_labels)
+        self.real_fidelity = identity_fidelity(
+            self.real_features, self.real_labels, self.protos, self.proto_names
+        )
+
+    def score(self, records: Sequence[IdentityRecord]) -> dict[str, Any]:
+        """Fidelity, diversity (vs real), FID and KID of a synthetic set's records."""
+        known = set(self.proto_names)
+        records = [r for r in records if r.identity in known]
+        if len(records) < 2:
+            raise ValueError(
+                f"a synthetic set needs >= 2 images of the judge's identities, got {len(records)}"
+            )
+        labels = [r.identity for r in records]
+        images = load_images(records, self.image_size, self.channels)
+        feats = embed(self.extractor, images)
+        diversity = intra_identity_distance(feats, labels)
+        ratio = None
+        if diversity is not None and self.real_diversity:
+            ratio = diversity / self.real_diversity
+        out: dict[str, Any] = {
+            "num_images": len(records),
+            "num_identities": len(set(labels)),
+            "fidelity": identity_fidelity(feats, labels, self.protos, self.proto_names),
+            "diversity": diversity,
+            "real_diversity": self.real_diversity,
+            "diversity_ratio": ratio,
+        }
+        out.update(
+            fid_kid(
+                self.extractor,
+                feats.shape[1],
+                self.real_images,
+                images,
+                kid_subset_size=self.kid_subset_size,
+            )
+        )
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the judge's reference (reported with the quality table)."""
+        return {
+            "num_real_images": len(self.real_labels),
+            "num_identities": len(self.proto_names),
+            "real_diversity": self.real_diversity,
+            "real_fidelity": self.real_fidelity,
+        }
+
+
+def set_summary(card: dict[str, Any]) -> dict[str, Any]:
+    """Reward component means and the privacy audit summary from a synthetic set's card.json."""
+    rewards = {k: v.get("mean") for k, v in (card.get("reward_stats") or {}).items()}
+    audit = card.get("audit") or {}
+    nn_stats = audit.get("synthetic_nn", {})
+    same = audit.get("baseline", {})
+    summary = None
+    if audit:
+        summary = {
+            "num_images": audit.get("num_images"),
+            "num_flagged": audit.get("num_flagged"),
+            "fraction_flagged": audit.get("fraction_flagged"),
+            "pixel_nn_median": (nn_stats.get("pixel") or {}).get("q50"),
+            "pixel_same_identity_median": ((same.get("pixel") or {}).get("same_identity") or {}).get("q50"),
+            "feature_nn_median": (nn_stats.get("feature") or {}).get("q50"),
+            "feature_same_identity_median": ((same.get("feature") or {}).get("same_identity") or {}).get(
+                "q50"
+            ),
+        }
+    return {"rewards": rewards, "audit": summary}

@@ -104,6 +104,11 @@ def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, t
     assert gains[0] > 0.025 and gains[1] > 0.08, gains  # measured: +0.042 and +0.14 (deterministic)
     kls = [h["train/kl"] for h in model.history]
     assert max(kls) < 0.5  # the KL term keeps the policy near the cold start
+    # logged group values are set values R(G_y) (LOO credits of a group sum to ~0; these do not)
+    first = model.history[0]
+    assert first["train/reward_exp_group"] < 0 and abs(first["train/reward_exp"]) < abs(
+        first["train/reward_exp_group"]
+    )
     prov = json.loads((export / "provenance.json").read_text())
     assert prov["stage"] == "RewardDPOK" and prov["parent"] == tiny_generator_export
 

@@ -217,6 +217,24 @@ def test_objects_match_functional_and_accumulate_means(name, cls, kw):
     assert torch.allclose(again if name != "all" else again["total"], expected, atol=1e-5)
 
 
+def test_group_values_are_each_identitys_set_value_and_loo_credits_sum_to_the_marginals():
+    bank = MemoryBank(*make_bank_data(), N)
+    metric = CompositeReward(bank, alpha=0.4, epsilon=0.2)
+    feats, ids = make_batch(3, (0, 1, 3))
+    groups = metric.group_values(feats, ids)
+    sigmas = bank.bandwidths()
+    for y in (0, 1, 3):
+        members, ref = ids == y, bank.features[bank.identities == y]
+        cov = RF.coverage_group(feats[members], ref, sigmas[y], alpha=0.4)
+        exp = RF.expansion_group(feats[members], ref, epsilon=0.2)
+        assert torch.allclose(groups["cov_group"][members], cov.expand(K).to(torch.float32), atol=1e-6)
+        assert torch.allclose(groups["exp_group"][members], exp.expand(K).to(torch.float32), atol=1e-6)
+        # the LOO credit of a member is R(G) - R(G minus it): a different number from the group value
+        loo = metric.components(feats, ids)["cov"][members]
+        drop0 = RF.coverage_group(feats[members][1:], ref, sigmas[y], alpha=0.4)
+        assert loo[0].item() == pytest.approx((cov - drop0).item(), abs=1e-6)
+
+
 def test_object_output_is_differentiable_and_bank_is_a_submodule():
     bank = MemoryBank(*make_bank_data(), N)
     metric = CompositeReward(bank)

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 CURVES = (
     ("train/reward_total", "total (tanh)"),
     ("train/reward_sem", "semantic (raw)"),
-    ("train/reward_cov", "coverage (raw)"),
-    ("train/reward_exp", "expansion (raw)"),
+    ("train/reward_cov_group", "coverage R(G_y) (raw)"),
+    ("train/reward_exp_group", "expansion R(G_y) (raw)"),
     ("train/kl", "KL to cold start"),
 )
 

@@ -50,7 +50,7 @@ from rgsd_lightning.rl import (
 )
 from rgsd_lightning.rl.objective import stochastic_steps
 
-REWARD_KEYS = ("total", "sem", "cov", "exp", "sem_std", "cov_std", "exp_std")
+REWARD_KEYS = ("total", "sem", "cov", "exp", "sem_std", "cov_std", "exp_std", "cov_group", "exp_group")
 
 
 class RewardDPOK(GeneratorModule):
@@ -261,10 +261,14 @@ class RewardDPOK(GeneratorModule):
         if world > 1:
             all_feats = self.all_gather(feats).flatten(0, 1)
             all_labels = self.all_gather(labels).flatten(0, 1)
-            comps = self.reward.components(all_feats, all_labels)
+            comps = self._components(all_feats, all_labels)
             lo = self.global_rank * len(feats)
             return {k: v[lo : lo + len(feats)] for k, v in comps.items()}
-        return self.reward.components(feats, labels)
+        return self._components(feats, labels)
+
+    def _components(self, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reward's per-sample dict plus the group values of coverage and expansion (for logging)."""
+        return {**self.reward.components(feats, labels), **self.reward.group_values(feats, labels)}
 
     def rollout(self, identity_labels: torch.Tensor) -> tuple[Transitions, dict[str, torch.Tensor]]:
         """Sample K trajectories per identity, score them, and store their stochastic steps as transitions."""

@@ -234,5 +234,34 @@ class CompositeReward(_BankReward):
             credit=self.credit,
         )
 
+    def group_values(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
+        """Per-sample *group* values ``R(G_y)`` of coverage and expansion (``cov_group``, ``exp_group``).
+
+        With ``credit="loo"`` the per-sample credits of an identity sum to about zero by construction, so
+        their batch mean says nothing about how well the set covers or expands; the group value (every
+        member of a group carries its group's Eq. 5 / Eq. 9 value) is what to plot over training.
+        """
+        bank, sigma = self.bank, self.bank.bandwidths() if self.sigma is None else self.sigma
+        return {
+            "cov_group": RF.coverage(
+                features,
+                identities,
+                bank.features,
+                bank.identities,
+                alpha=self.alpha,
+                sigma=sigma,
+                credit="group",
+            ),
+            "exp_group": RF.expansion(
+                features,
+                identities,
+                bank.features,
+                bank.identities,
+                epsilon=self.epsilon,
+                tau=self.tau,
+                credit="group",
+            ),
+        }
+
     def _score(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
         return self.components(features, identities)

@@ -222,3 +222,19 @@ def test_gpu_scale_code_path_runs_at_toy_size_on_cpu(tmp_path):
     assert report["results"]["dpok"]["rows"][0]["census"]["no_second_copy"]
     md = (tmp_path / "speed_gpu.md").read_text()
     assert "Recognizer training step" in md and "FAILED" not in md
+
+
+def test_init_rows_quick_compares_both_rows_and_keeps_stage_folders_out_of_the_results(tmp_path):
+    from benchmarks import init_rows
+
+    out, work = tmp_path / "results", tmp_path / "work"
+    report = init_rows.run(out, quick=True, work=work)
+    assert set(report["rows"]) == {"zero", "null"}
+    for row in report["rows"].values():
+        assert np.isfinite(row["heldout_loss"]) and row["heldout_loss"] > 0
+        assert 0.0 <= row["fidelity_w1"] <= 1.0 and 0.0 <= row["fidelity_w3"] <= 1.0
+    assert sorted(p.name for p in out.iterdir()) == ["init_rows_quick.json", "init_rows_quick.md"]
+    assert json.loads((out / "init_rows_quick.json").read_text())["rows"] == report["rows"]
+    table = (out / "init_rows_quick.md").read_text()
+    assert "| zero |" in table and "| null |" in table
+    assert (work / "prior" / "export").is_dir() and (work / "cold_zero").is_dir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -272,3 +273,45 @@ def test_encode_decode_use_scaling_factor():
     pixel = build_dit(num_identities=2, preset="tiny")
     assert torch.equal(pixel.encode(images), images)
     assert torch.equal(pixel.decode(images * 3), (images * 3).clamp(-1, 1))
+
+
+def test_hub_id_loads_from_the_huggingface_cache_offline(pretrained_dir, tmp_path):
+    """A hub id (org/name) resolves through the HF cache layout offline: transformer/, vae/, scheduler/."""
+    import shutil
+    import subprocess
+    import sys
+
+    root, table = pretrained_dir
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--fake-org--DiT-tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(root, snapshot)
+    (snapshot / "scheduler").mkdir()
+    sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": 40, "beta_schedule": "linear"}
+    (snapshot / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "import json, torch\n"
+        "from rgsd_lightning.diffusion import build_dit\n"
+        "gen = build_dit(num_identities=3, pretrained='fake-org/DiT-tiny', vae='pretrained',"
+        " local_files_only=True)\n"
+        "print(json.dumps({'rows': gen.label_table.weight.shape[0], 'latent': gen.vae is not None,"
+        " 'T': gen.num_train_timesteps, 'null': gen.label_table.weight[-1].tolist()}))\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 4 and out["latent"] and out["T"] == 40  # scheduler/ of the hub snapshot was read
+    assert torch.allclose(torch.tensor(out["null"]), table[K], atol=1e-6)  # null row = pretrained null row
+    missing = subprocess.run(
+        [sys.executable, "-c", script.replace("fake-org/DiT-tiny", "fake-org/not-cached")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode != 0 and "not-cached" in missing.stderr

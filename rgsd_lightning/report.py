@@ -32,15 +32,27 @@ from rgsd_lightning.data.transforms import generator_transform  # noqa: E402
 
 @dataclass
 class Row:
-    """One line of the results table."""
+    """One line of the results table: the metrics of one run, or of several runs (seeds) as mean ± std."""
 
     group: str
     method: str
     metrics: dict[str, float]
+    spread: dict[str, float] | None = None
+
+    @classmethod
+    def over_runs(cls, group: str, method: str, runs: Sequence[dict[str, float]]) -> Row:
+        """Mean (``metrics``) and sample standard deviation (``spread``, with 2+ runs) of each metric."""
+        if not runs:
+            raise ValueError(f"row {method!r}: no runs to aggregate")
+        keys = sorted({k for r in runs for k in r})
+        values = {k: np.array([r[k] for r in runs if k in r], dtype=np.float64) for k in keys}
+        mean = {k: float(v.mean()) for k, v in values.items()}
+        spread = {k: float(v.std(ddof=1)) for k, v in values.items() if len(v) > 1}
+        return cls(group, method, mean, spread or None)
 
 
 def results_table(rows: Sequence[Row], columns: Sequence[tuple[str, str]]) -> str:
-    """A markdown table in the layout of the paper's Table 1 (values in %, one decimal)."""
+    """A markdown table in the layout of the paper's Table 1 (values in %, one decimal; ``mean ± std``)."""
     head = "| Type | Method | " + " | ".join(title for _, title in columns) + " |"
     sep = "|---|---|" + "---:|" * len(columns)
     lines = [head, sep]
@@ -48,7 +60,9 @@ def results_table(rows: Sequence[Row], columns: Sequence[tuple[str, str]]) -> st
         cells = []
         for key, _ in columns:
             v = r.metrics.get(key)
-            cells.append("n/a" if v is None else f"{100 * v:.1f}")
+            sd = (r.spread or {}).get(key)
+            cell = "n/a" if v is None else f"{100 * v:.1f}"
+            cells.append(cell if v is None or sd is None else f"{cell} ± {100 * sd:.1f}")
         lines.append(f"| {r.group} | {r.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -35,8 +35,8 @@ def test_every_stage_ran_with_its_resolved_config(demo_run):
 
 def test_report_numbers_come_from_the_run(demo_run):
     report = (demo_run / "report.md").read_text()
-    for _, method, stage in ROWS:
-        metrics = json.loads((demo_run / stage / "metrics.json").read_text())
+    for _, method, key in ROWS:
+        metrics = json.loads((demo_run / f"{key}_s0" / "metrics.json").read_text())  # quick size: 1 seed
         row = next(line for line in report.splitlines() if f"| {method} |" in line)
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[2]) == pytest.approx(100 * metrics["test/mAP"], abs=0.05)
@@ -48,8 +48,27 @@ def test_report_numbers_come_from_the_run(demo_run):
 
 
 def test_rerun_skips_finished_stages_and_reruns_an_unfinished_one(demo_run, capsys):
-    (demo_run / "down_real" / "stage.json").unlink()
+    (demo_run / "down_real_s0" / "stage.json").unlink()
     assert main(["demo", "--quick", "--output", str(demo_run)]) == 0
     out = capsys.readouterr().out
-    assert "down_real: ran" in out and "prior: skipped" in out and "down_rl_selection: skipped" in out
-    assert (demo_run / "down_real" / "checkpoints" / "last.ckpt").is_file()
+    assert "down_real_s0: ran" in out and "prior: skipped" in out and "down_rl_selection_s0: skipped" in out
+    assert (demo_run / "down_real_s0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_rows_aggregate_seeds_as_mean_and_sample_std():
+    from rgsd_lightning.demo import seed_stages
+    from rgsd_lightning.report import Row, results_table
+
+    results = {
+        n: None for n in ("down_rl_s0", "down_rl_s1", "down_rl_selection_s0", "down_real_s0", "down_rl")
+    }
+    assert seed_stages("down_rl", results) == ["down_rl_s0", "down_rl_s1"]
+    assert seed_stages("down_rl_selection", results) == ["down_rl_selection_s0"]
+    row = Row.over_runs("Base", "real only", [{"test/mAP": 0.10}, {"test/mAP": 0.20}, {"test/mAP": 0.30}])
+    assert row.metrics["test/mAP"] == pytest.approx(0.20) and row.spread["test/mAP"] == pytest.approx(0.10)
+    single = Row.over_runs("Base", "one", [{"test/mAP": 0.125}])
+    table = results_table([row, single], [("test/mAP", "mAP"), ("test/rank1", "Rank-1")])
+    assert "| Base | real only | 20.0 ± 10.0 | n/a |" in table
+    assert "| Base | one | 12.5 | n/a |" in table
+    with pytest.raises(ValueError, match="no runs"):
+        Row.over_runs("Base", "empty", [])

@@ -49,6 +49,10 @@ class _BankReward(Metric):
     def _score(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def _bandwidth(self, sigma: float | None) -> float | Tensor:
+        """The RBF bandwidth to use: ``sigma`` itself, or the bank's per-identity median heuristic (None)."""
+        return self.bank.bandwidths() if sigma is None else sigma
+
     def update(self, features: Tensor, identities: Tensor) -> None:
         """Score a batch, keep the per-sample values in ``.last`` and add them to the running sums.
 
@@ -124,7 +128,7 @@ class CoverageReward(_BankReward):
         self.alpha, self.sigma, self.credit = float(alpha), sigma, credit
 
     def _score(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
-        sigma = self.bank.bandwidths() if self.sigma is None else self.sigma
+        sigma = self._bandwidth(self.sigma)
         value = RF.coverage(
             features,
             identities,
@@ -228,7 +232,7 @@ class CompositeReward(_BankReward):
             self.bank.identities,
             lambdas=self.lambdas,
             alpha=self.alpha,
-            sigma=self.bank.bandwidths() if self.sigma is None else self.sigma,
+            sigma=self._bandwidth(self.sigma),
             epsilon=self.epsilon,
             tau=self.tau,
             credit=self.credit,
@@ -241,7 +245,7 @@ class CompositeReward(_BankReward):
         their batch mean says nothing about how well the set covers or expands; the group value (every
         member of a group carries its group's Eq. 5 / Eq. 9 value) is what to plot over training.
         """
-        bank, sigma = self.bank, self.bank.bandwidths() if self.sigma is None else self.sigma
+        bank, sigma = self.bank, self._bandwidth(self.sigma)
         return {
             "cov_group": RF.coverage(
                 features,

@@ -291,7 +291,7 @@ def build_stages(out: Path, size: DemoSize) -> list[Stage]:
         Stage("generate_rl", generate("${reward_dpok.export}"), "predict", describe="(e) generate: RL"),
         *(
             Stage(
-                f"{key}_s{seed}",
+                seed_stage(key, seed),
                 _recognizer(out, s, seed=seed, **kwargs),
                 test=True,
                 describe=f"(f) downstream: {what}, seed {seed}",
@@ -311,11 +311,14 @@ ROWS = (
 )
 
 
-def seed_stages(key: str, results: dict[str, StageResult]) -> list[str]:
-    """The finished stages of downstream variant ``key`` (``<key>_s0``, ``<key>_s1``...)."""
-    return sorted(
-        name for name in results if name.rsplit("_s", 1)[0] == key and name[len(key) + 2 :].isdigit()
-    )
+def seed_stage(key: str, seed: int) -> str:
+    """Stage name of downstream variant ``key`` trained with ``seed`` (``down_rl_s0``...)."""
+    return f"{key}_s{seed}"
+
+
+def seed_stages(key: str, seeds: int, results: dict[str, StageResult]) -> list[str]:
+    """The finished stages of downstream variant ``key`` among its ``seeds`` seeds, in seed order."""
+    return [name for name in (seed_stage(key, i) for i in range(seeds)) if name in results]
 
 
 def make_report(out: Path, results: dict[str, StageResult], size: DemoSize, seconds: float) -> Path:
@@ -324,11 +327,8 @@ def make_report(out: Path, results: dict[str, StageResult], size: DemoSize, seco
     from rgsd_lightning.backbones import FeatureExtractor
     from rgsd_lightning.data import read_market1501
 
-    rows = [
-        R.Row.over_runs(g, m, [results[name].metrics for name in seed_stages(k, results)])
-        for g, m, k in ROWS
-        if seed_stages(k, results)
-    ]
+    runs = {k: [results[name].metrics for name in seed_stages(k, size.seeds, results)] for _, _, k in ROWS}
+    rows = [R.Row.over_runs(g, m, runs[k]) for g, m, k in ROWS if runs[k]]
     table = R.results_table(rows, [("test/mAP", "mAP"), ("test/rank1", "Rank-1")])
     real_all = read_market1501(out / "data" / "target")["train"]
     cold_set, rl_set = R.read_set(results["generate_cold"].output), R.read_set(results["generate_rl"].output)

@@ -62,8 +62,8 @@ def test_rows_aggregate_seeds_as_mean_and_sample_std():
     results = {
         n: None for n in ("down_rl_s0", "down_rl_s1", "down_rl_selection_s0", "down_real_s0", "down_rl")
     }
-    assert seed_stages("down_rl", results) == ["down_rl_s0", "down_rl_s1"]
-    assert seed_stages("down_rl_selection", results) == ["down_rl_selection_s0"]
+    assert seed_stages("down_rl", 3, results) == ["down_rl_s0", "down_rl_s1"]
+    assert seed_stages("down_rl_selection", 3, results) == ["down_rl_selection_s0"]
     row = Row.over_runs("Base", "real only", [{"test/mAP": 0.10}, {"test/mAP": 0.20}, {"test/mAP": 0.30}])
     assert row.metrics["test/mAP"] == pytest.approx(0.20) and row.spread["test/mAP"] == pytest.approx(0.10)
     single = Row.over_runs("Base", "one", [{"test/mAP": 0.125}])

@@ -164,7 +164,10 @@ def test_guidance_rule(gen):
         assert torch.equal(guided_eps(gen, x, t, y, guidance_scale=1.0), cond)
         guided = guided_eps(gen, x, t, y, guidance_scale=3.0)
     assert not torch.allclose(cond, uncond)  # the check below would be vacuous otherwise
-    assert torch.allclose(guided, uncond + 3.0 * (cond - uncond), atol=1e-5)
+    expected = uncond + 3.0 * (cond - uncond)
+    # relative to the outputs' magnitude: batched [cond; uncond] and separate forwards use different BLAS
+    # kernels on different CPUs (differences ~1e-6 relative seen on AMD EPYC)
+    assert torch.allclose(guided, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_same_seeds_same_images_and_batch_independence(gen):
@@ -173,7 +176,8 @@ def test_same_seeds_same_images_and_batch_independence(gen):
     b = sample(gen, [0, 1, 2], seeds=[11, 12, 13], **kw)
     assert torch.equal(a.images, b.images)
     alone = sample(gen, [1], seeds=[12], **kw)
-    assert torch.allclose(alone.latents[0], a.latents[1], atol=1e-5)
+    scale = float(a.latents[1].abs().max())  # batch size changes the BLAS kernels: compare relatively
+    assert torch.allclose(alone.latents[0], a.latents[1], rtol=1e-5, atol=1e-5 * scale)
     other = sample(gen, [0, 1, 2], seeds=[11, 99, 13], **kw)
     assert not torch.allclose(other.latents[1], a.latents[1])
     with pytest.raises(ValueError, match="one seed per sample"):

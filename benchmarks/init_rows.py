@@ -14,7 +14,6 @@ to the intended identity by nearest class mean. Writes ``init_rows.json`` and ``
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from collections.abc import Sequence
@@ -24,32 +23,21 @@ import numpy as np
 import torch
 import yaml
 
-from rgsd_lightning import demo
 from rgsd_lightning.backbones import FeatureExtractor
 from rgsd_lightning.data import read_market1501
 from rgsd_lightning.data.records import atomic_write_text
+from rgsd_lightning.demo import demo_file
 from rgsd_lightning.diffusion import DiTGenerator, sample
-from rgsd_lightning.pipeline import Stage, run_pipeline
-from rgsd_lightning.report import embed
+from rgsd_lightning.evaluation.quality import embed, load_images
+from rgsd_lightning.pipeline import expand, read_spec, resolve_vars, run_pipeline
+
+STAGES = Path(__file__).resolve().parent / "configs" / "init_rows.yaml"
 
 
-def _stages(out: Path, size: demo.DemoSize, steps: int) -> list[Stage]:
-    by_name = {s.name: s for s in demo.build_stages(out, size)}
-    judge = copy.deepcopy(by_name["baseline"].config)
-    judge["data"]["init_args"]["max_train_per_identity"] = None  # all real images of the target ids
-    stages = [
-        by_name["prior"],
-        Stage("judge", judge, test=True, describe="judge recognizer (all real images)"),
-    ]
-    for rows in ("zero", "null"):
-        cfg = copy.deepcopy(by_name["cold_start"].config)
-        cfg["trainer"]["max_steps"] = steps
-        cfg["trainer"]["check_val_every_n_epoch"] = 1
-        cfg["model"]["init_args"].update(trainable="label_table", init_rows=rows, lr=3e-3, ema_decay=None)
-        cfg["data"]["init_args"]["generator_val_fraction"] = 0.25
-        cfg["data"]["init_args"]["max_train_per_identity"] = None
-        stages.append(Stage(f"cold_{rows}", cfg, describe=f"table-only cold start, init_rows={rows}"))
-    return stages
+def _spec(runs: Path, quick: bool, steps: int) -> dict:
+    """The benchmark's stages (configs/init_rows.yaml) with the demo's vars (its prior, target and sizes)."""
+    spec = read_spec(demo_file(quick), [f"output={runs}", f"vars.init_rows_steps={steps}"])
+    return {**spec, "stages": read_spec(STAGES)["stages"], "report": None}
 
 
 @torch.no_grad()
@@ -83,7 +71,7 @@ def _fidelity(export: Path, judge: FeatureExtractor, real, size: int, per_id: in
     names = gen.identities
     protos = []
     for name in names:
-        feats = embed(judge, [r for r in real if r.identity == name], size)
+        feats = embed(judge, load_images([r for r in real if r.identity == name], size, 3))
         protos.append(feats.mean(0))
     protos = torch.nn.functional.normalize(torch.tensor(np.stack(protos)), dim=1)
     labels = torch.arange(len(names)).repeat_interleave(per_id)
@@ -99,11 +87,13 @@ def run(out: Path, quick: bool = False, work: Path | None = None) -> dict:
     Stage folders (checkpoints, exports, toy data) go to ``work`` (default ``runs/init_rows``, ignored by
     git), never into ``out``; a rerun skips the finished stages.
     """
-    size = demo.DemoSize.quick() if quick else demo.DemoSize()
     steps = 20 if quick else 400
     runs = Path(work) if work is not None else Path("runs") / ("init_rows_quick" if quick else "init_rows")
     start = time.time()
-    results = run_pipeline(runs, _stages(runs, size, steps))
+    spec = _spec(runs, quick, steps)
+    variables = resolve_vars(spec)
+    image_size, num_ids = variables["image_size"], variables["target_toy"]["num_train_ids"]
+    results = run_pipeline(*expand(spec))
     judge = FeatureExtractor.from_export(results["judge"].export)
     real = read_market1501(runs / "data" / "target")["train"]
     prior_export = results["prior"].export
@@ -114,9 +104,7 @@ def run(out: Path, quick: bool = False, work: Path | None = None) -> dict:
         rows[key] = {
             **_heldout_loss(stage.export, cfg["data"]["init_args"]),
             **{
-                f"fidelity_w{w:g}": _fidelity(
-                    stage.export, judge, real, size.image_size, 4 if quick else 10, w
-                )
+                f"fidelity_w{w:g}": _fidelity(stage.export, judge, real, image_size, 4 if quick else 10, w)
                 for w in (1.0, 3.0)
             },
         }
@@ -124,7 +112,7 @@ def run(out: Path, quick: bool = False, work: Path | None = None) -> dict:
         "command": f"python -m benchmarks init_rows --out {out}" + (" --quick" if quick else ""),
         "prior": str(prior_export),
         "cold_start_steps": steps,
-        "chance": 1.0 / size.target_ids,
+        "chance": 1.0 / num_ids,
         "rows": rows,
         "seconds": round(time.time() - start, 1),
     }

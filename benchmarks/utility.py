@@ -190,7 +190,7 @@ def collect_setting(
     folders.update({f"ext_{n}": p for n, p in externals.items()})
     for name, folder in folders.items():
         try:
-            from benchmarks.utility_quality import set_summary
+            from rgsd_lightning.evaluation.quality import set_summary
 
             manifest = (folder / "manifest.jsonl").read_bytes()
             quality = _cached(
@@ -242,8 +242,8 @@ class _JudgeHandle:
 
 
 def _make_judge(cfg: StudyConfig, export: Path) -> _JudgeHandle:
-    from benchmarks.utility_quality import Judge
     from rgsd_lightning.backbones import FeatureExtractor
+    from rgsd_lightning.evaluation.quality import Judge
     from rgsd_lightning.provenance import folder_fingerprint
 
     real = target_records(cfg, None)["train"]

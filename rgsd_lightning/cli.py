@@ -7,8 +7,8 @@ Lightning project. The resolved config is saved with every run, ``data.num_ident
 the model, and the trainer defaults to ``use_distributed_sampler=False`` because the datamodule shards its
 own P x K batches per rank.
 
-Other commands (``rgsd demo``, ``rgsd pipeline``, ``rgsd audit``, ``rgsd import-synthetic``,
-``rgsd make-toy``) are plain functions dispatched before LightningCLI.
+Other commands (``rgsd demo``, ``rgsd pipeline``, ``rgsd report``, ``rgsd audit``,
+``rgsd import-synthetic``, ``rgsd make-toy``) are plain functions dispatched before LightningCLI.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from rgsd_lightning.data.datamodule import IdentityDataModule
 EXTRA_COMMANDS: dict[str, str] = {
     "demo": "rgsd_lightning.demo:main",
     "pipeline": "rgsd_lightning.commands.pipeline:main",
+    "report": "rgsd_lightning.commands.report:main",
     "audit": "rgsd_lightning.commands.audit:main",
     "make-toy": "rgsd_lightning.commands.make_toy:main",
     "import-synthetic": "rgsd_lightning.commands.import_synthetic:main",

@@ -1,4 +1,7 @@
-"""Every shipped YAML parses; the toy generator recipes run end to end through the `rgsd` CLI."""
+"""Every shipped YAML parses; every pipeline file expands into stages wired in order.
+
+The toy stage files run end to end through the CLI in tests/test_demo.py (the demo pipeline is made of them).
+"""
 
 from __future__ import annotations
 
@@ -9,11 +12,12 @@ import pytest
 import yaml
 
 from rgsd_lightning.cli import main
-from rgsd_lightning.pipeline import load_pipeline, substitute
+from rgsd_lightning.pipeline import load_pipeline, read_spec, substitute
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-STAGE_YAMLS = sorted(p for p in EXPERIMENTS.glob("*/*.yaml") if p.name != "pipeline.yaml")
-PIPELINES = sorted(EXPERIMENTS.glob("*/pipeline.yaml"))
+STAGE_YAMLS = sorted(p for p in EXPERIMENTS.glob("*/*.yaml") if not p.name.startswith("pipeline"))
+PIPELINES = sorted(EXPERIMENTS.glob("*/pipeline*.yaml"))
+RECIPES = ("market1501", "cuhk03np", "casia")
 
 
 def _subcommand(path: Path) -> str:
@@ -42,16 +46,19 @@ def test_every_dataset_has_the_paper_stages():
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
-def test_pipeline_yaml_loads_and_wires_stages(pipeline, monkeypatch):
-    monkeypatch.chdir(EXPERIMENTS.parent)
+def test_pipeline_yaml_loads_and_wires_stages(pipeline, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # stage files resolve next to the pipeline file, whatever the cwd
     output, stages = load_pipeline(pipeline)
-    spec = yaml.safe_load(pipeline.read_text())
-    assert set(spec["paths"]) == {"data_root", "backbone_weights"}  # the two things a user fills in
+    spec = read_spec(pipeline)
     names = [s.name for s in stages]
-    assert names[0] == "baseline" and "reward_dpok" in names and "generate" in names
+    assert "reward_dpok" in names and any(n.startswith("generate") for n in names)
+    if pipeline.parent.name in RECIPES:
+        assert set(spec["vars"]) == {"data_root", "backbone_weights"}  # the two things a user fills in
+        assert names[0] == "baseline"
+        for stage in stages:
+            assert stage.config["data"]["init_args"]["root"] == spec["vars"]["data_root"]
     seen: set[str] = set()
     for stage in stages:
-        assert stage.config["data"]["init_args"]["root"] == spec["paths"]["data_root"]
         text = json.dumps(stage.config)
         refs = {ref.split(".")[0] for ref in text.split("${")[1:]}
         assert refs <= seen, f"{stage.name} refers to a later stage: {refs - seen}"
@@ -62,102 +69,9 @@ def test_pipeline_yaml_loads_and_wires_stages(pipeline, monkeypatch):
     rl = next(s for s in stages if s.name == "reward_dpok")
     resolved = substitute(rl.config, fake)
     assert resolved["model"]["init_args"]["generator"] == "/x/cold_start/export"
-
-
-TOY = "{num_train_ids: 6, num_test_ids: 4, images_per_id: 6, num_cameras: 3, num_distractors: 4}"
-
-
-@pytest.mark.slow
-def test_toy_generator_yamls_run_through_the_cli(tmp_path):
-    """cold_start.yaml -> reward_dpok.yaml -> generate.yaml, as shipped plus size and path overrides."""
-    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
-
-    data = ["--data.init_args.root", str(tmp_path / "toy"), "--data.init_args.toy", TOY]
-    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-    cold = tmp_path / "cold" / "export" / "generator"
-    main(
-        [
-            "fit",
-            "--config",
-            str(EXPERIMENTS / "toy" / "cold_start.yaml"),
-            *data,
-            *quiet,
-            "--trainer.max_steps",
-            "10",
-            "--trainer.default_root_dir",
-            str(tmp_path / "cold"),
-            "--trainer.callbacks.dirpath",
-            str(cold),
-            "--model.init_args.preset",
-            "tiny",
-            "--model.init_args.image_size",
-            "8",
-            "--data.init_args.image_size",
-            "8",
-        ]
-    )
-    assert (cold / "labels.json").is_file()
-    (tmp_path / "fx").mkdir()
-    save_embedding_net(
-        EmbeddingNet("test_resnet"), tmp_path / "fx", input_size=(16, 8), mean=[0.5] * 3, std=[0.5] * 3
-    )
-    rl = tmp_path / "rl" / "export" / "generator"
-    main(
-        [
-            "fit",
-            "--config",
-            str(EXPERIMENTS / "toy" / "reward_dpok.yaml"),
-            *data,
-            *quiet,
-            "--trainer.default_root_dir",
-            str(tmp_path / "rl"),
-            "--model.init_args.generator",
-            str(cold),
-            "--model.init_args.reward_extractor",
-            str(tmp_path / "fx"),
-            "--data.init_args.batches_per_epoch",
-            "2",
-            "--data.init_args.p",
-            "3",
-            "--data.init_args.image_size",
-            "8",
-            "--model.init_args.sample_steps",
-            "4",
-            "--model.init_args.grid_every_n_steps",
-            "1",
-            "--model.init_args.grid_identities",
-            "2",
-            "--trainer.callbacks.dirpath",
-            str(rl),
-        ]
-    )
-    assert json.loads((rl / "provenance.json").read_text())["parent"] == str(cold)
-    assert list((tmp_path / "rl").rglob("reward_curves.png")) and list(
-        (tmp_path / "rl").rglob("train_samples_*.png")
-    )
-    out = tmp_path / "synthetic"
-    main(
-        [
-            "predict",
-            "--config",
-            str(EXPERIMENTS / "toy" / "generate.yaml"),
-            *data,
-            *quiet,
-            "--model.init_args.export",
-            str(rl),
-            "--trainer.default_root_dir",
-            str(tmp_path / "generate"),
-            "--model.init_args.sample_steps",
-            "3",
-            "--model.init_args.reward_extractor",
-            str(tmp_path / "fx"),
-            "--data.init_args.image_size",
-            "8",
-            "--data.init_args.generate_per_identity",
-            "2",
-            "--trainer.callbacks.output_dir",
-            str(out),
-        ]
-    )
-    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and all({"sem", "cov", "exp", "total", "sim_pixel"} <= set(r) for r in rows)
+    for section in (spec.get("report") or {}).get("sections", []):  # report sections name real stages
+        for key in ("stage", "judge", "real", "extractor", "set"):
+            if key in section:
+                assert section[key] in names, (section.get("title"), section[key])
+        for stage in (section.get("sets") or {}).values():
+            assert stage in names, section.get("title")

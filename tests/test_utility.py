@@ -13,10 +13,10 @@ import yaml
 from torch import nn
 
 from benchmarks.utility_config import ABLATION, ROWS, load_config
-from benchmarks.utility_quality import fid_kid, identity_fidelity, intra_identity_distance, prototypes
 from benchmarks.utility_reid import ReIDEvaluator, source_metrics
 from benchmarks.utility_report import fmt_pct, mean_std, results_table
 from rgsd_lightning.data.records import IdentityRecord
+from rgsd_lightning.evaluation.quality import fid_kid, identity_fidelity, intra_identity_distance, prototypes
 
 
 # ---------------------------------------------------------------------------------- quality maths

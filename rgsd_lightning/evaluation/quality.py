@@ -1,7 +1,8 @@
 """Generator quality of a synthetic set, measured in a judge recognizer's feature space.
 
 The judge is a recognizer trained on ALL real images of the target identities (so it knows every
-identity as well as the data allows; it never trains a downstream model). Every image - real or
+identity as well as the data allows; it never trains a downstream model; a run without one may use its
+baseline recognizer, a weaker judge). Every image - real or
 synthetic - goes through the generator's square geometry (``generator_transform``) and then the judge
 (``FeatureExtractor``: its own resize and normalisation), so both sides are processed alike. Features are
 L2-normalised.

@@ -1,0 +1,70 @@
+"""Pipelines: a YAML file defines a whole run (stages, overrides, report); the runner executes it resumably.
+
+``spec`` reads and expands pipeline files (``extends`` overlays, ``vars``, ``foreach`` groups, ``seeds``);
+``runner`` runs the stages as LightningCLI runs in ``<output>/<stage>/``. ``rgsd pipeline --config FILE``
+and ``rgsd demo`` (``experiments/toy/pipeline.yaml``) use :func:`run_file`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from rgsd_lightning.pipeline.runner import (
+    SPEC_NAME,
+    StageResult,
+    collect_results,
+    place_stage,
+    run_pipeline,
+    run_stage,
+    save_spec,
+)
+from rgsd_lightning.pipeline.spec import (
+    Stage,
+    expand,
+    load_pipeline,
+    read_spec,
+    resolve_vars,
+    seed_stage,
+    set_dotted,
+    substitute,
+    substitute_vars,
+)
+
+__all__ = [
+    "SPEC_NAME",
+    "Stage",
+    "StageResult",
+    "collect_results",
+    "expand",
+    "load_pipeline",
+    "place_stage",
+    "read_spec",
+    "resolve_vars",
+    "run_file",
+    "run_pipeline",
+    "run_stage",
+    "save_spec",
+    "seed_stage",
+    "set_dotted",
+    "substitute",
+    "substitute_vars",
+]
+
+
+def run_file(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    only: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+    announce: Callable[[str], None] | None = None,
+) -> tuple[Path, dict[str, StageResult]]:
+    """Run (or resume) the pipeline file ``path``; its merged spec is saved in the run folder first.
+
+    Returns the run folder and the results of the stages (finished ones "skipped").
+    """
+    spec = read_spec(path, overrides)
+    output, stages = expand(spec)
+    save_spec(output, spec)
+    return output, run_pipeline(output, stages, only=only, force=force, announce=announce)

@@ -1,0 +1,233 @@
+"""Run pipeline stages as one resumable chain of LightningCLI runs.
+
+Each stage is one LightningCLI run (``fit`` [+ ``test``] or ``predict``) in ``<output>/<stage>/`` with its
+resolved ``config.yaml``. A stage is skipped when its ``stage.json`` exists (its outputs are complete); an
+interrupted stage resumes from its ``checkpoints/last.ckpt``. ``stage.json`` records the wall and CPU
+seconds, the export / synthetic-set paths and the test metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rgsd_lightning.data.records import atomic_write_json, atomic_write_text
+from rgsd_lightning.pipeline.spec import Stage, substitute
+
+EXPORT_CALLBACK = "rgsd_lightning.callbacks.export.ExportArtifact"
+WRITER_CALLBACK = "rgsd_lightning.callbacks.writer.SyntheticSetWriter"
+CHECKPOINT_CALLBACK = "lightning.pytorch.callbacks.ModelCheckpoint"
+SPEC_NAME = "pipeline.yaml"
+"""The merged pipeline spec a run writes into its output folder (``rgsd report`` reads it)."""
+
+
+@dataclass
+class StageResult:
+    """What a stage produced."""
+
+    name: str
+    status: str  # "ran" or "skipped"
+    seconds: float
+    folder: Path
+    export: Path | None = None
+    output: Path | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    cpu_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "seconds": round(self.seconds, 1),
+            "cpu_seconds": round(self.cpu_seconds, 1),
+            "folder": str(self.folder),
+            "export": str(self.export) if self.export else None,
+            "output": str(self.output) if self.output else None,
+            "metrics": self.metrics,
+        }
+
+    @classmethod
+    def from_marker(cls, folder: Path) -> StageResult | None:
+        """The result recorded in ``<folder>/stage.json`` (status "skipped"), or None if unfinished."""
+        marker = folder / "stage.json"
+        if not marker.is_file():
+            return None
+        saved = json.loads(marker.read_text())
+        return cls(
+            str(saved.get("name", folder.name)),
+            "skipped",
+            float(saved.get("seconds", 0.0)),
+            folder,
+            Path(saved["export"]) if saved.get("export") else None,
+            Path(saved["output"]) if saved.get("output") else None,
+            saved.get("metrics", {}),
+            float(saved.get("cpu_seconds", 0.0)),
+        )
+
+    def refs(self) -> dict[str, str | None]:
+        """What later stages may reference: ``${name.export}``, ``${name.output}``, ``${name.folder}``."""
+        return {
+            "export": str(self.export) if self.export else None,
+            "output": str(self.output) if self.output else None,
+            "folder": str(self.folder),
+        }
+
+
+# ------------------------------------------------------------------------------------ placing a stage
+def _export_name(class_path: str) -> str:
+    """The artifact kind a module exports ("generator" / "backbone"), read from the class."""
+    import importlib
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(getattr(importlib.import_module(module), name), "export_name", "artifact")
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import model class {class_path!r}: {err}") from err
+
+
+def _callbacks(config: dict[str, Any]) -> list[dict[str, Any]]:
+    trainer = config.setdefault("trainer", {})
+    callbacks = trainer.get("callbacks") or []
+    if isinstance(callbacks, dict):
+        callbacks = [callbacks]
+    trainer["callbacks"] = callbacks
+    return callbacks
+
+
+def place_stage(config: dict[str, Any], folder: Path) -> tuple[dict[str, Any], Path | None, Path | None]:
+    """Point the stage's run folder, checkpoints, export and synthetic output into ``folder``.
+
+    Returns the config and the export / synthetic-set paths the stage will produce (or None).
+    """
+    config = copy.deepcopy(config)
+    trainer = config.setdefault("trainer", {})
+    trainer["default_root_dir"] = str(folder)
+    export = output = None
+    has_checkpoint = False
+    for cb in _callbacks(config):
+        init = cb.setdefault("init_args", {})
+        if cb.get("class_path") == EXPORT_CALLBACK:
+            export = folder / "export" / _export_name(config.get("model", {}).get("class_path", ""))
+            init["dirpath"] = str(export)
+        elif cb.get("class_path") == WRITER_CALLBACK:
+            output = folder / "synthetic"
+            init["output_dir"] = str(output)
+        elif cb.get("class_path") == CHECKPOINT_CALLBACK:
+            init["dirpath"] = str(folder / "checkpoints")
+            init.setdefault("save_last", True)
+            has_checkpoint = True
+    if not has_checkpoint and trainer.get("enable_checkpointing", True) is not False:
+        # every epoch, also when validation is rare: the stage can resume from last.ckpt
+        resume = {"dirpath": str(folder / "checkpoints"), "save_last": True, "save_on_train_epoch_end": True}
+        trainer["callbacks"].append({"class_path": CHECKPOINT_CALLBACK, "init_args": resume})
+    return config, export, output
+
+
+def run_stage(
+    stage: Stage, output: Path, refs: dict[str, dict[str, str | None]], force: bool = False
+) -> StageResult:
+    """Run one stage (or skip it when its ``stage.json`` says it is complete)."""
+    from rgsd_lightning.cli import build_cli
+
+    folder = output / stage.name
+    if not force:
+        done = StageResult.from_marker(folder)
+        if done is not None:
+            return done
+    config, export, out = place_stage(substitute(stage.config, refs), folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg_path = folder / "config.yaml"
+    atomic_write_text(cfg_path, yaml.safe_dump(config, sort_keys=False))
+    wall, cpu = time.perf_counter(), time.process_time()
+    cli = build_cli(["--config", str(cfg_path)], run=False)
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    metrics: dict[str, float] = {}
+    if stage.command == "fit":
+        last = folder / "checkpoints" / "last.ckpt"
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
+        if stage.test:
+            results = trainer.test(model, datamodule=datamodule, verbose=False)
+            metrics = {k: float(v) for r in results for k, v in r.items()}
+    elif stage.command == "predict":
+        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    else:
+        raise ValueError(f"stage {stage.name!r}: command must be 'fit' or 'predict', got {stage.command!r}")
+    result = StageResult(
+        stage.name,
+        "ran",
+        time.perf_counter() - wall,
+        folder,
+        export,
+        out,
+        metrics,
+        time.process_time() - cpu,
+    )
+    if trainer.is_global_zero:
+        if metrics:
+            atomic_write_json(folder / "metrics.json", metrics)
+        atomic_write_json(folder / "stage.json", result.as_dict())
+    return result
+
+
+def run_pipeline(
+    output: str | Path,
+    stages: Sequence[Stage],
+    *,
+    only: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+    announce: Callable[[str], None] | None = None,
+) -> dict[str, StageResult]:
+    """Run stages in order, wiring ``${stage.export}`` / ``${stage.output}`` references between them.
+
+    Stages left out by ``only`` are not run; their earlier results (if finished) still feed later stages
+    and are returned with status "skipped".
+    """
+    announce = announce or (lambda line: print(line, flush=True))
+    output = Path(output)
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique: {names}")
+    unknown = sorted(set(only or []) - set(names)) + sorted(set(force) - set(names))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; the pipeline has {names}")
+    results: dict[str, StageResult] = {}
+    refs: dict[str, dict[str, str | None]] = {}
+    for i, stage in enumerate(stages):
+        if only and stage.name not in only:
+            done = StageResult.from_marker(output / stage.name)
+            if done is not None:
+                results[stage.name], refs[stage.name] = done, done.refs()
+            continue
+        label = f"[{i + 1}/{len(stages)}] {stage.name}"
+        announce(f"{label}: {stage.describe or stage.command} ...")
+        result = run_stage(stage, output, refs, force=stage.name in force)
+        results[stage.name], refs[stage.name] = result, result.refs()
+        summary = ", ".join(f"{k}={v:.3f}" for k, v in list(result.metrics.items())[:4])
+        where = result.export or result.output or result.folder
+        announce(
+            f"{label}: {result.status} in {result.seconds:.0f}s -> {where}"
+            + (f" ({summary})" if summary else "")
+        )
+    return results
+
+
+def collect_results(output: str | Path, stages: Sequence[Stage]) -> dict[str, StageResult]:
+    """The finished stages of a run folder (from their ``stage.json``), in pipeline order."""
+    output = Path(output)
+    found = {s.name: StageResult.from_marker(output / s.name) for s in stages}
+    return {name: r for name, r in found.items() if r is not None}
+
+
+def save_spec(output: str | Path, spec: dict[str, Any]) -> Path:
+    """Write the merged spec into the run folder (what ``rgsd report RUN`` reads back)."""
+    path = Path(output) / SPEC_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(copy.deepcopy(spec), sort_keys=False))
+    return path

@@ -1,0 +1,391 @@
+"""The section kinds of a run report (``report.sections`` in a pipeline file).
+
+Every section names stages of the run; its numbers and pictures come from their artifacts (metrics.json,
+exports, synthetic sets, stage.json). A section whose stages have not finished says so instead of failing.
+
+==========  =====================================================================================
+kind        keys
+==========  =====================================================================================
+table       metrics {key: column title}, rows [{group, method, stage}]: a stage's seed copies
+            (``<stage>_s<seed>``) give mean ± sample std
+quality     judge (a recognizer stage: its export is the feature space, its training images the real
+            reference), sets {label: generation stage}: fidelity, spread vs real, FID/KID, reward
+            means, near copies (cached in each set's quality.json)
+samples     real (a stage whose data gives the real images), sets {label: stage}, identities, per_cell
+rewards     sets {label: stage}: mean reward components recorded in the sets' manifests
+curves      stage (an RL stage): reward components and KL over the rollouts
+features    extractor (a recognizer stage), real (a stage), sets {label: stage}, identities: PCA plot
+audit       set (a generation stage): the privacy audit summary
+run         the stages' status, wall and CPU seconds, and the environment
+text        body: free markdown
+==========  =====================================================================================
+
+Every section may carry ``title`` and ``caption`` (figures also ``figure``, a short file name); strings may
+use the pipeline's ``${vars}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest
+from rgsd_lightning.pipeline.runner import StageResult
+from rgsd_lightning.report.render import Row, markdown_table, results_table
+
+
+@dataclass
+class Section:
+    """A rendered section: heading, markdown body and the numbers behind it (for the JSON report)."""
+
+    title: str
+    body: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class RunContext:
+    """What sections read: the run folder, its finished stages, and cached data modules and extractors.
+
+    Args:
+        run: the run folder.
+        stage_names: every stage of the pipeline, in order.
+        results: the finished stages.
+        out: where figures are written.
+        prefix: file-name prefix of the figures.
+    """
+
+    def __init__(
+        self, run: Path, stage_names: list[str], results: dict[str, StageResult], out: Path, prefix: str
+    ) -> None:
+        self.run, self.stage_names, self.results, self.out, self.prefix = (
+            run,
+            stage_names,
+            results,
+            out,
+            prefix,
+        )
+        self._datamodules: dict[str, Any] = {}
+        self._extractors: dict[str, Any] = {}
+        self._judges: dict[tuple[str, int], Any] = {}
+
+    # -------------------------------------------------------------------------------- stages
+    def require(self, stage: str) -> StageResult:
+        """The result of a finished stage; KeyError naming it otherwise."""
+        if stage not in self.stage_names:
+            raise KeyError(f"the pipeline has no stage {stage!r}")
+        if stage not in self.results:
+            raise KeyError(f"stage {stage!r} has not finished")
+        return self.results[stage]
+
+    def copies(self, stage: str) -> list[str]:
+        """The stage itself, or its seed copies ``<stage>_s<n>`` in pipeline order (finished or not)."""
+        pattern = re.compile(re.escape(stage) + r"_s\d+")
+        return [n for n in self.stage_names if n == stage or pattern.fullmatch(n)]
+
+    def runs_of(self, stage: str) -> list[dict[str, float]]:
+        """The test metrics of a stage's finished copies."""
+        return [self.results[n].metrics for n in self.copies(stage) if n in self.results]
+
+    def synthetic(self, stage: str) -> list[IdentityRecord]:
+        """The records of a generation stage's synthetic set."""
+        result = self.require(stage)
+        if result.output is None or not (Path(result.output) / "manifest.jsonl").is_file():
+            raise KeyError(f"stage {stage!r} wrote no synthetic set")
+        return read_manifest(Path(result.output) / "manifest.jsonl")
+
+    # -------------------------------------------------------------------------------- data + models
+    def datamodule(self, stage: str) -> Any:
+        """The stage's IdentityDataModule, rebuilt from its resolved config.yaml."""
+        if stage not in self._datamodules:
+            from jsonargparse import ArgumentParser
+            from lightning.pytorch import LightningDataModule
+
+            self.require(stage)
+            config = yaml.safe_load((self.run / stage / "config.yaml").read_text())
+            parser = ArgumentParser(exit_on_error=False)
+            parser.add_subclass_arguments(LightningDataModule, "data")
+            parsed = parser.parse_object({"data": config["data"]})
+            self._datamodules[stage] = parser.instantiate_classes(parsed).data
+        return self._datamodules[stage]
+
+    def real(self, stage: str) -> tuple[list[IdentityRecord], int, int]:
+        """A stage's real training images and the generator geometry (image_size, channels) of its data."""
+        dm = self.datamodule(stage)
+        return list(dm.train_records), int(dm.hparams.image_size), int(dm.hparams.channels)
+
+    def extractor(self, stage: str) -> Any:
+        """The recognizer export of a stage as a frozen feature extractor."""
+        if stage not in self._extractors:
+            from rgsd_lightning.backbones import FeatureExtractor
+
+            export = self.require(stage).export
+            if export is None:
+                raise KeyError(f"stage {stage!r} exported no recognizer")
+            self._extractors[stage] = FeatureExtractor.from_export(export).eval()
+        return self._extractors[stage]
+
+    def judge(self, stage: str, kid_subset_size: int) -> tuple[Any, str]:
+        """A quality judge from a recognizer stage (its export, its real training images) and its key."""
+        if (stage, kid_subset_size) not in self._judges:
+            from rgsd_lightning.evaluation.quality import Judge
+            from rgsd_lightning.provenance import folder_fingerprint
+
+            real, size, channels = self.real(stage)
+            judge = Judge(self.extractor(stage), real, size, channels, kid_subset_size)
+            key = f"{folder_fingerprint(self.require(stage).export)}:{kid_subset_size}"
+            self._judges[(stage, kid_subset_size)] = (judge, key)
+        return self._judges[(stage, kid_subset_size)]
+
+    def figure(self, label: str) -> Path:
+        """Path of a figure in the report folder (``<prefix>_<label>.png``, label slugified)."""
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
+        return self.out / f"{self.prefix}_{slug}.png"
+
+
+# ------------------------------------------------------------------------------------------ sections
+def table(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    columns = [(str(k), str(v)) for k, v in (spec.get("metrics") or {}).items()]
+    if not columns:
+        raise ValueError("a table section needs 'metrics': {metric key: column title}")
+    rows, data, missing = [], [], []
+    for entry in spec.get("rows") or []:
+        runs = ctx.runs_of(entry["stage"])
+        if not runs:
+            missing.append(entry["stage"])
+            continue
+        row = Row.over_runs(str(entry.get("group", "")), str(entry["method"]), runs)
+        rows.append(row)
+        data.append({**entry, "runs": runs, "mean": row.metrics, "std": row.spread or {}})
+    body = results_table(rows, columns) if rows else "No row has finished yet."
+    if missing:
+        body += f"\n\nNot finished: {', '.join(missing)}."
+    return Section(spec.get("title", "Results"), _with_caption(body, spec), {"rows": data})
+
+
+QUALITY_HEADERS = (
+    "Set",
+    "images",
+    "fidelity %",
+    "spread",
+    "spread syn/real",
+    "FID",
+    "KID",
+    "sem",
+    "cov",
+    "exp",
+    "near copies %",
+)
+
+
+def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    from rgsd_lightning.evaluation.quality import set_summary
+
+    judge, key = ctx.judge(spec["judge"], int(spec.get("kid_subset_size", 100)))
+    rows, data = [], {}
+    for label, stage in (spec.get("sets") or {}).items():
+        try:
+            folder = Path(ctx.require(stage).output)
+            manifest = (folder / "manifest.jsonl").read_bytes()
+            cache_key = key + ":" + hashlib.sha256(manifest).hexdigest()[:16]
+            scores = _cached(
+                folder / "quality.json", cache_key, lambda s=stage: judge.score(ctx.synthetic(s))
+            )
+            card = json.loads((folder / "card.json").read_text())
+            q = {**scores, **set_summary(card)}
+        except (KeyError, ValueError, FileNotFoundError, TypeError) as err:
+            data[label] = {"error": str(err)}
+            rows.append([label, f"n/a ({err})"] + ["n/a"] * (len(QUALITY_HEADERS) - 2))
+            continue
+        data[label] = q
+        rewards, audit = q.get("rewards") or {}, q.get("audit") or {}
+        rows.append(
+            [
+                label,
+                str(q["num_images"]),
+                _num(q["fidelity"], 1, 100),
+                _num(q.get("diversity")),
+                _num(q.get("diversity_ratio"), 2),
+                _num(q.get("fid")),
+                _num(q.get("kid"), 4),
+                _num(rewards.get("sem")),
+                _num(rewards.get("cov")),
+                _num(rewards.get("exp")),
+                _num(audit.get("fraction_flagged"), 1, 100),
+            ]
+        )
+    info = judge.describe()
+    judge_line = (
+        f"Judge `{spec['judge']}`: {info['num_real_images']} real images of {info['num_identities']} "
+        f"identities; its nearest-prototype accuracy on them {100 * info['real_fidelity']:.1f}%, real spread "
+        f"{_num(info['real_diversity'])}."
+    )
+    body = markdown_table(QUALITY_HEADERS, rows) + "\n\n" + judge_line
+    return Section(
+        spec.get("title", "Generator quality"), _with_caption(body, spec), {"sets": data, "judge": info}
+    )
+
+
+def samples(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    from rgsd_lightning.report.figures import comparison_grid
+
+    real, size, channels = ctx.real(spec["real"])
+    sets = {label: ctx.synthetic(stage) for label, stage in (spec.get("sets") or {}).items()}
+    identities = _identities(sets.values(), int(spec.get("identities", 8)))
+    title = spec.get("title", "Samples")
+    path = comparison_grid(
+        real,
+        list(sets.values()),
+        identities,
+        ctx.figure(spec.get("figure", title)),
+        per_cell=int(spec.get("per_cell", 3)),
+        size=size,
+        channels=channels,
+    )
+    columns = " | ".join(["real", *sets])
+    body = f"![{columns}]({path.name})"
+    return Section(title, _with_caption(body, spec), {"figure": path.name, "identities": identities})
+
+
+def rewards(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    rows, data = [], {}
+    for label, stage in (spec.get("sets") or {}).items():
+        card = json.loads((Path(ctx.require(stage).output) / "card.json").read_text())
+        stats = card.get("reward_stats", {})
+        data[label] = {c: stats[c]["mean"] for c in ("sem", "cov", "exp") if c in stats}
+        rows.append([label, *(_num(data[label].get(c), 4) for c in ("sem", "cov", "exp"))])
+    body = markdown_table(["set", "sem", "cov", "exp"], rows)
+    return Section(spec.get("title", "Reward of each synthetic set"), _with_caption(body, spec), data)
+
+
+def curves(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    from rgsd_lightning.callbacks.plots import plot_reward_curves
+
+    folder = ctx.require(spec["stage"]).folder
+    hits = sorted(Path(folder).rglob("reward_history.json"))
+    title = spec.get("title", "Reward components over RL")
+    if not hits:
+        return Section(title, f"Stage `{spec['stage']}` recorded no reward history.")
+    history = json.loads(hits[0].read_text())
+    path = plot_reward_curves(history, ctx.figure(spec.get("figure", title)))
+    return Section(title, _with_caption(f"![reward curves]({path.name})", spec), {"rollouts": len(history)})
+
+
+def features(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    from rgsd_lightning.report.figures import feature_plot
+
+    real, size, channels = ctx.real(spec["real"])
+    sets = {label: ctx.synthetic(stage) for label, stage in (spec.get("sets") or {}).items()}
+    identities = _identities(sets.values(), int(spec.get("identities", 8)))
+    title = spec.get("title", "Feature space")
+    path = feature_plot(
+        ctx.extractor(spec["extractor"]),
+        {"real": real, **sets},
+        identities,
+        ctx.figure(spec.get("figure", title)),
+        size=size,
+        channels=channels,
+    )
+    return Section(title, _with_caption(f"![features]({path.name})", spec), {"figure": path.name})
+
+
+def audit(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    card = json.loads((Path(ctx.require(spec["set"]).output) / "card.json").read_text())
+    summary = card.get("audit")
+    title = spec.get("title", "Privacy audit")
+    if not summary:
+        return Section(title, "No privacy audit was recorded for this set.")
+    lines = [
+        f"- images audited: {summary['num_images']}; flagged as near copies of a real training image: "
+        f"{summary['num_flagged']} ({100 * summary['fraction_flagged']:.1f}%)"
+    ]
+    for space in ("pixel", "feature"):
+        syn = summary.get("synthetic_nn", {}).get(space)
+        same = summary.get("baseline", {}).get(space, {}).get("same_identity")
+        if syn and same and syn.get("q50") is not None and same.get("q50") is not None:
+            lines.append(
+                f"- {space} space: median similarity of a synthetic image to its nearest real image "
+                f"{syn['q50']:.3f}, of a real image to its nearest other real image of the same identity "
+                f"{same['q50']:.3f}"
+            )
+    return Section(title, _with_caption("\n".join(lines), spec), {"audit": summary})
+
+
+def run(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    rows, data = [], []
+    for name in ctx.stage_names:
+        r = ctx.results.get(name)
+        if r is None:
+            rows.append([name, "not finished", "", ""])
+            continue
+        rows.append([name, "finished", f"{r.seconds:.0f}", f"{r.cpu_seconds:.0f}"])
+        data.append({"name": name, "wall_s": r.seconds, "cpu_s": r.cpu_seconds})
+    wall = sum(d["wall_s"] for d in data)
+    cpu = sum(d["cpu_s"] for d in data)
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    body = (
+        markdown_table(["stage", "status", "wall s", "CPU s"], rows, numeric_from=2)
+        + f"\n\nStages' own times (recorded when each ran): total wall {wall / 60:.1f} min, CPU "
+        f"{cpu / 60:.1f} min. Environment of the report: "
+        + ", ".join(f"{k} {v}" for k, v in env.items())
+        + "."
+    )
+    return Section(
+        spec.get("title", "Run"), _with_caption(body, spec), {"stages": data, "wall_s": wall, "env": env}
+    )
+
+
+def text(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    return Section(spec.get("title", ""), str(spec.get("body", "")))
+
+
+KINDS: dict[str, Callable[[RunContext, dict[str, Any]], Section]] = {
+    "table": table,
+    "quality": quality,
+    "samples": samples,
+    "rewards": rewards,
+    "curves": curves,
+    "features": features,
+    "audit": audit,
+    "run": run,
+    "text": text,
+}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _with_caption(body: str, spec: dict[str, Any]) -> str:
+    caption = str(spec.get("caption") or "").strip()
+    return body + ("\n\n" + caption if caption else "")
+
+
+def _num(value: Any, digits: int = 3, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{scale * float(value):.{digits}f}"
+
+
+def _identities(sets: Any, n: int) -> list[str]:
+    """The first ``n`` identities (sorted) that appear in any of the synthetic sets."""
+    return sorted({r.identity for records in sets for r in records})[:n]
+
+
+def _cached(path: Path, key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``compute()`` cached in ``path`` under ``key`` (recomputed when the key changes)."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["value"]
+    value = compute()
+    atomic_write_json(path, {"key": key, "value": value})
+    return value

@@ -1,0 +1,200 @@
+"""Pipeline files: vars, overlays, foreach groups and seeds expand as documented; reports aggregate runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rgsd_lightning.pipeline import load_pipeline, read_spec, set_dotted, substitute_vars
+from rgsd_lightning.pipeline.spec import stage_names
+from rgsd_lightning.report import Row, make_report, results_table
+
+STAGE = {"trainer": {"max_steps": 1, "callbacks": [{"class_path": "x.Writer", "init_args": {"a": 1}}]}}
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    _write(tmp_path / "stage.yaml", STAGE)
+    return tmp_path
+
+
+def test_vars_keep_their_type_when_whole_and_format_inside_strings():
+    variables = {"n": 3, "ids": [1, 2], "name": "cold", "off": None}
+    assert substitute_vars("${n}", variables, "x") == 3
+    assert substitute_vars("${ids}", variables, "x") == [1, 2]
+    assert substitute_vars("k${n}_${name}", variables, "x") == "k3_cold"
+    assert substitute_vars("${off}", variables, "x") is None
+    # innermost first; two-part stage references stay for run time
+    assert substitute_vars("${${name}_start.export}", variables, "x") == "${cold_start.export}"
+    assert substitute_vars({"a": ["${n}", "${s.export}"]}, variables, "x") == {"a": [3, "${s.export}"]}
+    with pytest.raises(ValueError, match=r"here: unknown variable \$\{nope\}"):
+        substitute_vars("a ${nope}", variables, "here")
+
+
+def test_set_dotted_creates_mappings_and_indexes_lists():
+    config = {"trainer": {"callbacks": [{"init_args": {}}]}}
+    set_dotted(config, "trainer.callbacks.0.init_args.x", 5)
+    set_dotted(config, "model.init_args.lr", 0.1)
+    assert (
+        config["trainer"]["callbacks"][0]["init_args"]["x"] == 5 and config["model"]["init_args"]["lr"] == 0.1
+    )
+    with pytest.raises(ValueError, match="not an index"):
+        set_dotted(config, "trainer.callbacks.3.x", 1)
+
+
+def test_stages_expand_foreach_seeds_defaults_and_set(folder: Path):
+    spec = {
+        "output": str(folder / "run"),
+        "vars": {"steps": 7, "root": "${output}/data", "seeds": [0, 2]},
+        "defaults": {"data.root": "${root}"},
+        "stages": [
+            {"name": "prior", "config": "stage.yaml", "set": {"trainer.max_steps": "${steps}"}},
+            {
+                "foreach": [{"shot": 1}, {"shot": 3}],
+                "stages": [
+                    {
+                        "name": "k${shot}_down",
+                        "config": "stage.yaml",
+                        "seeds": "${seeds}",
+                        "test": True,
+                        "set": {"data.shots": "${shot}", "model.seed_copy": "${seed}"},
+                    }
+                ],
+            },
+        ],
+    }
+    path = _write(folder / "p.yaml", spec)
+    output, stages = load_pipeline(path)
+    assert output == folder / "run"
+    assert [s.name for s in stages] == ["prior", "k1_down_s0", "k1_down_s2", "k3_down_s0", "k3_down_s2"]
+    assert stage_names(read_spec(path)) == [s.name for s in stages]
+    prior, last = stages[0], stages[-1]
+    assert prior.config["trainer"]["max_steps"] == 7 and prior.config["data"]["root"] == f"{folder}/run/data"
+    assert "seed_everything" not in prior.config
+    assert last.config["seed_everything"] == 2 and last.config["model"]["seed_copy"] == 2
+    assert last.config["data"]["shots"] == 3 and last.test and last.command == "fit"
+
+
+def test_extends_merges_mappings_and_overrides_apply_last(folder: Path):
+    _write(
+        folder / "base.yaml",
+        {
+            "output": "runs/base",
+            "vars": {"a": 1, "b": 2},
+            "stages": [{"name": "s", "config": "stage.yaml", "set": {"x": "${a}", "y": "${b}"}}],
+        },
+    )
+    sub = folder / "sub"
+    sub.mkdir()
+    overlay = _write(sub / "quick.yaml", {"extends": "../base.yaml", "output": "runs/q", "vars": {"a": 10}})
+    output, stages = load_pipeline(overlay, ["vars.b=[3, 4]"])
+    assert output == Path("runs/q")
+    assert stages[0].config["x"] == 10 and stages[0].config["y"] == [3, 4]  # base's stage file found
+    assert read_spec(overlay)["vars"] == {"a": 10, "b": 2}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"stages": [{"name": "s"}]}, "lacks \\['config'\\]"),
+        ({"stages": [{"name": "s", "config": "stage.yaml", "sett": {}}]}, "unknown keys \\['sett'\\]"),
+        ({"stages": [{"name": "s", "config": "missing.yaml"}]}, "config not found"),
+        ({"stages": [{"name": "s", "config": "stage.yaml"}] * 2}, "repeated: \\['s'\\]"),
+        ({"stages": [{"name": "s", "config": "stage.yaml", "seeds": [0.5]}]}, "list of ints"),
+        ({"stages": [{"foreach": {"k": 1}, "stages": []}]}, "expected a list of values"),
+        ({"stages": [{"name": "s", "config": "stage.yaml", "command": "test"}]}, "'fit' or 'predict'"),
+        ({"stages": [], "colour": 1}, "unknown keys \\['colour'\\]"),
+    ],
+)
+def test_bad_pipelines_fail_naming_the_problem(folder: Path, spec: dict, message: str):
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_pipeline(_write(folder / "bad.yaml", spec))
+
+
+def test_extends_loop_and_bad_override_are_errors(folder: Path):
+    _write(folder / "a.yaml", {"extends": "b.yaml"})
+    _write(folder / "b.yaml", {"extends": "a.yaml"})
+    with pytest.raises(ValueError, match="loops back"):
+        read_spec(folder / "a.yaml")
+    with pytest.raises(ValueError, match="expected key=value"):
+        read_spec(_write(folder / "ok.yaml", {"stages": []}), ["oops"])
+
+
+# ------------------------------------------------------------------------------------------- report
+def test_rows_aggregate_seeds_as_mean_and_sample_std():
+    row = Row.over_runs("Base", "real only", [{"test/mAP": 0.10}, {"test/mAP": 0.20}, {"test/mAP": 0.30}])
+    assert row.metrics["test/mAP"] == pytest.approx(0.20) and row.spread["test/mAP"] == pytest.approx(0.10)
+    single = Row.over_runs("Base", "one", [{"test/mAP": 0.125}])
+    table = results_table([row, single], [("test/mAP", "mAP"), ("test/rank1", "Rank-1")])
+    assert "| Base | real only | 20.0 ± 10.0 | n/a |" in table
+    assert "| Base | one | 12.5 | n/a |" in table
+    with pytest.raises(ValueError, match="no runs"):
+        Row.over_runs("Base", "empty", [])
+
+
+def test_report_table_reads_the_seed_copies_of_a_run(folder: Path):
+    spec = {
+        "output": str(folder / "run"),
+        "vars": {"seeds": [0, 1, 2]},
+        "stages": [
+            {"name": "down_real", "config": "stage.yaml", "seeds": "${seeds}"},
+            {"name": "down_rl", "config": "stage.yaml", "seeds": "${seeds}"},
+        ],
+        "report": {
+            "title": "T",
+            "sections": [
+                {
+                    "kind": "table",
+                    "title": "Results",
+                    "metrics": {"test/mAP": "mAP"},
+                    "rows": [
+                        {"group": "Base", "method": "real", "stage": "down_real"},
+                        {"group": "Syn", "method": "rl", "stage": "down_rl"},
+                    ],
+                    "caption": "seeds ${seeds}",
+                },
+                {"kind": "run"},
+            ],
+        },
+    }
+    run = folder / "run"
+    for seed, value in enumerate([0.5, 0.7, 0.9]):  # down_rl_s2 never finished
+        for name, scale in (("down_real", 1.0), ("down_rl", 0.5)):
+            if name == "down_rl" and seed == 2:
+                continue
+            stage = run / f"{name}_s{seed}"
+            stage.mkdir(parents=True)
+            marker = {"name": stage.name, "seconds": 2.0, "metrics": {"test/mAP": scale * value}}
+            (stage / "stage.json").write_text(json.dumps(marker))
+    report = make_report(run, spec=spec).read_text()
+    assert "| Base | real | 70.0 ± 20.0 |" in report  # mean and sample std of 0.5, 0.7, 0.9
+    assert "| Syn | rl | 30.0 ± 7.1 |" in report  # the finished copies only: 0.25, 0.35
+    assert "seeds [0, 1, 2]" in report and "| down_rl_s2 | not finished |" in report
+    data = json.loads((run / "report.json").read_text())
+    assert [len(r["runs"]) for r in data["sections"][0]["rows"]] == [3, 2]
+
+
+def test_report_says_which_stage_is_missing(folder: Path):
+    spec = {
+        "output": str(folder / "run"),
+        "stages": [{"name": "gen", "config": "stage.yaml"}],
+        "report": {"sections": [{"kind": "audit", "title": "Audit", "set": "gen"}]},
+    }
+    (folder / "run").mkdir()
+    assert (
+        "Not available yet: stage 'gen' has not finished"
+        in make_report(folder / "run", spec=spec).read_text()
+    )
+    with pytest.raises(FileNotFoundError, match="not a pipeline run folder"):
+        make_report(folder)
+    bad = {**spec, "report": {"sections": [{"kind": "pie"}]}}
+    with pytest.raises(ValueError, match="unknown section kind 'pie'"):
+        make_report(folder / "run", spec=bad)

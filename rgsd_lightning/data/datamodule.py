@@ -21,6 +21,7 @@ per rank, without padding (the trainer runs with ``use_distributed_sampler=False
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import os
 from dataclasses import dataclass
@@ -96,6 +97,7 @@ class IdentityDataModule(L.LightningDataModule):
         train_per_identity: identity folders: the first k images of each identity train, the rest test.
         split_seed: identity folders: draw the k train images at random with this seed instead.
         max_train_per_identity: keep at most this many real training images per identity (few-shot).
+        exclude: file-name patterns (fnmatch) of real images to leave out, e.g. ``["*_Ambient*"]`` for Yale B.
         synthetic: synthetic sets to mix into training (folders holding manifest.jsonl, or manifest files).
         synthetic_fraction: share of each identity's K slots filled with synthetic images.
         synthetic_identity_map: renames synthetic identities onto real ones (e.g. an imported set).
@@ -137,6 +139,7 @@ class IdentityDataModule(L.LightningDataModule):
         train_per_identity: int | None = None,
         split_seed: int | None = None,
         max_train_per_identity: int | None = None,
+        exclude: list[str] | None = None,
         synthetic: list[str] | None = None,
         synthetic_fraction: float = 0.25,
         synthetic_identity_map: dict[str, str] | None = None,
@@ -196,6 +199,13 @@ class IdentityDataModule(L.LightningDataModule):
         return len(self.identities)
 
     def _read_real(self) -> dict[str, list[IdentityRecord]]:
+        splits = self._parse_real()
+        patterns = self.hparams.exclude or []
+        if patterns:
+            splits = {k: [r for r in v if not _excluded(r.path, patterns)] for k, v in splits.items()}
+        return splits
+
+    def _parse_real(self) -> dict[str, list[IdentityRecord]]:
         hp, root = self.hparams, self.root
         fmt = self.format
         if fmt == "toy_market":
@@ -209,7 +219,10 @@ class IdentityDataModule(L.LightningDataModule):
             if fmt == "toy_faces":
                 self._ensure_toy(toy.make_toy_faces)
             records = sources.read_identity_folders(
-                root, train_per_identity=hp.train_per_identity, seed=hp.split_seed
+                root,
+                train_per_identity=hp.train_per_identity,
+                seed=hp.split_seed,
+                exclude=(lambda name: _excluded(name, hp.exclude)) if hp.exclude else None,
             )
             return _group_by_split(records)
         if fmt == "unlabelled":
@@ -577,3 +590,9 @@ def _required(value: str | None, field: str, spec: VerificationSpec) -> str:
     if not value:
         raise ValueError(f"verification set of kind {spec.kind!r} needs '{field}'")
     return value
+
+
+def _excluded(path: str, patterns: list[str]) -> bool:
+    """True when the file name of ``path`` matches one of the fnmatch ``patterns``."""
+    name = os.path.basename(path)
+    return any(fnmatch.fnmatch(name, p) for p in patterns)

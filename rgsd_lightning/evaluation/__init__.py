@@ -1,6 +1,6 @@
 """Evaluation protocols: ReID mAP/CMC (Market-1501 protocol) and face verification (insightface 10-fold)."""
 
-from rgsd_lightning.evaluation.reid import ReIDMetric, reid_evaluate, reid_map_cmc
+from rgsd_lightning.evaluation.reid import ReIDMetric, reid_evaluate, reid_evaluate_sources, reid_map_cmc
 from rgsd_lightning.evaluation.verification import (
     VerificationMetric,
     VerificationResult,
@@ -16,6 +16,7 @@ __all__ = [
     "flip_fuse",
     "group_report",
     "reid_evaluate",
+    "reid_evaluate_sources",
     "reid_map_cmc",
     "verification_accuracy",
 ]

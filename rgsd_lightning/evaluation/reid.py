@@ -25,7 +25,7 @@ run on ``torch.get_num_threads()`` threads.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -405,6 +405,60 @@ def reid_evaluate(
     }
 
 
+def reid_evaluate_sources(
+    query_features: Any,
+    gallery_features: Any,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    sources: Mapping[str, Sequence[int]],
+    *,
+    metric: str = "euclidean",
+    max_rank: int = 50,
+) -> dict[str, float]:
+    """``<source>/mAP`` and ``<source>/rank1`` per source, a source being a group of cameras.
+
+    Per source, the queries taken by its cameras are ranked against the gallery images of its cameras only,
+    under the same protocol as :func:`reid_evaluate` (a combined dataset such as VIPeR + PRID + GRID in one
+    Market-1501 layout, each dataset its own camera pair). A source whose queries have no valid match is
+    left out (nothing to rank).
+
+    Args:
+        query_features, gallery_features, q_pids, g_pids, q_camids, g_camids: as :func:`reid_evaluate`;
+            camera ids 0-based as in the records.
+        sources: source name -> camera numbers, 1-based as in the file names (``_c1``).
+        metric: distance, as :func:`reid_evaluate`.
+        max_rank: CMC length.
+    """
+    qf = _as_features(query_features, "query_features")
+    gf = _as_features(gallery_features, "gallery_features")
+    qp, gp = _as_array(q_pids, "q_pids"), _as_array(g_pids, "g_pids")
+    qc, gc = _as_array(q_camids, "q_camids"), _as_array(g_camids, "g_camids")
+    out: dict[str, float] = {}
+    for name, cameras in sources.items():
+        zero_based = [int(c) - 1 for c in cameras]
+        qm, gm = np.isin(qc, zero_based), np.isin(gc, zero_based)
+        if not qm.any() or not gm.any():
+            raise ValueError(f"source {name!r}: no query or gallery image from cameras {list(cameras)}")
+        has_match = (qp[qm][:, None] == gp[gm][None, :]) & (qc[qm][:, None] != gc[gm][None, :])
+        if not has_match.any():
+            continue
+        res = reid_evaluate(
+            qf[torch.from_numpy(qm).to(qf.device)],
+            gf[torch.from_numpy(gm).to(gf.device)],
+            qp[qm],
+            gp[gm],
+            qc[qm],
+            gc[gm],
+            metric=metric,
+            max_rank=max_rank,
+        )
+        out[f"{name}/mAP"] = float(res["mAP"])
+        out[f"{name}/rank1"] = float(res["rank1"])
+    return out
+
+
 class ReIDMetric(Metric):
     """Market-1501 mAP and CMC as a torchmetrics ``Metric`` (query and gallery samples in any order).
 
@@ -415,6 +469,8 @@ class ReIDMetric(Metric):
     Args:
         metric: ``"euclidean"`` (squared Euclidean) or ``"cosine"`` (1 - cosine similarity).
         max_rank: length of the CMC curve used for the rank-k values.
+        sources: per-source results too (``<name>/mAP``, ``<name>/rank1``): name -> camera numbers, 1-based
+            as in the file names (:func:`reid_evaluate_sources`).
         kwargs: passed to ``torchmetrics.Metric`` (e.g. ``process_group``).
     """
 
@@ -422,8 +478,15 @@ class ReIDMetric(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, metric: str = "euclidean", max_rank: int = 50, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        metric: str = "euclidean",
+        max_rank: int = 50,
+        sources: Mapping[str, Sequence[int]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
+        self.sources = {str(k): [int(c) for c in v] for k, v in (sources or {}).items()}
         if metric not in ("euclidean", "cosine"):
             raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
         _check_max_rank(max_rank)
@@ -478,7 +541,19 @@ class ReIDMetric(Metric):
             metric=self.metric,
             max_rank=self.max_rank,
         )
-        return {
-            key: torch.tensor(result[key], dtype=torch.float32, device=self.device)
-            for key in ("mAP", "rank1", "rank5", "rank10")
-        }
+        values = {key: result[key] for key in ("mAP", "rank1", "rank5", "rank10")}
+        if self.sources:
+            values.update(
+                reid_evaluate_sources(
+                    features[q_mask],
+                    features[g_mask],
+                    pids[is_query],
+                    pids[~is_query],
+                    camids[is_query],
+                    camids[~is_query],
+                    self.sources,
+                    metric=self.metric,
+                    max_rank=self.max_rank,
+                )
+            )
+        return {key: torch.tensor(v, dtype=torch.float32, device=self.device) for key, v in values.items()}

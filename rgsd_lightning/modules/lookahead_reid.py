@@ -55,6 +55,8 @@ class LookaheadReID(Recognizer):
         selection: lookahead selection options (``enabled``, ``keep_ratio`` or ``k``, ``lr``, ``scope``).
         flip_test: average each evaluation embedding with the mirror image's.
         metric: evaluation distance, "euclidean" (squared Euclidean) or "cosine".
+        test_sources: test metrics per source too (``test/<name>/mAP``): name -> camera numbers (1-based, as
+            in the file names), for datasets that combine several sources in one layout.
     """
 
     task = "reid"
@@ -82,6 +84,7 @@ class LookaheadReID(Recognizer):
         selection: SelectionConfig | None = None,
         flip_test: bool = False,
         metric: Literal["euclidean", "cosine"] = "euclidean",
+        test_sources: dict[str, list[int]] | None = None,
     ) -> None:
         selection = self._plain_selection(selection)
         milestones = [int(m) for m in milestones]
@@ -94,7 +97,7 @@ class LookaheadReID(Recognizer):
         self.triplet = TripletMarginLoss(margin=triplet_margin, distance=distance, reducer=MeanReducer())
         self.miner = BatchHardMiner(distance=LpDistance(normalize_embeddings=False, p=2, power=1))
         self.val_metric = ReIDMetric(metric=metric)
-        self.test_metric = ReIDMetric(metric=metric)
+        self.test_metric = ReIDMetric(metric=metric, sources=test_sources)
 
     def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Per-sample label-smoothed cross-entropy of the classifier over post-neck embeddings (float32)."""

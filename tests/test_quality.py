@@ -1,0 +1,108 @@
+"""Generator-quality metrics (evaluation/quality.py) and per-source ReID metrics against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rgsd_lightning.evaluation import ReIDMetric, reid_evaluate, reid_evaluate_sources
+from rgsd_lightning.evaluation.quality import fid_kid, identity_fidelity, intra_identity_distance, prototypes
+
+
+# ---------------------------------------------------------------------------------- quality maths
+def test_fidelity_and_diversity_match_hand_computed_values():
+    real = np.array([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-0.6, 0.8]])
+    protos, names = prototypes(real, ["a", "a", "b", "b"])
+    assert names == ["a", "b"]
+    np.testing.assert_allclose(protos[0], np.array([0.9, 0.3]) / math.hypot(0.9, 0.3))
+    np.testing.assert_allclose(protos[1], np.array([-0.3, 0.9]) / math.hypot(0.3, 0.9))
+    # [1, .1] -> a (right); [.7, .7] -> a although labelled b (wrong); [-1, .2] -> b (right)
+    samples = np.array([[1.0, 0.1], [0.7, 0.7], [-1.0, 0.2]])
+    assert identity_fidelity(samples, ["a", "b", "b"], protos, names) == pytest.approx(2 / 3)
+    assert identity_fidelity(samples, ["b", "b", "a"], protos, names) == pytest.approx(0.0)
+
+    # a, b: one pair each at distance sqrt(0.4); c: a 3-4-5 triangle (mean 4); d: one image (ignored)
+    feats = np.array([[1, 0], [0.8, 0.6], [0, 1], [-0.6, 0.8], [0, 0], [3, 4], [0, 4], [9, 9]])
+    labels = ["a", "a", "b", "b", "c", "c", "c", "d"]
+    expected = (math.sqrt(0.4) * 2 + 4.0) / 3
+    assert intra_identity_distance(feats, labels) == pytest.approx(expected)
+    assert intra_identity_distance(feats[:1], ["a"]) is None
+    with pytest.raises(ValueError, match="2 features but 1 labels"):
+        identity_fidelity(samples[:2], ["a"], protos, names)
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    vals, vecs = np.linalg.eigh((a + a.T) / 2)
+    return (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+
+
+def test_fid_and_kid_match_closed_forms_with_the_extractor_as_feature_space():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 3))
+    y = rng.normal(loc=0.5, scale=1.5, size=(40, 3))
+    weight = torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -1.0], [0.2, 0.0, 2.0]], dtype=torch.float64)
+
+    class Linear(nn.Module):  # "images" (N, 3, 1, 1) -> features x W^T: a known feature extractor
+        def forward(self, images):
+            return images.flatten(1).double() @ weight.T
+
+    fx, fy = x @ weight.numpy().T, y @ weight.numpy().T
+    as_images = lambda a: torch.tensor(a).view(-1, 3, 1, 1)  # noqa: E731
+    out = fid_kid(Linear(), 3, as_images(x), as_images(y), kid_subset_size=1000)
+
+    s1, s2 = np.cov(fx, rowvar=False), np.cov(fy, rowvar=False)
+    # Tr sqrt(S1 S2) = Tr sqrt(sqrt(S1) S2 sqrt(S1)) (a symmetric PSD product)
+    r1 = _sqrtm_psd(s1)
+    fid = ((fx.mean(0) - fy.mean(0)) ** 2).sum() + np.trace(s1 + s2) - 2 * np.trace(_sqrtm_psd(r1 @ s2 @ r1))
+    assert out["fid"] == pytest.approx(fid, rel=1e-4)
+
+    def k(a, b):
+        return (a @ b.T / 3 + 1) ** 3
+
+    m = len(fx)  # subset size = every sample: all KID subsets are the same set, so std is 0
+    kxx, kyy, kxy = k(fx, fx), k(fy, fy), k(fx, fy)
+    mmd = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    assert out["kid_subset_size"] == 40
+    assert out["kid"] == pytest.approx(mmd, rel=1e-4)
+    assert out["kid_std"] == pytest.approx(0.0, abs=1e-6 * abs(mmd))
+    same = fid_kid(Linear(), 3, as_images(x), as_images(x), kid_subset_size=1000)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match=">= 2 real and >= 2 synthetic"):
+        fid_kid(Linear(), 3, as_images(x[:1]), as_images(y))
+
+
+# ---------------------------------------------------------------------------------- ReID per source
+def _source_case():
+    # source X = cameras 1,2 (0-based 0,1): the true match is nearest -> AP 1, rank-1 hit
+    # source Y = cameras 3,4 (0-based 2,3): an impostor is nearer -> AP 1/2, rank-1 miss
+    q_pids, q_cams = [1, 3], [0, 2]
+    g_pids, g_cams = [1, 2, 3, 4], [1, 1, 3, 3]
+    qf = np.array([[0.0, 0.0], [10.0, 10.0]])
+    gf = np.array([[0.1, 0.0], [1.0, 0.0], [10.0, 11.0], [10.0, 10.5]])
+    return qf, gf, q_pids, g_pids, q_cams, g_cams
+
+
+def test_source_metrics_hand_case():
+    qf, gf, qp, gp, qc, gc = _source_case()
+    out = reid_evaluate_sources(qf, gf, qp, gp, qc, gc, {"X": [1, 2], "Y": [3, 4], "W": [1, 4]})
+    assert out["X/mAP"] == pytest.approx(1.0) and out["X/rank1"] == 1.0
+    assert out["Y/mAP"] == pytest.approx(0.5) and out["Y/rank1"] == 0.0
+    assert "W/mAP" not in out  # cameras 1 + 4: query 0001 has no match there, nothing to rank
+    overall = reid_evaluate(qf, gf, qp, gp, qc, gc)
+    assert overall["mAP"] == pytest.approx(0.75) and overall["rank1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="source 'Z': no query or gallery image from cameras"):
+        reid_evaluate_sources(qf, gf, qp, gp, qc, gc, {"Z": [5, 6]})
+
+
+def test_reid_metric_adds_per_source_results():
+    qf, gf, qp, gp, qc, gc = _source_case()
+    metric = ReIDMetric(sources={"X": [1, 2], "Y": [3, 4]})
+    features = torch.tensor(np.concatenate([qf, gf]), dtype=torch.float32)
+    metric.update(features, torch.tensor(qp + gp), torch.tensor(qc + gc), torch.tensor([1, 1, 0, 0, 0, 0]))
+    out = metric.compute()
+    assert float(out["X/mAP"]) == pytest.approx(1.0) and float(out["Y/rank1"]) == 0.0
+    assert float(out["mAP"]) == pytest.approx(0.75)

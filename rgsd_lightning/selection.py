@@ -6,7 +6,8 @@ loss changes under a virtual one-step update on the whole batch:
     w' = w - η_v ∇_w mean_batch l_id(w, x)          Δl(x̂) = l_id(w', x̂) - l_id(w, x̂)
 
 The synthetic samples with the smallest Δl (those whose loss the current optimisation direction lowers most)
-are kept; real samples are always kept. Everything here is a pure function of a module and a batch:
+are kept (``rule="negative"``: only those among them with Δl < 0); real samples are always kept.
+Everything here is a pure function of a module and a batch:
 
 * the virtual step is functional (``torch.func.functional_call`` with substituted parameters): no deep copy,
   no parameter is written, and the module is never the DDP wrapper (pass the inner module);
@@ -45,6 +46,7 @@ from torch.func import functional_call
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 LossFn = Callable[[nn.Module, Any], Tensor]
+RULES = ("smallest", "negative")
 
 
 @dataclass
@@ -58,6 +60,10 @@ class SelectionConfig:
         lr: step size η_v of the virtual SGD step.
         scope: "full" (virtual step on every trainable parameter) or "head" (neck + classifier / CosFace
             weights only, backbone features computed once; much cheaper, a coarser utility estimate).
+        step_on: the samples whose mean loss defines the virtual step: "batch" (the paper's Eq. 12) or "real".
+        rule: "smallest" (keep the ``keep_ratio`` / ``k`` synthetic samples with the smallest Δl, the paper)
+            or "negative" (of those, only the ones with Δl < 0: to first order, samples whose gradient agrees
+            with the virtual step's direction; ``keep_ratio: 1.0`` keeps every sample with Δl < 0).
     """
 
     enabled: bool = False
@@ -66,6 +72,7 @@ class SelectionConfig:
     lr: float = 0.01
     scope: Literal["full", "head"] = "full"
     step_on: Literal["batch", "real"] = "batch"
+    rule: Literal["smallest", "negative"] = "smallest"
 
     def __post_init__(self) -> None:
         if self.k is None and self.keep_ratio is None:
@@ -80,6 +87,8 @@ class SelectionConfig:
             raise ValueError(f"selection.scope must be 'full' or 'head', got {self.scope!r}")
         if self.step_on not in ("batch", "real"):
             raise ValueError(f"selection.step_on must be 'batch' or 'real', got {self.step_on!r}")
+        if self.rule not in RULES:
+            raise ValueError(f"selection.rule must be one of {RULES}, got {self.rule!r}")
 
     @classmethod
     def coerce(cls, value: SelectionConfig | dict[str, Any] | None) -> SelectionConfig:
@@ -156,6 +165,7 @@ def lookahead_select(
     losses: Tensor | None = None,
     params: Collection[str] | None = None,
     step_on: Literal["batch", "real"] = "batch",
+    rule: Literal["smallest", "negative"] = "smallest",
 ) -> SelectionResult:
     """Select the synthetic samples of a batch whose identity loss a virtual SGD step lowers most.
 
@@ -175,6 +185,7 @@ def lookahead_select(
         step_on: the samples whose mean loss defines the virtual step: "batch" (every sample, Eq. 12 as the
             paper states it) or "real" (the real samples only, when the batch has some: the direction real
             data pulls in, which a synthetic sample does not influence itself).
+        rule: "smallest" (the ``keep_ratio`` / ``k`` smallest Δl) or "negative" (of those, only Δl < 0).
 
     Returns:
         A :class:`SelectionResult`. With no synthetic sample in the batch nothing is computed and every
@@ -192,6 +203,8 @@ def lookahead_select(
         raise ValueError(f"lr (virtual step size) must be a positive number, got {lr!r}")
     if step_on not in ("batch", "real"):
         raise ValueError(f"step_on must be 'batch' or 'real', got {step_on!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     syn = torch.as_tensor(is_synthetic)
     if syn.dim() != 1:
         raise ValueError(f"is_synthetic must be 1-D (batch,), got shape {tuple(syn.shape)}")
@@ -240,7 +253,7 @@ def lookahead_select(
     _check_losses(after, batch, "loss_fn(module, inputs) at w'")
     before, after = losses.detach(), after.detach().to(losses.dtype)
     delta = torch.where(syn, after - before, torch.full_like(before, float("nan")))
-    return SelectionResult(_keep_mask(delta, syn, n_keep), delta, before, after, syn)
+    return SelectionResult(_keep_mask(delta, syn, n_keep, rule), delta, before, after, syn)
 
 
 def _same_rng(module: nn.Module) -> Any:
@@ -249,13 +262,16 @@ def _same_rng(module: nn.Module) -> Any:
     return torch.random.fork_rng(devices=sorted(devices, key=str))
 
 
-def _keep_mask(delta: Tensor, syn: Tensor, n_keep: int) -> Tensor:
-    """Real samples plus the ``n_keep`` synthetic ones with the smallest Δl (ties: batch order)."""
+def _keep_mask(delta: Tensor, syn: Tensor, n_keep: int, rule: str = "smallest") -> Tensor:
+    """Real samples plus the ``n_keep`` synthetic ones with the smallest Δl (ties: batch order); with
+    ``rule="negative"`` only those of them whose Δl is below 0."""
     idx = torch.nonzero(syn).flatten()
     score = torch.nan_to_num(delta[idx].float(), nan=float("inf"), posinf=float("inf"))
-    order = torch.argsort(score, stable=True)
+    order = torch.argsort(score, stable=True)[:n_keep]
+    if rule == "negative":
+        order = order[score[order] < 0]
     keep = ~syn
-    keep[idx[order[:n_keep]]] = True
+    keep[idx[order]] = True
     return keep
 
 

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from rgsd_lightning.evaluation import ReIDMetric, reid_evaluate, reid_evaluate_sources
-from rgsd_lightning.evaluation.quality import fid_kid, identity_fidelity, intra_identity_distance, prototypes
+from rgsd_lightning.evaluation.quality import (
+    fid_kid,
+    identity_fidelity,
+    intra_identity_distance,
+    prototypes,
+    selection_precision,
+)
 
 
 # ---------------------------------------------------------------------------------- quality maths
@@ -106,3 +112,17 @@ def test_reid_metric_adds_per_source_results():
     out = metric.compute()
     assert float(out["X/mAP"]) == pytest.approx(1.0) and float(out["Y/rank1"]) == 0.0
     assert float(out["mAP"]) == pytest.approx(0.75)
+
+
+def test_selection_precision_hand_case():
+    # a (judge-correct) seen 4 kept 3, b (wrong) seen 4 kept 1, c (correct) seen 2 kept 0
+    out = selection_precision([4, 4, 2], [3, 1, 0], [True, False, True])
+    assert out["kept_share"] == pytest.approx(4 / 10)
+    assert out["precision_seen"] == pytest.approx(6 / 10)  # (4 + 2) correct appearances of 10
+    assert out["precision_kept"] == pytest.approx(3 / 4)  # 3 correct keeps of 4
+    assert out["gain"] == pytest.approx(3 / 4 - 6 / 10)
+    assert math.isnan(selection_precision([2], [0], [True])["precision_kept"])
+    with pytest.raises(ValueError, match="between 0 and the seen"):
+        selection_precision([1], [2], [True])
+    with pytest.raises(ValueError, match="differ in length"):
+        selection_precision([1, 2], [1], [True])

@@ -1,6 +1,7 @@
 """LookaheadReID and CosFaceRecognizer end to end on the toy identities, through the rgsd CLI and YAMLs."""
 
 import copy
+import json
 import logging
 from pathlib import Path
 
@@ -178,6 +179,13 @@ def test_selection_keep_ratio_one_matches_training_without_selection(market_root
     )
     changed = [k for k in off_state if not torch.equal(off_state[k], half.model.state_dict()[k])]
     assert changed  # dropping samples changes the update
+    # the per-image selection log: every synthetic image seen in a batch, kept half of the time overall
+    log = json.loads(next((tmp_path / "half").rglob("selection.json")).read_text())
+    images = log["images"]
+    assert images and all(0 <= i["kept"] <= i["seen"] for i in images)
+    assert sum(i["kept"] for i in images) * 2 == sum(i["seen"] for i in images)
+    assert all(Path(i["path"]).is_relative_to(synthetic_set) for i in images)
+    assert log["rule"]["keep_ratio"] == 0.5 and log["rule"]["rule"] == "smallest"
 
     head = short_fit(
         REID_SELECTION,

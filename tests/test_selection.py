@@ -167,6 +167,28 @@ def test_keeps_exactly_the_smallest_deltas_and_every_real_sample(keep_ratio, k, 
     assert stats["delta_mean"] == pytest.approx(sum(deltas) / len(deltas))
 
 
+@pytest.mark.parametrize("step_on", ["batch", "real"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_negative_rule_keeps_the_smallest_deltas_that_are_below_zero(step_on, keep_ratio):
+    net = make_net("ce", seed=5)
+    inputs, is_syn = make_batch(11, n=16)
+    mask = ~is_syn if step_on == "real" else None
+    expected = brute_force_delta(net, inputs, 2.0, step_mask=mask)
+    result = lookahead_select(
+        net, image_losses, inputs, is_syn, lr=2.0, keep_ratio=keep_ratio, step_on=step_on, rule="negative"
+    )
+    syn_idx = torch.nonzero(is_syn).flatten().tolist()
+    ranked = sorted(syn_idx, key=lambda i: float(expected[i]))[: num_to_keep(len(syn_idx), keep_ratio)]
+    wanted = {i for i in ranked if float(expected[i]) < 0}
+    assert 0 < len(wanted) < len(syn_idx)  # the case separates the rules: some deltas are positive
+    assert set(torch.nonzero(result.keep & is_syn).flatten().tolist()) == wanted
+    assert result.keep[~is_syn].all()
+    smallest = lookahead_select(
+        net, image_losses, inputs, is_syn, lr=2.0, keep_ratio=keep_ratio, step_on=step_on
+    )
+    assert int((smallest.keep & is_syn).sum()) == len(ranked)
+
+
 def test_keep_ratio_one_keeps_everything_and_zero_only_real():
     net = make_net("ce")
     inputs, is_syn = make_batch(4)
@@ -254,6 +276,8 @@ def test_selection_config_validation():
         SelectionConfig(keep_ratio=1.5)
     with pytest.raises(ValueError, match="scope"):
         SelectionConfig(scope="neck")
+    with pytest.raises(ValueError, match="rule"):
+        SelectionConfig(rule="largest")
     with pytest.raises(ValueError, match="lr"):
         SelectionConfig(lr=-1.0)
 

@@ -415,6 +415,10 @@ class IdentityDataModule(L.LightningDataModule):
             dataset = Subset(dataset, list(range(rank, len(dataset), world)))
         return DataLoader(dataset, batch_size=hp.batch_size, shuffle=False, **kwargs)
 
+    def training_records(self) -> list[IdentityRecord]:
+        """The recognizer training set: real, then synthetic records (a batch's ``index`` points here)."""
+        return self.train_records + self.synthetic_records
+
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         if self.task == "generator":
@@ -440,7 +444,7 @@ class IdentityDataModule(L.LightningDataModule):
                 world_size=world,
             )
             return self._loader(IdentityLabels(self.identities), batch_sampler=sampler)
-        records = self.train_records + self.synthetic_records
+        records = self.training_records()
         ds = RecordDataset(records, self.recognizer_transform(True), label_of=self.label_of, mode=self.mode)
         rank, world = self._rank_world()
         sampler = PKBatchSampler(

@@ -246,6 +246,16 @@ class Judge:
         )
         return out
 
+    def verdicts(self, records: Sequence[IdentityRecord]) -> np.ndarray:
+        """Per record: True when the judge's nearest prototype is the record's identity (False for
+        identities the judge does not know)."""
+        if not records:
+            return np.zeros(0, dtype=bool)
+        feats = embed(self.extractor, load_images(records, self.image_size, self.channels))
+        unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        predicted = np.asarray(self.proto_names)[np.argmax(unit @ self.protos.T, axis=1)]
+        return predicted == np.asarray([r.identity for r in records])
+
     def describe(self) -> dict[str, Any]:
         """Facts about the judge's reference (reported with the quality table)."""
         return {
@@ -254,6 +264,34 @@ class Judge:
             "real_diversity": self.real_diversity,
             "real_fidelity": self.real_fidelity,
         }
+
+
+def selection_precision(
+    seen: Sequence[int], kept: Sequence[int], correct: Sequence[bool]
+) -> dict[str, float]:
+    """How well lookahead selection picked synthetic images, by the judge's verdicts.
+
+    Per synthetic image i: ``seen[i]`` batches it was in, ``kept[i]`` of them in which selection kept it,
+    ``correct[i]`` whether the judge assigns it to its intended identity. Returns ``kept_share`` (Σ kept /
+    Σ seen), ``precision_kept`` (judge-correct share among kept samples, weighted by how often each was
+    kept), ``precision_seen`` (the same among all samples selection saw) and ``gain`` (their difference:
+    > 0 when selection prefers faithful samples).
+    """
+    seen_a, kept_a = np.asarray(seen, dtype=np.float64), np.asarray(kept, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if not (len(seen_a) == len(kept_a) == len(ok)):
+        raise ValueError(f"seen, kept and correct differ in length: {len(seen_a)}, {len(kept_a)}, {len(ok)}")
+    if (kept_a > seen_a).any() or (kept_a < 0).any():
+        raise ValueError("kept counts must lie between 0 and the seen counts")
+    if seen_a.sum() == 0:
+        raise ValueError("selection saw no synthetic sample")
+    out = {
+        "kept_share": float(kept_a.sum() / seen_a.sum()),
+        "precision_seen": float(seen_a @ ok / seen_a.sum()),
+    }
+    out["precision_kept"] = float(kept_a @ ok / kept_a.sum()) if kept_a.sum() else float("nan")
+    out["gain"] = out["precision_kept"] - out["precision_seen"]
+    return out
 
 
 def set_summary(card: dict[str, Any]) -> dict[str, Any]:

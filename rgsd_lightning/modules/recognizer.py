@@ -132,7 +132,7 @@ class Recognizer(L.LightningModule):
         cfg = self.selection
         if cfg.enabled and is_syn is not None and bool(torch.as_tensor(is_syn).any()):
             options = dict(lr=cfg.lr, k=cfg.k, keep_ratio=None if cfg.k is not None else cfg.keep_ratio)
-            options.update(losses=losses, step_on=cfg.step_on)
+            options.update(losses=losses, step_on=cfg.step_on, rule=cfg.rule)
             if cfg.scope == "head":
                 inputs = {"features": backbone.detach(), "label": labels}
                 params = self.head_parameter_names()
@@ -141,6 +141,7 @@ class Recognizer(L.LightningModule):
                 inputs = {"image": images, "label": labels}
                 result = lookahead_select(self, _full_scope_losses, inputs, is_syn, **options)
             keep = result.keep
+            self._count_selection(batch, result)
         return {
             "features": features,
             "embeddings": embeddings,
@@ -148,6 +149,45 @@ class Recognizer(L.LightningModule):
             "keep": keep,
             "selection": result,
         }
+
+    # ------------------------------------------------------------------ selection log (per synthetic image)
+    def _count_selection(self, batch: dict[str, Any], result: SelectionResult) -> None:
+        """Count, per training record, how often a synthetic image was in a batch and how often kept."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if "index" not in batch or dm is None or not hasattr(dm, "training_records"):
+            return
+        if getattr(self, "_selection_counts", None) is None:
+            self._selection_counts = torch.zeros(2, len(dm.training_records()), dtype=torch.long)
+        index = torch.as_tensor(batch["index"]).cpu()
+        syn = result.is_synthetic.cpu()
+        counts = self._selection_counts
+        counts[0].index_add_(0, index[syn], torch.ones(int(syn.sum()), dtype=torch.long))
+        kept = syn & result.keep.cpu()
+        counts[1].index_add_(0, index[kept], torch.ones(int(kept.sum()), dtype=torch.long))
+
+    def on_train_end(self) -> None:
+        """Write ``selection.json`` (per synthetic image: times in a batch, times kept) into the run folder.
+
+        Counts cover the training since this process started (a resumed run counts from the resume) and
+        are summed over the ranks; the report's ``selection`` section turns them into selection precision.
+        """
+        counts = getattr(self, "_selection_counts", None)
+        if counts is None:
+            return
+        from rgsd_lightning.callbacks.images import run_dir
+        from rgsd_lightning.data.records import atomic_write_json
+
+        counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
+        directory = run_dir(self.trainer)  # every rank: a collective under DDP
+        if not self.trainer.is_global_zero:
+            return
+        records = self.trainer.datamodule.training_records()
+        images = [
+            {"path": r.path, "identity": r.identity, "seen": int(seen), "kept": int(kept)}
+            for r, seen, kept in zip(records, counts[0].tolist(), counts[1].tolist(), strict=True)
+            if r.source == "synthetic" and seen > 0
+        ]
+        atomic_write_json(directory / "selection.json", {"rule": asdict(self.selection), "images": images})
 
     def log_selection(self, result: SelectionResult | None, batch_size: int) -> None:
         """Log ``train/kept_fraction`` and ``train/delta_mean|min|max`` of a selection result."""

@@ -11,6 +11,8 @@ table       metrics {key: column title}, rows [{group, method, stage}]: a stage'
 quality     judge (a recognizer stage: its export is the feature space, its training images the real
             reference), sets {label: generation stage}: fidelity, spread vs real, FID/KID, reward
             means, near copies (cached in each set's quality.json)
+selection   judge, rows [{method, stage}]: selection precision of recognizer stages that selected
+            (their selection.json): judge-correct share among kept vs among all seen synthetic samples
 samples     real (a stage whose data gives the real images), sets {label: stage}, identities, per_cell
 rewards     sets {label: stage}: mean reward components recorded in the sets' manifests
 curves      stage (an RL stage): reward components and KL over the rollouts
@@ -234,6 +236,42 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
     )
 
 
+def selection(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    from rgsd_lightning.evaluation.quality import selection_precision
+
+    judge, _ = ctx.judge(spec["judge"], int(spec.get("kid_subset_size", 100)))
+    keys = ("kept_share", "precision_seen", "precision_kept", "gain")
+    rows, data = [], []
+    for entry in spec.get("rows") or []:
+        runs = []
+        for name in ctx.copies(entry["stage"]):
+            hits = (
+                sorted(Path(ctx.results[name].folder).rglob("selection.json")) if name in ctx.results else []
+            )
+            if not hits:
+                continue
+            images = json.loads(hits[0].read_text())["images"]
+            records = [IdentityRecord(i["path"], i["identity"], 0, "synthetic", "train") for i in images]
+            verdicts = judge.verdicts(records)
+            runs.append(
+                selection_precision([i["seen"] for i in images], [i["kept"] for i in images], verdicts)
+            )
+        if not runs:
+            rows.append([entry["method"], "no selection log"] + [""] * (len(keys) - 1))
+            continue
+        row = Row.over_runs("", entry["method"], runs)
+        data.append({**entry, "runs": runs, "mean": row.metrics, "std": row.spread or {}})
+        cells = []
+        for key in keys:
+            cell = _num(row.metrics[key], 1, 100)
+            sd = (row.spread or {}).get(key)
+            cells.append(cell if sd is None else f"{cell} ± {100 * sd:.1f}")
+        rows.append([entry["method"], *cells])
+    headers = ["Row", "kept %", "judge-correct % (all seen)", "judge-correct % (kept)", "gain (points)"]
+    body = markdown_table(headers, rows)
+    return Section(spec.get("title", "Selection precision"), _with_caption(body, spec), {"rows": data})
+
+
 def samples(ctx: RunContext, spec: dict[str, Any]) -> Section:
     from rgsd_lightning.report.figures import comparison_grid
 
@@ -355,6 +393,7 @@ def text(ctx: RunContext, spec: dict[str, Any]) -> Section:
 KINDS: dict[str, Callable[[RunContext, dict[str, Any]], Section]] = {
     "table": table,
     "quality": quality,
+    "selection": selection,
     "samples": samples,
     "rewards": rewards,
     "curves": curves,

@@ -29,12 +29,31 @@ REID_BASELINE = str(EXPERIMENTS / "toy" / "reid_baseline.yaml")
 REID_SELECTION = str(EXPERIMENTS / "toy" / "reid_selection.yaml")
 COSFACE = str(EXPERIMENTS / "toy" / "cosface.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+# the toy ReID files are the demo's few-shot stages; these tests train on a larger toy set (64 identities x 8
+# images, every image, P=16, about one pass per epoch, 10 epochs with validation at 5 and 10)
+REID_DATA = [
+    "--data.init_args.toy",
+    "{num_train_ids: 64, num_test_ids: 16, images_per_id: 8, height: 64, width: 32}",
+    "--data.init_args.max_train_per_identity",
+    "null",
+    "--data.init_args.p",
+    "16",
+    "--data.init_args.batches_per_epoch",
+    "null",
+    "--data.init_args.batch_size",
+    "128",
+    "--trainer.max_epochs",
+    "10",
+    "--trainer.check_val_every_n_epoch",
+    "5",
+]
 
 
 def run_cli(args, root, out):
     """``rgsd <args>`` from Python on the toy data at ``root``, logs under ``out``; returns the CLI object."""
+    data = REID_DATA if any(a in (REID_BASELINE, REID_SELECTION) for a in args) else []
     return build_cli(
-        [*args, "--data.init_args.root", str(root), "--trainer.default_root_dir", str(out), *QUIET]
+        [*args, *data, "--data.init_args.root", str(root), "--trainer.default_root_dir", str(out), *QUIET]
     )
 
 
@@ -85,7 +104,7 @@ def synthetic_set(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_reid(market_root, tmp_path_factory):
-    """The toy baseline YAML as shipped (10 epochs), trained once for the tests below."""
+    """The toy baseline YAML on the larger toy set (10 epochs), trained once for the tests below."""
     out = tmp_path_factory.mktemp("reid_run")
     return run_cli(["fit", "--config", REID_BASELINE], market_root, out)
 
@@ -153,7 +172,7 @@ def test_selection_on_a_trained_model_drops_mislabelled_synthetic_images(trained
 
 
 def test_selection_keep_ratio_one_matches_training_without_selection(market_root, synthetic_set, tmp_path):
-    syn = ["--data.init_args.synthetic", f"[{synthetic_set}]"]
+    syn = ["--data.init_args.synthetic", f"[{synthetic_set}]", "--data.init_args.synthetic_fraction", "0.25"]
     off = short_fit(REID_BASELINE, market_root, tmp_path / "off", *syn)
     on = short_fit(
         REID_SELECTION, market_root, tmp_path / "on", *syn, "--model.init_args.selection.keep_ratio", "1.0"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from rgsd_lightning import IdentityDataModule
 from rgsd_lightning.data import IdentityRecord, write_manifest
-from rgsd_lightning.data.datamodule import VerificationSpec
+from rgsd_lightning.data.face_loaders import VerificationSpec
 from rgsd_lightning.data.images import BadImageError
 
 
@@ -51,7 +51,7 @@ def test_generator_loaders(toy_market):
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "label"}
     assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].min() >= -1
-    train, val = dm._generator_split()
+    train, val = dm.task_loaders.split()
     assert val and not {r.path for r in train} & {r.path for r in val}
     assert {r.identity for r in val} <= set(dm.identities)
     assert len(train) + len(val) == len(dm.split_records("train"))
@@ -166,7 +166,7 @@ def test_eval_and_predict_loaders_are_sharded_without_padding(toy_market, monkey
     dm = _dm(toy_market, task="reid")
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(IdentityDataModule, "_rank_world", lambda self, r=rank: (r, 2))
+        monkeypatch.setattr(IdentityDataModule, "rank_world", lambda self, r=rank: (r, 2))
         seen.append([p for b in dm.val_dataloader() for p in b["pid"].tolist()])
         train_labels = [set(b["label"].tolist()) for b in dm.train_dataloader()]
         assert train_labels

@@ -94,7 +94,12 @@ def tiny_generator_export(toy_market, tmp_path_factory) -> str:
         root=toy_market, format="toy_market", task="generator", image_size=8, batch_size=8
     )
     model = ColdStartDiT(
-        dm.num_identities, preset="tiny", image_size=8, trainable="all", lr=3e-3, grid=GridConfig(identities=0)
+        dm.num_identities,
+        preset="tiny",
+        image_size=8,
+        trainable="all",
+        lr=3e-3,
+        grid=GridConfig(identities=0),
     )
     trainer = L.Trainer(
         accelerator="cpu",

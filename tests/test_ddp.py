@@ -39,7 +39,9 @@ def test_generation_is_sharded_across_ranks_and_merged_once(tiny_generator_expor
         batch_size=4,
         generate_per_identity=3,
     )
-    model = SyntheticGenerator(dm.num_identities, export=tiny_generator_export, sampler=SamplerConfig(steps=3))
+    model = SyntheticGenerator(
+        dm.num_identities, export=tiny_generator_export, sampler=SamplerConfig(steps=3)
+    )
     out = tmp_path / "ddp"
     _trainer(tmp_path, callbacks=[SyntheticSetWriter(str(out), audit=False)]).predict(
         model, dm, return_predictions=False

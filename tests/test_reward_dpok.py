@@ -83,7 +83,9 @@ def _fixed_norm_composite(cold: dict, new: dict, lambdas=(1.0, 0.75, 0.25)) -> t
 @pytest.mark.slow
 def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, toy_market, tmp_path):
     L.seed_everything(0)
-    model = _model(tiny_generator_export, lr=1e-2, objective=PolicyGradientConfig(kl_weight=0.01, ratio_clip=0.2))
+    model = _model(
+        tiny_generator_export, lr=1e-2, objective=PolicyGradientConfig(kl_weight=0.01, ratio_clip=0.2)
+    )
     _trainer(tmp_path).fit(model, _dm(toy_market, 40))
     export = model.export(tmp_path / "rl_export")
     bank: MemoryBank = model.reward.bank

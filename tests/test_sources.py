@@ -17,7 +17,6 @@ from PIL import Image
 
 from rgsd_lightning.data import sources
 from rgsd_lightning.data.images import load_image
-from rgsd_lightning.data.records import IdentityRecord
 from rgsd_lightning.data.pairs import (
     VerificationPairs,
     load_pairs,
@@ -28,6 +27,7 @@ from rgsd_lightning.data.pairs import (
     save_pairs,
     write_verification_bin,
 )
+from rgsd_lightning.data.records import IdentityRecord
 from rgsd_lightning.data.sources import (
     read_cuhk03np,
     read_identity_folders,

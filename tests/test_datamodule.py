@@ -137,6 +137,9 @@ def test_face_task_verification_and_identification(toy_faces):
     ident = next(iter(loaders[1]))
     assert set(ident) == {"image", "label"}
     assert len(dm.split_records("test")) == 6 * 3  # 6 images per id, 3 for training
+    assert dm.hparams.verification == [  # plain dicts: checkpoints load with weights_only
+        {"kind": "auto", "path": None, "root": None, "name": None, "num_pairs": 20, "seed": 0}
+    ]
 
 
 def test_rl_task_serves_distinct_identities(toy_market):
@@ -201,6 +204,10 @@ def test_bad_configuration_errors(toy_market, tmp_path):
     dm = _dm(toy_market, task="face")
     with pytest.raises(ValueError, match="test split"):
         dm.setup("fit")
+    with pytest.raises(ValueError, match="task must be one of"):
+        _dm(toy_market, task="segmentation")
+    with pytest.raises(ValueError, match="task 'generator' has no recognizer input"):
+        _dm(toy_market, task="generator").recognizer_preprocessing()
 
 
 def test_label_map_is_saved_with_the_run(toy_market, tmp_path):

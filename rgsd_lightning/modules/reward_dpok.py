@@ -67,6 +67,8 @@ from rgsd_lightning.rl import (
     policy_gradient_loss,
 )
 
+RL_GROUPS = ("lora", "objective", "update")
+"""RewardDPOK's own config groups (beside the generator stages' ``sampler``, ``grid``, ``reward``)."""
 REWARD_KEYS = ("total", "sem", "cov", "exp", "sem_std", "cov_std", "exp_std", "cov_group", "exp_group")
 
 
@@ -116,13 +118,8 @@ class RewardDPOK(GeneratorModule):
         self.lora = as_config(LoRAConfig, lora, "lora")
         self.objective = as_config(PolicyGradientConfig, objective, "objective")
         self.update = as_config(UpdateConfig, update, "update")
-        self.save_hyperparameters(ignore=[*GROUPS, "lora", "objective", "update"])  # the other arguments
-        self.save_hyperparameters(
-            {
-                **self.group_hparams(),
-                **plain({"lora": self.lora, "objective": self.objective, "update": self.update}),
-            }
-        )
+        self.save_hyperparameters(ignore=[*GROUPS, *RL_GROUPS])  # this __init__'s other arguments
+        self.save_hyperparameters({**self.group_hparams(), **plain({g: getattr(self, g) for g in RL_GROUPS})})
         self.automatic_optimization = False
         if self.sampler.method == "ddim" and self.sampler.eta <= 0:
             raise ValueError(

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import environment, interleaved_times, median
+from rgsd_lightning.modules.config import EmbeddingNetConfig
 from rgsd_lightning.modules.lookahead_reid import LookaheadReID
 from rgsd_lightning.selection import SelectionConfig
 
@@ -115,7 +116,7 @@ def run(
         seed: model seed.
     """
     torch.manual_seed(seed)
-    base = LookaheadReID(p, architecture=arch).to(device).train()
+    base = LookaheadReID(p, net=EmbeddingNetConfig(architecture=arch)).to(device).train()
     batch = _batch(p, k, height, width, synthetic_fraction, device)
     steps: dict[str, Callable[[], float]] = {}
     for variant in VARIANTS:

@@ -126,6 +126,7 @@ def build_dpok(
     """
     from rgsd_lightning import RewardDPOK
     from rgsd_lightning.backbones import EmbeddingNet, FeatureExtractor
+    from rgsd_lightning.modules.config import GridConfig, PolicyGradientConfig, SamplerConfig, UpdateConfig
     from rgsd_lightning.rewards import CompositeReward, MemoryBank
 
     n = int(cfg["num_identities"])
@@ -134,13 +135,12 @@ def build_dpok(
         generator=str(export),
         trainable=trainable,
         samples_per_identity=cfg["k"],
-        sample_steps=cfg["sample_steps"],
-        guidance_scale=guidance_scale,
-        policy_steps=cfg["policy_steps"],
-        grad_accum=cfg["grad_accum"],
-        micro_batch=cfg["micro_batch"],
-        ratio_check_tol=ratio_check_tol,
-        grid_every_n_steps=0,
+        sampler=SamplerConfig(steps=cfg["sample_steps"], guidance_scale=guidance_scale, eta=1.0),
+        update=UpdateConfig(
+            policy_steps=cfg["policy_steps"], grad_accum=cfg["grad_accum"], micro_batch=cfg["micro_batch"]
+        ),
+        objective=PolicyGradientConfig(ratio_check_tol=ratio_check_tol),
+        grid=GridConfig(every_n_steps=0),
     )
     torch.manual_seed(0)
     net = EmbeddingNet(cfg["extractor"], neck="none")

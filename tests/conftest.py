@@ -85,6 +85,7 @@ def tiny_generator_export(toy_market, tmp_path_factory) -> str:
 
     from rgsd_lightning import ColdStartDiT, IdentityDataModule
     from rgsd_lightning.callbacks.export import ExportArtifact
+    from rgsd_lightning.modules.config import GridConfig
 
     L.seed_everything(0)
     run = tmp_path_factory.mktemp("generator")
@@ -93,7 +94,12 @@ def tiny_generator_export(toy_market, tmp_path_factory) -> str:
         root=toy_market, format="toy_market", task="generator", image_size=8, batch_size=8
     )
     model = ColdStartDiT(
-        dm.num_identities, preset="tiny", image_size=8, trainable="all", lr=3e-3, grid_identities=0
+        dm.num_identities,
+        preset="tiny",
+        image_size=8,
+        trainable="all",
+        lr=3e-3,
+        grid=GridConfig(identities=0),
     )
     trainer = L.Trainer(
         accelerator="cpu",

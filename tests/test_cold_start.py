@@ -16,9 +16,15 @@ from rgsd_lightning.callbacks.export import ExportArtifact
 from rgsd_lightning.callbacks.writer import SyntheticSetWriter
 from rgsd_lightning.data import read_manifest
 from rgsd_lightning.diffusion import DiTGenerator, sample
+from rgsd_lightning.modules.config import GridConfig, SamplerConfig
 from rgsd_lightning.modules.generate import SyntheticGenerator
 
-TINY = {"preset": "tiny", "image_size": 8, "sample_steps": 4, "grid_identities": 2, "grid_samples": 2}
+TINY = {
+    "preset": "tiny",
+    "image_size": 8,
+    "sampler": SamplerConfig(steps=4),
+    "grid": GridConfig(identities=2, samples=2),
+}
 
 
 def _dm(root, **kw):
@@ -70,7 +76,7 @@ def test_export_reload_reproduces_samples_bit_for_bit(trained):
 
 def _generate(export, root, out, per_identity, tmp, writer_cls=SyntheticSetWriter):
     dm = _dm(root, generate_per_identity=per_identity)
-    model = SyntheticGenerator(dm.num_identities, export=str(export), sample_steps=3)
+    model = SyntheticGenerator(dm.num_identities, export=str(export), sampler=SamplerConfig(steps=3))
     writer = writer_cls(str(out))
     quiet_trainer(tmp, callbacks=[writer]).predict(model, dm, return_predictions=False)
     return dm
@@ -226,8 +232,8 @@ def test_paper_path_in_miniature_latent_mode_from_a_pretrained_folder(toy_market
         image_size=8,
         trainable="label_table",
         lr=1e-2,
-        grid_identities=0,
-        sample_steps=3,
+        grid={"identities": 0},  # a mapping of the group's fields works too
+        sampler={"steps": 3},
     )
     assert model.generator.vae is not None and model.generator.in_channels == 4
     before = {n: p.detach().clone() for n, p in model.generator.transformer.named_parameters()}

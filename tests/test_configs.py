@@ -42,7 +42,7 @@ def test_every_dataset_has_the_paper_stages():
     market = yaml.safe_load((EXPERIMENTS / "market1501" / "reward_dpok.yaml").read_text())["model"][
         "init_args"
     ]
-    assert market["lr"] == 1e-5 and market["reward_lambdas"] == [1.0, 0.75, 0.25]  # paper §5.1
+    assert market["lr"] == 1e-5 and market["reward"]["lambdas"] == [1.0, 0.75, 0.25]  # paper §5.1
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(EXPERIMENTS)))

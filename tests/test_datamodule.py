@@ -13,7 +13,7 @@ from PIL import Image
 
 from rgsd_lightning import IdentityDataModule
 from rgsd_lightning.data import IdentityRecord, write_manifest
-from rgsd_lightning.data.datamodule import VerificationSpec
+from rgsd_lightning.data.face_loaders import VerificationSpec
 from rgsd_lightning.data.images import BadImageError
 
 
@@ -51,7 +51,7 @@ def test_generator_loaders(toy_market):
     batch = next(iter(dm.train_dataloader()))
     assert set(batch) == {"image", "label"}
     assert batch["image"].shape == (4, 3, 16, 16) and batch["image"].min() >= -1
-    train, val = dm._generator_split()
+    train, val = dm.task_loaders.split()
     assert val and not {r.path for r in train} & {r.path for r in val}
     assert {r.identity for r in val} <= set(dm.identities)
     assert len(train) + len(val) == len(dm.split_records("train"))
@@ -137,6 +137,9 @@ def test_face_task_verification_and_identification(toy_faces):
     ident = next(iter(loaders[1]))
     assert set(ident) == {"image", "label"}
     assert len(dm.split_records("test")) == 6 * 3  # 6 images per id, 3 for training
+    assert dm.hparams.verification == [  # plain dicts: checkpoints load with weights_only
+        {"kind": "auto", "path": None, "root": None, "name": None, "num_pairs": 20, "seed": 0}
+    ]
 
 
 def test_rl_task_serves_distinct_identities(toy_market):
@@ -166,7 +169,7 @@ def test_eval_and_predict_loaders_are_sharded_without_padding(toy_market, monkey
     dm = _dm(toy_market, task="reid")
     seen = []
     for rank in range(2):
-        monkeypatch.setattr(IdentityDataModule, "_rank_world", lambda self, r=rank: (r, 2))
+        monkeypatch.setattr(IdentityDataModule, "rank_world", lambda self, r=rank: (r, 2))
         seen.append([p for b in dm.val_dataloader() for p in b["pid"].tolist()])
         train_labels = [set(b["label"].tolist()) for b in dm.train_dataloader()]
         assert train_labels
@@ -201,6 +204,10 @@ def test_bad_configuration_errors(toy_market, tmp_path):
     dm = _dm(toy_market, task="face")
     with pytest.raises(ValueError, match="test split"):
         dm.setup("fit")
+    with pytest.raises(ValueError, match="task must be one of"):
+        _dm(toy_market, task="segmentation")
+    with pytest.raises(ValueError, match="task 'generator' has no recognizer input"):
+        _dm(toy_market, task="generator").recognizer_preprocessing()
 
 
 def test_label_map_is_saved_with_the_run(toy_market, tmp_path):

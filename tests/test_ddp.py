@@ -14,6 +14,7 @@ from conftest import quiet_trainer
 from rgsd_lightning import IdentityDataModule, LookaheadReID
 from rgsd_lightning.callbacks.writer import SyntheticSetWriter
 from rgsd_lightning.data import read_manifest
+from rgsd_lightning.modules.config import EmbeddingNetConfig, SamplerConfig
 from rgsd_lightning.modules.generate import SyntheticGenerator
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,9 @@ def test_generation_is_sharded_across_ranks_and_merged_once(tiny_generator_expor
         batch_size=4,
         generate_per_identity=3,
     )
-    model = SyntheticGenerator(dm.num_identities, export=tiny_generator_export, sample_steps=3)
+    model = SyntheticGenerator(
+        dm.num_identities, export=tiny_generator_export, sampler=SamplerConfig(steps=3)
+    )
     out = tmp_path / "ddp"
     _trainer(tmp_path, callbacks=[SyntheticSetWriter(str(out), audit=False)]).predict(
         model, dm, return_predictions=False
@@ -85,7 +88,7 @@ def test_downstream_reid_trains_in_two_processes(toy_market, tmp_path):
     )
     model = LookaheadReID(
         dm.num_identities,
-        architecture="test_resnet",
+        net=EmbeddingNetConfig(architecture="test_resnet"),
         lr=3.5e-3,
         warmup_epochs=0,
         milestones=[100],

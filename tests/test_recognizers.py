@@ -19,6 +19,7 @@ from rgsd_lightning.data import toy
 from rgsd_lightning.data.datamodule import IdentityDataModule
 from rgsd_lightning.data.records import IdentityRecord, read_manifest, write_manifest
 from rgsd_lightning.data.transforms import to_recognizer_input
+from rgsd_lightning.modules.config import EmbeddingNetConfig
 from rgsd_lightning.modules.cosface import CosFaceRecognizer
 from rgsd_lightning.modules.lookahead_reid import LookaheadReID
 from rgsd_lightning.modules.recognizer import warmup_multistep_factor
@@ -28,6 +29,7 @@ EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 REID_BASELINE = str(EXPERIMENTS / "toy" / "reid_baseline.yaml")
 REID_SELECTION = str(EXPERIMENTS / "toy" / "reid_selection.yaml")
 COSFACE = str(EXPERIMENTS / "toy" / "cosface.yaml")
+TEST_NET = EmbeddingNetConfig(architecture="test_resnet")  # a tiny timm ResNet, random init
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 # the toy ReID files are the demo's few-shot stages; these tests train on a larger toy set (64 identities x 8
 # images, every image, P=16, about one pass per epoch, 10 epochs with validation at 5 and 10)
@@ -114,7 +116,7 @@ def trained_reid(market_root, tmp_path_factory):
 def test_reid_training_beats_random_features_and_tests(trained_reid):
     trained = {k: float(v) for k, v in trained_reid.trainer.callback_metrics.items() if k.startswith("val/")}
     torch.manual_seed(0)
-    untrained = LookaheadReID(trained_reid.datamodule.num_identities, architecture="test_resnet")
+    untrained = LookaheadReID(trained_reid.datamodule.num_identities, net=TEST_NET)
     random = quiet_trainer().validate(untrained, datamodule=trained_reid.datamodule, verbose=False)[0]
     assert random["val/mAP"] < 0.2 and random["val/rank1"] < 0.2  # untrained features on unseen identities
     assert trained["val/mAP"] > random["val/mAP"] + 0.2
@@ -274,7 +276,9 @@ def test_cosface_training_beats_chance_and_reports_groups(tmp_path):
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     assert metrics["val/verif_acc"] == metrics["val/auto/accuracy"]
     torch.manual_seed(0)
-    untrained = CosFaceRecognizer(cli.datamodule.num_identities, architecture="test_resnet", embedding_dim=64)
+    untrained = CosFaceRecognizer(
+        cli.datamodule.num_identities, net={"architecture": "test_resnet", "embedding_dim": 64}
+    )
     random = quiet_trainer().validate(untrained, datamodule=cli.datamodule, verbose=False)[0]
     assert random["val/verif_acc"] < 0.65  # untrained features already separate some toy faces
     assert metrics["val/verif_acc"] > 0.7 and metrics["val/verif_acc"] > random["val/verif_acc"] + 0.1
@@ -355,10 +359,12 @@ def test_warmup_multistep_factor_hand_worked():
 
 def test_recognizers_reject_bad_configuration():
     with pytest.raises(ValueError, match="num_identities"):
-        LookaheadReID(1, architecture="test_resnet")
+        LookaheadReID(1, net=TEST_NET)
     with pytest.raises(ValueError, match="unknown keys"):
-        LookaheadReID(4, architecture="test_resnet", selection={"ratio": 0.5})
+        LookaheadReID(4, net=TEST_NET, selection={"ratio": 0.5})
     with pytest.raises(ValueError, match="label_smoothing"):
-        LookaheadReID(4, architecture="test_resnet", label_smoothing=1.5)
+        LookaheadReID(4, net=TEST_NET, label_smoothing=1.5)
     with pytest.raises(ValueError, match="preprocessing"):
-        CosFaceRecognizer(4, architecture="test_resnet", embedding_dim=8).export("/nonexistent/never-written")
+        CosFaceRecognizer(4, net=EmbeddingNetConfig("test_resnet", embedding_dim=8)).export("/nonexistent/x")
+    with pytest.raises(ValueError, match="net: unknown keys"):
+        LookaheadReID(4, net={"architecture": "test_resnet", "embeding_dim": 8})

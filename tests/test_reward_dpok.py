@@ -13,6 +13,7 @@ from torch import nn
 from rgsd_lightning import IdentityDataModule, RewardDPOK
 from rgsd_lightning.backbones import FeatureExtractor
 from rgsd_lightning.diffusion import DiTGenerator, sample
+from rgsd_lightning.modules.config import GridConfig, PolicyGradientConfig, SamplerConfig, UpdateConfig
 from rgsd_lightning.rewards import MemoryBank
 from rgsd_lightning.rewards import functional as RF
 from rgsd_lightning.rl.lora import lora_parameters
@@ -31,13 +32,10 @@ def _extractor() -> FeatureExtractor:
 
 FAST = dict(
     samples_per_identity=4,
-    sample_steps=10,
-    guidance_scale=1.0,
-    policy_steps=2,
-    micro_batch=16,
-    grad_accum=2,
-    grid_every_n_steps=0,
-    kl_weight=0.01,
+    sampler=SamplerConfig(steps=10, guidance_scale=1.0, eta=1.0),
+    update=UpdateConfig(policy_steps=2, micro_batch=16, grad_accum=2),
+    grid=GridConfig(every_n_steps=0),
+    objective=PolicyGradientConfig(kl_weight=0.01),
 )
 
 
@@ -85,7 +83,9 @@ def _fixed_norm_composite(cold: dict, new: dict, lambdas=(1.0, 0.75, 0.25)) -> t
 @pytest.mark.slow
 def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, toy_market, tmp_path):
     L.seed_everything(0)
-    model = _model(tiny_generator_export, lr=1e-2, ratio_clip=0.2)
+    model = _model(
+        tiny_generator_export, lr=1e-2, objective=PolicyGradientConfig(kl_weight=0.01, ratio_clip=0.2)
+    )
     _trainer(tmp_path).fit(model, _dm(toy_market, 40))
     export = model.export(tmp_path / "rl_export")
     bank: MemoryBank = model.reward.bank
@@ -158,7 +158,9 @@ def test_bad_inputs_give_clear_errors(tiny_generator_export, toy_market, tmp_pat
     with pytest.raises(ValueError, match="identities"):
         RewardDPOK(7, generator=tiny_generator_export)
     with pytest.raises(ValueError, match="eta > 0"):
-        RewardDPOK(6, generator=tiny_generator_export, eta=0.0)
+        RewardDPOK(6, generator=tiny_generator_export, sampler=SamplerConfig(eta=0.0))
+    with pytest.raises(ValueError, match="timestep_fraction"):
+        RewardDPOK(6, generator=tiny_generator_export, update={"timestep_fraction": 0.0})
     model = RewardDPOK(6, generator=tiny_generator_export)
     with pytest.raises(ValueError, match="reward_extractor"):
         _trainer(tmp_path).fit(model, _dm(toy_market, 1))

@@ -16,6 +16,7 @@ from rgsd_lightning.diffusion import (
     sample,
     step_with_logprob,
 )
+from rgsd_lightning.diffusion.schedule import SIGMA_MIN, alpha_bar, step_sigmas
 
 AC = alphas_cumprod()  # DiT schedule: 1000 steps, linear betas 1e-4..0.02
 
@@ -128,6 +129,35 @@ def test_last_step_of_dit_leading_schedule_is_finite():
         assert torch.equal(again.log_prob, torch.zeros(3))
         x0 = (x - (1 - AC[0]).sqrt() * eps) / AC[0].sqrt()  # last step returns the x0 prediction
         assert torch.allclose(out.prev_sample, x0, atol=1e-5)
+
+
+def test_alpha_bar_per_sample_and_past_the_end():
+    x = torch.zeros(3, 2, 4, 4)
+    t = torch.tensor([999, 0, -1])
+    got = alpha_bar(AC, t, x)
+    assert got.shape == (3, 1, 1, 1)
+    assert torch.equal(got.flatten(), torch.stack([AC[999], AC[0], torch.tensor(1.0)]))
+    assert torch.equal(alpha_bar(AC, 400, x), AC[400].expand(3, 1, 1, 1))  # int: one t for the batch
+    assert torch.equal(alpha_bar(AC, torch.tensor(400), x), alpha_bar(AC, 400, x))
+    assert torch.equal(alpha_bar(AC, -1, x), torch.ones(3, 1, 1, 1))
+
+
+@pytest.mark.parametrize(("method", "eta", "spacing"), [("ddim", 0.7, "leading"), ("ddpm", 0.0, "trailing")])
+def test_step_sigmas_equal_diffusers_variance_and_the_step_std(method, eta, spacing):
+    ts, prev = make_timesteps(1000, 10, spacing)
+    sigmas = step_sigmas(ts, prev, AC, eta, method)
+    sched = _dit_ddim()
+    sched.set_timesteps(10, device="cpu")
+    scale = 1.0 if method == "ddpm" else eta
+    for i in range(10):  # diffusers' DDIM variance of the same step (its own ᾱ_prev = 1 past the end)
+        ref = scale * float(sched._get_variance(int(ts[i]), int(prev[i]))) ** 0.5
+        assert sigmas[i].item() == pytest.approx(ref, rel=1e-5, abs=1e-9), i
+        x, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        std = step_with_logprob(eps, x, int(ts[i]), int(prev[i]), AC, eta=eta, method=method).std
+        assert std.flatten()[0].item() == pytest.approx(sigmas[i].item(), rel=1e-5, abs=1e-9), i
+    stochastic = sigmas > SIGMA_MIN
+    assert stochastic[:-1].all() and not stochastic[-1]  # the last step (t_prev = -1) is deterministic
+    assert not (step_sigmas(ts, prev, AC, 0.0, "ddim") > SIGMA_MIN).any()  # DDIM eta 0: nothing stochastic
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

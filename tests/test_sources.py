@@ -17,20 +17,22 @@ from PIL import Image
 
 from rgsd_lightning.data import sources
 from rgsd_lightning.data.images import load_image
-from rgsd_lightning.data.records import IdentityRecord
-from rgsd_lightning.data.sources import (
+from rgsd_lightning.data.pairs import (
     VerificationPairs,
     load_pairs,
     make_pairs,
-    read_cuhk03np,
-    read_identity_folders,
-    read_market1501,
     read_pairs_txt,
     read_rfw_groups,
-    read_unlabelled_images,
     read_verification_bin,
     save_pairs,
     write_verification_bin,
+)
+from rgsd_lightning.data.records import IdentityRecord
+from rgsd_lightning.data.sources import (
+    read_cuhk03np,
+    read_identity_folders,
+    read_market1501,
+    read_unlabelled_images,
 )
 
 

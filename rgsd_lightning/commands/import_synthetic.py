@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 from rgsd_lightning.data import sources
+from rgsd_lightning.data.listing import natural_key
 from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest, write_manifest
 
 TARGET_FORMATS = ("identity_folders", "market1501", "cuhk03np", "manifest")
@@ -159,12 +160,12 @@ def import_synthetic(
         raise FileExistsError(f"{out / MANIFEST} exists: pass overwrite=True (--overwrite) to replace it")
     mapping = read_identity_map(identity_map) if isinstance(identity_map, str | Path) else identity_map
     records = sources.read_identity_folders(source)
-    folders = sorted({r.identity for r in records}, key=sources.natural_key)
+    folders = sorted({r.identity for r in records}, key=natural_key)
     rename = {f: (mapping.get(f) if mapping is not None else f) for f in folders}
     bad = [f for f in folders if rename[f] is None]
     if known_identities is not None:
         bad += [f for f in folders if rename[f] is not None and rename[f] not in known_identities]
-    bad = sorted(set(bad), key=sources.natural_key)
+    bad = sorted(set(bad), key=natural_key)
     if bad and unknown == "error":
         why = []
         if mapping is not None:

@@ -1,5 +1,15 @@
 """Identity data: records and manifests, dataset parsers, toy identities, transforms, samplers."""
 
+from rgsd_lightning.data.pairs import (
+    VerificationPairs,
+    load_pairs,
+    make_pairs,
+    read_pairs_txt,
+    read_rfw_groups,
+    read_verification_bin,
+    save_pairs,
+    write_verification_bin,
+)
 from rgsd_lightning.data.records import (
     IdentityRecord,
     atomic_write_json,
@@ -9,18 +19,10 @@ from rgsd_lightning.data.records import (
     write_manifest,
 )
 from rgsd_lightning.data.sources import (
-    VerificationPairs,
-    load_pairs,
-    make_pairs,
     read_cuhk03np,
     read_identity_folders,
     read_market1501,
-    read_pairs_txt,
-    read_rfw_groups,
     read_unlabelled_images,
-    read_verification_bin,
-    save_pairs,
-    write_verification_bin,
 )
 
 __all__ = [

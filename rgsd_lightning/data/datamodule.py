@@ -3,19 +3,21 @@
 It parses a real dataset (any parser in ``sources``, or the embedded toy identities) in its constructor -
 file names only, no decoding - so ``num_identities`` is known before the model is built and the CLI can
 link it. Synthetic sets (manifests written by generation) join the real training records with a
-``source`` flag. The loaders it serves depend on ``task``:
+``source`` flag. The train / val / test loaders depend on ``task`` and are built by a small helper per task:
 
-================  ==========================================  ======================================
-task              train                                       val / test
-================  ==========================================  ======================================
-``generator``     square images + label (shuffled)            held-out images (denoising loss)
-``reid``          P x K identity batches, real + synthetic     query + gallery (mAP / CMC)
-``face``          P x K identity batches, real + synthetic     verification sets (+ identification)
-``rl``            P identity labels per step (the RL rollout)  none
-================  ==========================================  ======================================
+=============  ===========================================  ================================  ================
+task           train                                        val / test                        helper
+=============  ===========================================  ================================  ================
+``generator``  square images + label (shuffled)             held-out images (denoising loss)  GeneratorLoaders
+``rl``         P identity labels per step (the RL rollout)  none                              RLLoaders
+``reid``       P x K identity batches, real + synthetic     query + gallery (mAP / CMC)       ReIDLoaders
+``face``       P x K identity batches, real + synthetic     verification + identification    FaceLoaders
+=============  ===========================================  ================================  ================
 
-``predict`` always serves generation requests (identity, seed). Under DDP every loader is sharded here,
-per rank, without padding (the trainer runs with ``use_distributed_sampler=False``, which the CLI sets).
+(:mod:`.generator_loaders`, :mod:`.recognizer_loaders`, :mod:`.face_loaders`). ``predict`` always serves
+generation requests (identity, seed); the reward's reference loader is the same for every task. Under DDP
+every loader is sharded here (:meth:`IdentityDataModule.make_loader`), per rank, without padding (the
+trainer runs with ``use_distributed_sampler=False``, which the CLI sets).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import dataclasses
 import fnmatch
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,23 +38,17 @@ from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.data import sources, toy
 from rgsd_lightning.data.datasets import (
     GenerationRequest,
-    IdentityLabels,
-    ImageListDataset,
     RecordDataset,
     RequestDataset,
     filter_decodable,
     make_requests,
 )
+from rgsd_lightning.data.face_loaders import FaceLoaders, VerificationSpec
+from rgsd_lightning.data.generator_loaders import GeneratorLoaders, RLLoaders
+from rgsd_lightning.data.pairs import VerificationPairs
+from rgsd_lightning.data.recognizer_loaders import RecognizerLoaders, ReIDLoaders
 from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest
-from rgsd_lightning.data.samplers import PKBatchSampler
-from rgsd_lightning.data.sources import VerificationPairs
-from rgsd_lightning.data.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    face_transform,
-    generator_transform,
-    reid_transform,
-)
+from rgsd_lightning.data.transforms import generator_transform
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +57,8 @@ DatasetFormat = Literal[
 ]
 
 
-@dataclass
-class VerificationSpec:
-    """A face verification set for validation/test.
-
-    Attributes:
-        kind: "auto" (balanced pairs built from the test split, fixed by ``seed``), "bin" (insightface
-            .bin file), "pairs" (a pair list saved by ``sources.save_pairs``), "lfw" (LFW pairs.txt over
-            an identity-folder ``root``) or "rfw" (RFW group folders under ``root``: one set per group).
-        path: the .bin / pairs / pairs.txt file.
-        root: image root for "lfw" and "rfw".
-        name: display name (defaults to the file stem / "auto").
-        num_pairs: number of pairs for "auto".
-        seed: seed for "auto".
-    """
-
-    kind: Literal["auto", "bin", "pairs", "lfw", "rfw"] = "auto"
-    path: str | None = None
-    root: str | None = None
-    name: str | None = None
-    num_pairs: int = 600
-    seed: int = 0
+TASKS = {"generator": GeneratorLoaders, "rl": RLLoaders, "reid": ReIDLoaders, "face": FaceLoaders}
+"""The loader helper of each task."""
 
 
 class IdentityDataModule(L.LightningDataModule):
@@ -117,7 +93,8 @@ class IdentityDataModule(L.LightningDataModule):
         batches_per_epoch: recognizer batches per epoch (None: about one pass over the real images).
         generator_val_fraction: generator task: share of each identity's images held out for the val loss
             when the dataset has no test split (identities with one image keep it for training).
-        verification: face task: the verification sets (default: one "auto" set from the test split).
+        verification: face task: the verification sets (``face_loaders.VerificationSpec``; default: one "auto"
+            set from the test split).
         generate_per_identity: predict: images to generate per identity.
         generate_seed: predict: base seed of the per-image seeds.
         generate_identities: predict: only these identities (default: all).
@@ -169,7 +146,11 @@ class IdentityDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["verification"])  # this __init__'s other arguments
+        specs = None if verification is None else [_spec_dict(v) for v in verification]
+        self.save_hyperparameters({"verification": specs})  # plain dicts: checkpoints stay weights-only
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if format == "cuhk03np" and cuhk03_variant is None:
@@ -187,8 +168,7 @@ class IdentityDataModule(L.LightningDataModule):
         self.label_of = {name: i for i, name in enumerate(self.identities)}
         self.train_records = self._few_shot(train)
         self.synthetic_records = self._read_synthetic()
-        self.verification_sets: list[VerificationPairs] = []
-        self.val_names: list[str] = []
+        self.task_loaders = TASKS[task](self)
         # (identity, seed) pairs a resumed generation already wrote; set by SyntheticSetWriter.setup
         self.completed_requests: set[tuple[str, int]] = set()
 
@@ -281,8 +261,7 @@ class IdentityDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.hparams.on_bad_image == "skip":
             self._drop_bad_images()
-        if self.task == "face" and not self.verification_sets:
-            self.verification_sets = self._verification_sets()
+        self.task_loaders.setup()
         self._save_label_map()
 
     def _drop_bad_images(self) -> None:
@@ -322,7 +301,8 @@ class IdentityDataModule(L.LightningDataModule):
         except RuntimeError:
             return None
 
-    def _rank_world(self) -> tuple[int, int]:
+    def rank_world(self) -> tuple[int, int]:
+        """(rank, world size) of the attached trainer, (0, 1) without one."""
         trainer = self._trainer_or_none()
         if trainer is None:
             return 0, 1
@@ -341,33 +321,29 @@ class IdentityDataModule(L.LightningDataModule):
         hp = self.hparams
         return generator_transform(hp.image_size, hp.channels, square=hp.square, hflip=train and hp.flip)
 
+    def _recognizer_loaders(self) -> RecognizerLoaders:
+        if not isinstance(self.task_loaders, RecognizerLoaders):
+            raise ValueError(f"task {self.task!r} has no recognizer input: use task 'reid' or 'face'")
+        return self.task_loaders
+
     def recognizer_transform(self, train: bool = True):
         """The recognizer's transform for this task (ReID or face)."""
-        hp = self.hparams
-        if self.task == "face":
-            return face_transform(
-                hp.face_size,
-                train=train,
-                flip=hp.flip,
-                channels=hp.channels,
-                random_erasing=hp.random_erasing,
-            )
-        return reid_transform(
-            hp.height,
-            hp.width,
-            train=train,
-            flip=hp.flip,
-            pad=hp.pad,
-            random_erasing=hp.random_erasing,
-            channels=hp.channels,
-        )
+        return self._recognizer_loaders().transform(train)
 
     def recognizer_preprocessing(self) -> dict:
         """Input geometry and normalisation of the recognizer (what its export records)."""
-        hp = self.hparams
-        if self.task == "face":
-            return {"input_size": [hp.face_size, hp.face_size], "mean": [0.5] * 3, "std": [0.5] * 3}
-        return {"input_size": [hp.height, hp.width], "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        return self._recognizer_loaders().preprocessing()
+
+    @property
+    def val_names(self) -> list[str]:
+        """Names of the validation / test loaders, in order (known once they are built)."""
+        return self.task_loaders.val_names
+
+    @property
+    def verification_sets(self) -> list[VerificationPairs]:
+        """The face task's verification sets (built at setup; empty for other tasks)."""
+        loaders = self.task_loaders
+        return loaders.verification_sets if isinstance(loaders, FaceLoaders) else []
 
     def split_records(self, split: str) -> list[IdentityRecord]:
         """Real records of a split ("train" = the few-shot training set actually used)."""
@@ -375,33 +351,17 @@ class IdentityDataModule(L.LightningDataModule):
             return list(self.train_records)
         return list(self._splits.get(split, []))
 
-    def _generator_split(self) -> tuple[list[IdentityRecord], list[IdentityRecord]]:
-        held = [r for r in self._splits.get("test", []) if r.identity in self.label_of]
-        if held:
-            return self.train_records, held
-        frac = self.hparams.generator_val_fraction
-        rng = np.random.default_rng(self.hparams.seed + 1)
-        train, val = [], []
-        by_id: dict[str, list[IdentityRecord]] = {}
-        for r in self.train_records:
-            by_id.setdefault(r.identity, []).append(r)
-        for name in sorted(by_id):
-            group = by_id[name]
-            n_val = int(round(len(group) * frac)) if len(group) > 1 else 0
-            order = rng.permutation(len(group))
-            val += [group[i] for i in order[:n_val]]
-            train += [group[i] for i in sorted(order[n_val:])]
-        return train, val
-
     # ------------------------------------------------------------------ loaders
-    def _loader(self, dataset, *, shuffle: bool = False, batch_sampler=None, drop_last: bool = False):
+    def make_loader(self, dataset, *, shuffle: bool = False, batch_sampler=None, drop_last: bool = False):
+        """A DataLoader sharded for this rank: a batch sampler as given, a shuffled (distributed) sampler,
+        or an unpadded strided shard for evaluation / predict."""
         hp = self.hparams
         kwargs = dict(
             num_workers=hp.num_workers, pin_memory=hp.pin_memory, persistent_workers=hp.num_workers > 0
         )
         if batch_sampler is not None:
             return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         if shuffle:
             if world > 1:
                 sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
@@ -420,65 +380,13 @@ class IdentityDataModule(L.LightningDataModule):
         return self.train_records + self.synthetic_records
 
     def train_dataloader(self) -> DataLoader:
-        hp = self.hparams
-        if self.task == "generator":
-            train, _ = self._generator_split()
-            ds = RecordDataset(
-                train,
-                self.generator_transform(True),
-                label_of=self.label_of,
-                mode=self.mode,
-                kind="generator",
-            )
-            return self._loader(ds, shuffle=True, drop_last=True)
-        if self.task == "rl":
-            labels = list(range(self.num_identities))
-            rank, world = self._rank_world()
-            sampler = PKBatchSampler(
-                labels,
-                min(hp.p, len(labels)),
-                1,
-                batches_per_epoch=hp.batches_per_epoch or 1,
-                seed=hp.seed,
-                rank=rank,
-                world_size=world,
-            )
-            return self._loader(IdentityLabels(self.identities), batch_sampler=sampler)
-        records = self.training_records()
-        ds = RecordDataset(records, self.recognizer_transform(True), label_of=self.label_of, mode=self.mode)
-        rank, world = self._rank_world()
-        sampler = PKBatchSampler(
-            [self.label_of[r.identity] for r in records],
-            hp.p,
-            hp.k,
-            is_synthetic=[r.source == "synthetic" for r in records],
-            synthetic_fraction=hp.synthetic_fraction if self.synthetic_records else 0.0,
-            batches_per_epoch=hp.batches_per_epoch,
-            seed=hp.seed,
-            rank=rank,
-            world_size=world,
-        )
-        return self._loader(ds, batch_sampler=sampler)
+        return self.task_loaders.train_dataloader()
 
     def val_dataloader(self):
-        if self.task == "rl":
-            return []
-        if self.task == "generator":
-            _, val = self._generator_split()
-            if not val:
-                return []
-            ds = RecordDataset(
-                val, self.generator_transform(False), label_of=self.label_of, mode=self.mode, kind="generator"
-            )
-            self.val_names = ["heldout"]
-            return self._loader(ds)
-        if self.task == "reid":
-            self.val_names = ["query_gallery"]
-            return self._loader(self._reid_eval_dataset())
-        return self._face_eval_loaders()
+        return self.task_loaders.val_dataloader()
 
     def test_dataloader(self):
-        return self.val_dataloader()
+        return self.task_loaders.val_dataloader()
 
     def reference_dataloader(self) -> DataLoader:
         """Every real training image through the generator's test transform, unsharded and in order.
@@ -497,70 +405,9 @@ class IdentityDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=hp.batch_size, shuffle=False, num_workers=hp.num_workers)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(RequestDataset(self.generation_requests()))
+        return self.make_loader(RequestDataset(self.generation_requests()))
 
-    # ------------------------------------------------------------------ evaluation sets
-    def _reid_eval_dataset(self) -> RecordDataset:
-        query, gallery = self._splits.get("query", []), self._splits.get("gallery", [])
-        if not query or not gallery:
-            raise ValueError(f"dataset {self.root!r} has no query/gallery split for ReID evaluation")
-        names = sorted({r.identity for r in query + gallery})
-        pid_of = {name: i for i, name in enumerate(names)}
-        return RecordDataset(
-            query + gallery, self.recognizer_transform(False), mode=self.mode, kind="reid_eval", pid_of=pid_of
-        )
-
-    def _verification_sets(self) -> list[VerificationPairs]:
-        specs = self.hparams.verification
-        if specs is None:
-            specs = [VerificationSpec(kind="auto")]
-        sets: list[VerificationPairs] = []
-        for spec in specs:
-            spec = spec if isinstance(spec, VerificationSpec) else VerificationSpec(**spec)
-            if spec.kind == "auto":
-                test = self._splits.get("test", [])
-                if not test:
-                    raise ValueError(
-                        f"verification kind 'auto' needs a test split in {self.root!r} "
-                        "(set train_per_identity for identity folders)"
-                    )
-                sets.append(
-                    sources.make_pairs(
-                        test, num_pairs=spec.num_pairs, seed=spec.seed, name=spec.name or "auto"
-                    )
-                )
-            elif spec.kind == "bin":
-                sets.append(sources.read_verification_bin(_required(spec.path, "path", spec), name=spec.name))
-            elif spec.kind == "pairs":
-                sets.append(sources.load_pairs(_required(spec.path, "path", spec)))
-            elif spec.kind == "lfw":
-                sets.append(
-                    sources.read_pairs_txt(
-                        _required(spec.path, "path", spec), _required(spec.root, "root", spec), name=spec.name
-                    )
-                )
-            elif spec.kind == "rfw":
-                sets += list(sources.read_rfw_groups(_required(spec.root, "root", spec)).values())
-            else:
-                raise ValueError(f"unknown verification kind {spec.kind!r}")
-        return sets
-
-    def _face_eval_loaders(self) -> list[DataLoader]:
-        if not self.verification_sets:
-            self.verification_sets = self._verification_sets()
-        transform = self.recognizer_transform(False)
-        loaders, names = [], []
-        for vs in self.verification_sets:
-            loaders.append(self._loader(ImageListDataset(vs.images, transform, self.mode, name=vs.name)))
-            names.append(vs.name)
-        test = [r for r in self._splits.get("test", []) if r.identity in self.label_of]
-        if test:  # closed-set identification of held-out images of the training identities
-            ds = RecordDataset(test, transform, label_of=self.label_of, mode=self.mode, kind="classify")
-            loaders.append(self._loader(ds))
-            names.append("identification")
-        self.val_names = names
-        return loaders
-
+    # ------------------------------------------------------------------ generation requests
     def generation_requests(self) -> list[GenerationRequest]:
         """The predict requests: ``generate_per_identity`` seeded images per identity."""
         hp = self.hparams
@@ -590,13 +437,11 @@ def _manifest_path(entry: str | os.PathLike) -> Path:
     return path
 
 
-def _required(value: str | None, field: str, spec: VerificationSpec) -> str:
-    if not value:
-        raise ValueError(f"verification set of kind {spec.kind!r} needs '{field}'")
-    return value
-
-
 def _excluded(path: str, patterns: list[str]) -> bool:
     """True when the file name of ``path`` matches one of the fnmatch ``patterns``."""
     name = os.path.basename(path)
     return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def _spec_dict(spec: VerificationSpec | dict) -> dict:
+    return dataclasses.asdict(spec) if isinstance(spec, VerificationSpec) else dict(spec)

@@ -1,7 +1,7 @@
 """Face verification pairs: LFW ``pairs.txt``, insightface ``.bin``, RFW groups, pairs drawn from records.
 
 A :class:`VerificationPairs` holds unique image sources (paths or encoded bytes) and index pairs into them.
-Like the record parsers of :mod:`rgsd_lightning.data.sources` (which re-exports every name here), nothing
+Like the record parsers of :mod:`rgsd_lightning.data.sources`, nothing
 decodes an image, and bad input fails with a ``ValueError`` or ``FileNotFoundError`` naming the file or line.
 An insightface ``.bin`` is read with an unpickler that refuses every global, so a file can never run code.
 """

@@ -10,9 +10,8 @@ Supported layouts:
 * Market-1501 and the Market-style "cuhk03-np" release (person ReID: train / query / gallery);
 * one folder per identity (CASIA-WebFace extracted, ORL ``s1/1.pgm``, Yale B ``yaleB01/*.png``);
 * an unlabelled image tree (a prior corpus such as PETA crops);
-* face verification pairs: LFW ``pairs.txt``, insightface ``.bin`` (read with an unpickler that refuses
-  every global, so a file can never run code), RFW groups, and pairs drawn from records. These live in
-  :mod:`rgsd_lightning.data.pairs` and are re-exported here (users and the datamodule import them from here).
+* face verification pairs (LFW ``pairs.txt``, insightface ``.bin``, RFW groups, pairs drawn from records)
+  are in :mod:`rgsd_lightning.data.pairs`; the folder listing helpers in :mod:`rgsd_lightning.data.listing`.
 """
 
 from __future__ import annotations
@@ -28,37 +27,15 @@ import numpy as np
 
 from rgsd_lightning.data.images import is_image_file
 from rgsd_lightning.data.listing import PathLike, existing_dir, image_names, natural_key, visible_entries
-from rgsd_lightning.data.pairs import (
-    VerificationPairs,
-    load_pairs,
-    make_pairs,
-    read_pairs_txt,
-    read_rfw_groups,
-    read_verification_bin,
-    save_pairs,
-    write_verification_bin,
-)
 from rgsd_lightning.data.records import IdentityRecord
 
 __all__ = [
-    # the parsers of this module and the listing helpers they use
     "CUHK03_VARIANTS",
     "MARKET_SPLITS",
     "read_market1501",
     "read_cuhk03np",
     "read_identity_folders",
     "read_unlabelled_images",
-    "natural_key",
-    "PathLike",
-    # verification pairs, from rgsd_lightning.data.pairs
-    "VerificationPairs",
-    "read_pairs_txt",
-    "read_verification_bin",
-    "write_verification_bin",
-    "read_rfw_groups",
-    "make_pairs",
-    "save_pairs",
-    "load_pairs",
 ]
 
 MARKET_SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}

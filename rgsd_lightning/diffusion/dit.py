@@ -4,8 +4,8 @@ diffusers' ``DiTTransformer2DModel`` keeps a label table (and a timestep MLP) pe
 label dropout per block. We tie all blocks to one ``nn.Embedding(N + 1, hidden)`` (row N = null/CFG label),
 switch the built-in dropout off (labels are dropped once per sample with :func:`drop_labels`), apply the
 DiT paper initialisation to models built from scratch and build the :class:`DiTGenerator` of a stage. The
-generator module itself, with its self-describing export folders, is :mod:`rgsd_lightning.diffusion.generator`
-(re-exported here).
+generator module itself, with its self-describing export folders, is in
+:mod:`rgsd_lightning.diffusion.generator`.
 """
 
 from __future__ import annotations
@@ -23,28 +23,22 @@ from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from torch import nn
 
 from rgsd_lightning.diffusion.generator import (
-    EXPORT_FORMAT,
     DiTGenerator,
-    _class_embedder,
-    _is_hub_id,
     check_identities_match,
+    class_embedder,
+    is_hub_id,
     load_vae,
     share_label_table,
 )
 
 __all__ = [
-    "EXPORT_FORMAT",
     "INIT_ROWS",
     "LABEL_SPACES",
     "PRESETS",
-    "DiTGenerator",
     "build_dit",
-    "check_identities_match",
     "dit_initialize_",
     "drop_labels",
-    "load_vae",
     "set_trainable",
-    "share_label_table",
     "swap_label_space",
     "tie_timestep_embedders",
 ]
@@ -102,7 +96,7 @@ def dit_initialize_(transformer: DiTTransformer2DModel) -> DiTTransformer2DModel
     for block in transformer.transformer_blocks:
         emb = block.norm1.emb
         for param in (
-            _class_embedder(block).embedding_table.weight,
+            class_embedder(block).embedding_table.weight,
             emb.timestep_embedder.linear_1.weight,
             emb.timestep_embedder.linear_2.weight,
         ):
@@ -130,10 +124,10 @@ def swap_label_space(
     if init_rows not in INIT_ROWS:
         raise ValueError(f"init_rows={init_rows!r}: expected one of {INIT_ROWS}")
     old_n = int(transformer.config.num_embeds_ada_norm)
-    old = _class_embedder(transformer.transformer_blocks[0]).embedding_table
+    old = class_embedder(transformer.transformer_blocks[0]).embedding_table
     if old.num_embeddings < old_n + 1:
         raise ValueError(f"{source or 'pretrained model'}: label table has no null row (index {old_n})")
-    tables = [_class_embedder(b).embedding_table.weight for b in transformer.transformer_blocks]
+    tables = [class_embedder(b).embedding_table.weight for b in transformer.transformer_blocks]
     if any(not torch.equal(tables[0], t) for t in tables[1:]):
         warnings.warn(
             f"{source or 'pretrained model'}: the per-block label tables differ; using block 0's null row",
@@ -210,7 +204,7 @@ def _load_transformer(
         sched = path / "scheduler" / "scheduler_config.json"
         config = json.loads(sched.read_text()) if sched.is_file() else None
         return DiTTransformer2DModel.from_pretrained(folder), config
-    if not _is_hub_id(source):
+    if not is_hub_id(source):
         raise FileNotFoundError(f"pretrained={source!r} is neither a local folder nor a hub id")
     kwargs = {"local_files_only": local_files_only} if local_files_only is not None else {}
     try:
@@ -328,7 +322,7 @@ def build_dit(
         transformer, size = _transformer_from_preset(
             preset, preset_overrides, channels, vae_model, image_size, num_identities
         )
-        table = _class_embedder(transformer.transformer_blocks[0]).embedding_table
+        table = class_embedder(transformer.transformer_blocks[0]).embedding_table
         share_label_table(transformer, table)
         tie_timestep_embedders(transformer)
         dit_initialize_(transformer)

@@ -34,7 +34,8 @@ _ARCH_KEYS += ("in_channels", "out_channels", "num_embeds_ada_norm")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _class_embedder(block: nn.Module) -> nn.Module:
+def class_embedder(block: nn.Module) -> nn.Module:
+    """The label embedder of a diffusers DiT block (it holds the block's label table)."""
     return block.norm1.emb.class_embedder
 
 
@@ -51,7 +52,8 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: invalid JSON ({err})") from err
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` looks like a Hugging Face hub id (``owner/name``) rather than a local path."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith((".", "/", "~"))
 
 
@@ -59,7 +61,7 @@ def share_label_table(transformer: DiTTransformer2DModel, table: nn.Embedding) -
     """Make every block use ``table`` (N + 1 rows, row N = null), with diffusers' own dropout off."""
     num_identities = table.num_embeddings - 1
     for block in transformer.transformer_blocks:
-        embedder = _class_embedder(block)
+        embedder = class_embedder(block)
         embedder.embedding_table = table
         embedder.num_classes = num_identities
         embedder.dropout_prob = 0.0
@@ -70,7 +72,7 @@ def _retie(transformer: DiTTransformer2DModel, attr: str, what: str, source: str
     """Tie a per-block module (loaded as independent copies) back to block 0's, warning if copies differ."""
 
     def owner(block: nn.Module) -> nn.Module:
-        return block.norm1.emb if attr == "timestep_embedder" else _class_embedder(block)
+        return block.norm1.emb if attr == "timestep_embedder" else class_embedder(block)
 
     blocks = transformer.transformer_blocks
     first = getattr(owner(blocks[0]), attr)
@@ -113,7 +115,7 @@ def load_vae(
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder}: no VAE config.json")
         return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
-    if not _is_hub_id(str(source)):
+    if not is_hub_id(str(source)):
         raise FileNotFoundError(f"VAE source {str(source)!r} is neither a local folder nor a hub id")
     kwargs = {"local_files_only": local_files_only} if local_files_only is not None else {}
     return AutoencoderKL.from_pretrained(str(source), subfolder=subfolder, torch_dtype=dtype, **kwargs)
@@ -161,14 +163,14 @@ class DiTGenerator(nn.Module):
         self._alphas_cumprod: torch.Tensor | None = None
         self._validate()
         for block in transformer.transformer_blocks:
-            _class_embedder(block).dropout_prob = 0.0
+            class_embedder(block).dropout_prob = 0.0
         if vae is not None:
             vae.requires_grad_(False).eval()
 
     def _validate(self) -> None:
         n = self.num_identities
         table = self.label_table
-        if any(_class_embedder(b).embedding_table is not table for b in self.transformer.transformer_blocks):
+        if any(class_embedder(b).embedding_table is not table for b in self.transformer.transformer_blocks):
             raise ValueError("every transformer block must share one label table (use share_label_table)")
         if table.num_embeddings != n + 1 or int(self.transformer.config.num_embeds_ada_norm) != n:
             raise ValueError(
@@ -197,7 +199,7 @@ class DiTGenerator(nn.Module):
     @property
     def label_table(self) -> nn.Embedding:
         """The ONE label table (N + 1 rows) every block uses."""
-        return _class_embedder(self.transformer.transformer_blocks[0]).embedding_table
+        return class_embedder(self.transformer.transformer_blocks[0]).embedding_table
 
     @property
     def num_identities(self) -> int:
@@ -349,13 +351,13 @@ class DiTGenerator(nn.Module):
             for block, tied in zip(blocks[1:], tied_time[1:], strict=True):
                 clone = nn.Embedding(table.num_embeddings, table.embedding_dim, device=table.weight.device)
                 clone.weight = nn.Parameter(table.weight.detach().clone())
-                _class_embedder(block).embedding_table = clone
+                class_embedder(block).embedding_table = clone
                 if tied:
                     block.norm1.emb.timestep_embedder = copy.deepcopy(time_mlp)
             self.transformer.save_pretrained(directory, safe_serialization=True)
         finally:
             for block, tied in zip(blocks, tied_time, strict=True):
-                _class_embedder(block).embedding_table = table
+                class_embedder(block).embedding_table = table
                 if tied:
                     block.norm1.emb.timestep_embedder = time_mlp
 
@@ -416,7 +418,7 @@ class DiTGenerator(nn.Module):
             check_identities_match(names, list(identities), str(root))
         transformer = DiTTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=dtype)
         _retie(transformer, "embedding_table", "label table", str(root))
-        share_label_table(transformer, _class_embedder(transformer.transformer_blocks[0]).embedding_table)
+        share_label_table(transformer, class_embedder(transformer.transformer_blocks[0]).embedding_table)
         if facts.get("tied_timestep_embedder"):
             _retie(transformer, "timestep_embedder", "timestep MLP", str(root))
         vae, vae_source = None, None

@@ -15,10 +15,7 @@ from typing import Any
 
 import torch
 
-from rgsd_lightning.diffusion.schedule import make_timesteps
-
-SIGMA_MIN = 1e-6
-"""Steps with σ below this are treated as deterministic (log-prob 0, no policy gradient)."""
+from rgsd_lightning.diffusion.schedule import SIGMA_MIN, alpha_bar, make_timesteps, posterior_variance
 
 
 @dataclass
@@ -88,18 +85,6 @@ def guided_eps(
     return uncond + guidance_scale * (cond - uncond)
 
 
-def _per_sample(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-    """values[t] in fp32 shaped (B, 1, 1, 1); t < 0 gives 1 (ᾱ past the end of the chain)."""
-    if isinstance(t, int):  # one timestep for the whole batch (the sampling loop): a broadcast view
-        value = values[t].to(device=like.device, dtype=torch.float32) if t >= 0 else like.new_ones(())
-        return value.expand(like.shape[0], *([1] * (like.ndim - 1)))
-    t = torch.as_tensor(t, device=like.device, dtype=torch.long)
-    t = t.expand(like.shape[0]) if t.ndim == 0 else t
-    values = values.to(device=like.device, dtype=torch.float32)
-    out = torch.where(t >= 0, values[t.clamp(min=0)], torch.ones((), device=like.device))
-    return out.view(-1, *([1] * (like.ndim - 1)))
-
-
 def step_with_logprob(
     eps: torch.Tensor,
     x_t: torch.Tensor,
@@ -131,12 +116,12 @@ def step_with_logprob(
         raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
     x = x_t.float()
     e = eps.float()
-    a_t = _per_sample(alphas_cumprod, t, x)
-    a_s = _per_sample(alphas_cumprod, t_prev, x)
+    a_t = alpha_bar(alphas_cumprod, t, x)
+    a_s = alpha_bar(alphas_cumprod, t_prev, x)
     x0 = (x - (1.0 - a_t).sqrt() * e) / a_t.sqrt()
     if clip_x0:
         x0 = x0.clamp(-1.0, 1.0)
-    var = ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).clamp(min=0.0)
+    var = posterior_variance(a_t, a_s)
     if method == "ddim":
         std = eta * var.sqrt()
         mean = a_s.sqrt() * x0 + (1.0 - a_s - std**2).clamp(min=0.0).sqrt() * e

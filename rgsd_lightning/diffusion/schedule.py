@@ -4,6 +4,10 @@ The cumulative products ``alphas_cumprod`` always come from diffusers (no hand-w
 timestep grids reproduce ``DDIMScheduler.set_timesteps`` and the training loss is the ε-MSE of DiT.
 A previous timestep ``< 0`` means "past the end of the chain": ``alpha_prev = 1`` (diffusers'
 ``set_alpha_to_one=True``, the setting of the DiT scheduler).
+
+The one copy of the step maths used by the forward process, the sampler and RL: :func:`alpha_bar` (ᾱ_t per
+sample), :func:`posterior_variance` (β̃ of a step t -> s) and :func:`step_sigmas` (σ of every step of a
+grid, which tells RL which steps are stochastic).
 """
 
 from __future__ import annotations
@@ -51,21 +55,71 @@ def alphas_cumprod(scheduler_config: dict[str, Any] | None = None) -> torch.Tens
     return scheduler.alphas_cumprod.to(torch.float32).clone()
 
 
-def _gather(values: torch.Tensor, t: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
-    """values[t] as fp32, shaped to broadcast against ``like`` (t scalar or per-sample (B,))."""
-    values = values.to(device=like.device, dtype=torch.float32)
+SIGMA_MIN = 1e-6
+"""Steps with σ below this are deterministic (log-prob 0, no policy gradient)."""
+
+
+def alpha_bar(
+    alphas_cumprod: torch.Tensor,
+    t: torch.Tensor | int,
+    like: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """ᾱ_t per sample, shaped (B, 1, ..., 1) to broadcast against ``like`` (B, ...); t < 0 gives 1.
+
+    Args:
+        alphas_cumprod: ᾱ for t = 0..T-1.
+        t: one timestep for the whole batch (int or 0-d tensor) or one per sample (B,); t < 0 means past the
+            end of the chain (ᾱ = 1).
+        like: a tensor whose batch size, rank and device the result follows.
+        dtype: dtype of the result (fp32 for the sampler's maths).
+    """
+    if isinstance(t, int):  # one timestep for the whole batch (the sampling loop): a broadcast view
+        if t >= 0:
+            value = alphas_cumprod[t].to(device=like.device, dtype=dtype)
+        else:
+            value = torch.ones((), device=like.device, dtype=dtype)
+        return value.expand(like.shape[0], *([1] * (like.ndim - 1)))
     t = torch.as_tensor(t, device=like.device, dtype=torch.long)
-    out = values[t]
-    if out.ndim == 1:
-        out = out.view(-1, *([1] * (like.ndim - 1)))
-    return out
+    t = t.expand(like.shape[0]) if t.ndim == 0 else t
+    values = alphas_cumprod.to(device=like.device, dtype=dtype)
+    out = torch.where(t >= 0, values[t.clamp(min=0)], torch.ones((), device=like.device, dtype=dtype))
+    return out.view(-1, *([1] * (like.ndim - 1)))
+
+
+def posterior_variance(a_t: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """β̃ = (1-ᾱ_s)/(1-ᾱ_t) · (1-ᾱ_t/ᾱ_s) of a step t -> s, clamped at 0.
+
+    The variance of the DDPM posterior q(x_s | x_t, x_0), and of a DDIM step divided by η².
+    """
+    return ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).clamp(min=0.0)
+
+
+def step_sigmas(
+    timesteps: torch.Tensor,
+    prev_timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    eta: float,
+    method: str = "ddim",
+) -> torch.Tensor:
+    """σ of every step of a grid (T,), float64 on CPU: η √β̃ for "ddim", √β̃ for "ddpm".
+
+    A step with σ <= :data:`SIGMA_MIN` is deterministic: t_prev < 0 means ᾱ_s = 1, which makes the last step
+    of the DiT "leading" schedule (t = 0) deterministic.
+    """
+    a = alphas_cumprod.detach().double().cpu()
+    like = torch.empty(len(timesteps), dtype=torch.float64)
+    a_t = alpha_bar(a, timesteps.long().cpu(), like, dtype=torch.float64)
+    a_s = alpha_bar(a, prev_timesteps.long().cpu(), like, dtype=torch.float64)
+    scale = 1.0 if method == "ddpm" else eta
+    return scale * posterior_variance(a_t, a_s).sqrt()
 
 
 def add_noise(
     x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | int, alphas_cumprod: torch.Tensor
 ) -> torch.Tensor:
     """Forward process q(x_t | x_0): √ᾱ_t x_0 + √(1-ᾱ_t) ε (fp32 maths, returned in x0's dtype)."""
-    a = _gather(alphas_cumprod, t, x0)
+    a = alpha_bar(alphas_cumprod, t, x0)
     x_t = a.sqrt() * x0.float() + (1.0 - a).sqrt() * noise.float()
     return x_t.to(x0.dtype)
 
@@ -111,7 +165,7 @@ def denoising_loss(
 ) -> torch.Tensor:
     """ε-MSE of DiT: mean over all elements of (ε̂(x_t, t, y) - ε)².
 
-    ``generator`` is a :class:`~rgsd_lightning.diffusion.dit.DiTGenerator` (anything with
+    ``generator`` is a :class:`~rgsd_lightning.diffusion.generator.DiTGenerator` (anything with
     ``alphas_cumprod``, ``num_train_timesteps`` and ``__call__(x_t, t, labels) -> eps``); ``x0`` is already
     in the transformer's space (latents when a VAE is used). ``timesteps`` are drawn uniformly from
     [0, T) and ``noise`` from N(0, I) with ``generator_rng`` when not given. Returns a scalar fp32 tensor.

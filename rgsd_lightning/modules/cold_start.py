@@ -22,8 +22,9 @@ import torch
 
 from rgsd_lightning.diffusion import build_dit, drop_labels
 from rgsd_lightning.diffusion.schedule import denoising_loss
+from rgsd_lightning.modules.config import GridConfig, RewardConfig, SamplerConfig
 from rgsd_lightning.modules.ema import ParameterEMA
-from rgsd_lightning.modules.generator_base import GeneratorModule
+from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
 
 
 class ColdStartDiT(GeneratorModule):
@@ -47,15 +48,13 @@ class ColdStartDiT(GeneratorModule):
         weight_decay: AdamW weight decay.
         warmup_steps: linear learning-rate warm-up steps.
         ema_decay: EMA decay of the trainable parameters (None: no EMA); EMA weights sample and export.
-        sampler: "ddim" or "ddpm" for validation grids and generation.
-        sample_steps: sampling steps.
-        guidance_scale: classifier-free guidance scale w (1 = no guidance).
-        eta: DDIM η (0 deterministic, 1 ancestral).
-        grid_identities: identities shown in validation grids.
-        grid_samples: real and generated images per identity in the grids.
-        grid_seed: seed of the grid samples (fixed so grids are comparable across epochs).
+        sampler: sampler of validation grids and generation (method, steps, guidance_scale, eta).
+        grid: validation grids (``identities`` 0 = none, ``samples``, ``seed``); drawn at every validation.
         reward_extractor: recognizer export used to score generated images in ``predict`` (optional).
+        reward: the composite reward of that scoring.
     """
+
+    grid_when = "at every validation (trainer.check_val_every_n_epoch / val_check_interval)"
 
     def __init__(
         self,
@@ -74,17 +73,14 @@ class ColdStartDiT(GeneratorModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         ema_decay: float | None = None,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
-        sample_steps: int = 50,
-        guidance_scale: float = 2.0,
-        eta: float = 0.0,
-        grid_identities: int = 8,
-        grid_samples: int = 4,
-        grid_seed: int = 0,
+        sampler: SamplerConfig = SamplerConfig(),
+        grid: GridConfig = GridConfig(),
         reward_extractor: str | None = None,
+        reward: RewardConfig = RewardConfig(),
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(sampler=sampler, grid=grid, reward=reward)
+        self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
+        self.save_hyperparameters(self.group_hparams())
         if pretrained is not None:
             preset = None
         self.generator = build_dit(
@@ -167,7 +163,7 @@ class ColdStartDiT(GeneratorModule):
         return loss
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or self.hparams.grid_identities <= 0:
+        if self.trainer.sanity_checking or self.grid.identities <= 0:
             return
         self.log_sample_grid("val/samples", int(self.global_step))
 

@@ -33,7 +33,8 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from rgsd_lightning.evaluation import VerificationMetric, flip_fuse, group_report
-from rgsd_lightning.modules.recognizer import Recognizer
+from rgsd_lightning.modules.config import EmbeddingNetConfig
+from rgsd_lightning.modules.recognizer import GROUPS, Recognizer
 from rgsd_lightning.selection import SelectionConfig
 
 
@@ -58,12 +59,8 @@ class CosFaceRecognizer(Recognizer):
 
     Args:
         num_identities: number of training identities (linked from the datamodule by the CLI).
-        architecture: timm model name of the backbone.
-        pretrained_path: local backbone weights file; None = random init (nothing is ever downloaded).
-        in_chans: input channels (must match the datamodule's ``channels``).
-        neck: "bnneck" (BatchNorm on the embedding) or "none".
-        embedding_dim: embedding size (linear projection after pooling).
-        timm_kwargs: extra ``timm.create_model`` arguments.
+        net: the embedding network (``architecture``, ``pretrained_path``, ``in_chans``, ``neck``,
+            ``embedding_dim``, ``timm_kwargs``).
         margin: CosFace additive cosine margin m.
         scale: CosFace logit scale s.
         lr: SGD learning rate.
@@ -84,12 +81,7 @@ class CosFaceRecognizer(Recognizer):
     def __init__(
         self,
         num_identities: int,
-        architecture: str = "resnet50",
-        pretrained_path: str | None = None,
-        in_chans: int = 3,
-        neck: Literal["bnneck", "none"] = "bnneck",
-        embedding_dim: int = 512,
-        timm_kwargs: dict[str, Any] | None = None,
+        net: EmbeddingNetConfig = EmbeddingNetConfig(embedding_dim=512),
         margin: float = 0.35,
         scale: float = 64.0,
         lr: float = 0.1,
@@ -104,9 +96,9 @@ class CosFaceRecognizer(Recognizer):
         flip_test: bool = False,
         n_folds: int = 10,
     ) -> None:
-        selection = self._plain_selection(selection)
-        milestones = [int(m) for m in milestones]
-        super().__init__()
+        super().__init__(num_identities, net, selection, flip_test)
+        self.save_hyperparameters(ignore=[*GROUPS, "milestones"])  # this __init__'s other arguments
+        self.save_hyperparameters({**self.group_hparams(), "milestones": [int(m) for m in milestones]})
         self.cosface = CosFaceLoss(num_identities, self.net.feature_dim, margin=margin, scale=scale)
         self.val_metrics: dict[str, Any] = {}
         self.test_metrics: dict[str, Any] = {}

@@ -8,11 +8,11 @@ components are computed and recorded in the manifest.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from rgsd_lightning.diffusion import DiTGenerator
-from rgsd_lightning.diffusion.generator import check_identities_match
-from rgsd_lightning.modules.generator_base import GeneratorModule
+from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
+from rgsd_lightning.modules.config import GridConfig, RewardConfig, SamplerConfig
+from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
 
 
 class SyntheticGenerator(GeneratorModule):
@@ -21,33 +21,26 @@ class SyntheticGenerator(GeneratorModule):
     Args:
         num_identities: number of identities (linked from the datamodule; must equal the export's).
         export: the generator export folder (``…/export/generator``).
-        sampler: "ddim" or "ddpm".
-        sample_steps: sampling steps.
-        guidance_scale: classifier-free guidance scale w (1 = no guidance).
-        eta: DDIM η (0 deterministic, 1 ancestral).
+        sampler: the sampler (``method``, ``steps``, ``guidance_scale``, ``eta``), recorded with every image.
         reward_extractor: recognizer export used to score every generated image (optional).
-        reward_lambdas: λ_sem, λ_cov, λ_exp of the recorded total reward.
-        grid_identities: identities in the sample grid written at the end of generation (0 = none).
-        grid_samples: images per identity in that grid.
-        grid_seed: seed of the grid samples.
+        reward: the composite reward recorded per image (its ``lambdas`` weight the recorded total).
+        grid: the sample grid written after generation (``identities`` 0 = none, ``samples``, ``seed``).
     """
+
+    grid_when = "once, after generation"
 
     def __init__(
         self,
         num_identities: int,
         export: str,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
-        sample_steps: int = 50,
-        guidance_scale: float = 2.0,
-        eta: float = 0.0,
+        sampler: SamplerConfig = SamplerConfig(),
         reward_extractor: str | None = None,
-        reward_lambdas: tuple[float, float, float] = (1.0, 0.75, 0.25),
-        grid_identities: int = 0,
-        grid_samples: int = 4,
-        grid_seed: int = 0,
+        reward: RewardConfig = RewardConfig(),
+        grid: GridConfig = GridConfig(identities=0),
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(sampler=sampler, grid=grid, reward=reward)
+        self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
+        self.save_hyperparameters(self.group_hparams())
         self.generator = DiTGenerator.from_pretrained(export).requires_grad_(False).eval()
         if self.generator.num_identities != num_identities:
             raise ValueError(
@@ -62,12 +55,10 @@ class SyntheticGenerator(GeneratorModule):
             check_identities_match(self.generator.identities, list(dm.identities), self.hparams.export)
         self.adopt_identities()
         if stage == "predict":
-            self.reward = self.build_reward(
-                self.hparams.reward_extractor, lambdas=tuple(self.hparams.reward_lambdas)
-            )
+            self.reward = self.build_reward(self.hparams.reward_extractor)
 
     def on_predict_end(self) -> None:
-        if self.hparams.grid_identities > 0:
+        if self.grid.identities > 0:
             self.log_sample_grid("predict/samples", 0)
 
     def export_provenance(self) -> dict[str, Any]:

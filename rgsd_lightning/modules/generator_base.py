@@ -1,9 +1,11 @@
-"""What ColdStartDiT and RewardDPOK share: generation (``predict``), sample grids, scoring, export.
+"""What ColdStartDiT, RewardDPOK and SyntheticGenerator share: generation (``predict``), sample grids,
+scoring, export.
 
-Subclasses own a ``DiTGenerator`` in ``self.generator`` and the sampling hyper-parameters
-``sample_steps``, ``guidance_scale``, ``eta``, ``sampler``, ``grid_identities``, ``grid_samples`` and
-``grid_seed`` in ``self.hparams``. They override :meth:`sampling_weights` when the weights used for
-generation differ from the training weights (EMA), and :meth:`export_provenance` to describe themselves.
+The base holds the three shared config groups (``sampler``, ``grid``, ``reward``; see
+:mod:`rgsd_lightning.modules.config`), given by the subclass to ``super().__init__``. Subclasses own a
+``DiTGenerator`` in ``self.generator``, save their own hyper-parameters (the groups as plain dicts, from
+:meth:`group_hparams`), override :meth:`sampling_weights` when the weights used for generation differ from
+the training weights (EMA), and :meth:`export_provenance` to describe themselves.
 """
 
 from __future__ import annotations
@@ -20,15 +22,47 @@ from rgsd_lightning.backbones import FeatureExtractor
 from rgsd_lightning.callbacks.images import image_grid, log_grid, run_dir
 from rgsd_lightning.data.images import load_image
 from rgsd_lightning.diffusion import DiTGenerator, sample
+from rgsd_lightning.modules.config import GridConfig, RewardConfig, SamplerConfig, as_config, plain
 from rgsd_lightning.provenance import provenance, tensor_fingerprint
 from rgsd_lightning.rewards import CompositeReward, MemoryBank
 
+GROUPS = ("sampler", "grid", "reward")
+"""The constructor arguments of every generator stage that are config groups (saved as plain dicts)."""
+
 
 class GeneratorModule(L.LightningModule):
-    """Base of the generator stages (no constructor arguments of its own)."""
+    """Base of the generator stages.
+
+    Args:
+        sampler: sampler of generation and sample grids (a :class:`SamplerConfig` or a mapping of its fields).
+        grid: sample grids.
+        reward: the composite reward used when scoring generated images (and in RL).
+    """
 
     export_name = "generator"
     generator: DiTGenerator
+    grid_when: str | None = None
+    """When the stage draws its sample grids; None: every ``grid.every_n_steps`` training steps."""
+
+    def __init__(
+        self,
+        sampler: SamplerConfig | dict[str, Any],
+        grid: GridConfig | dict[str, Any],
+        reward: RewardConfig | dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.sampler = as_config(SamplerConfig, sampler, "sampler")
+        self.grid = as_config(GridConfig, grid, "grid")
+        self.reward_config = as_config(RewardConfig, reward, "reward")
+        if self.grid_when is not None and self.grid.every_n_steps:
+            raise ValueError(
+                f"{type(self).__name__} draws its grid {self.grid_when}: grid.every_n_steps is only used by "
+                "RewardDPOK"
+            )
+
+    def group_hparams(self) -> dict[str, Any]:
+        """The config groups as plain dicts, for ``save_hyperparameters`` (see :mod:`..config`)."""
+        return plain({"sampler": self.sampler, "grid": self.grid, "reward": self.reward_config})
 
     # ------------------------------------------------------------------ data facts
     def _datamodule(self):
@@ -65,18 +99,12 @@ class GeneratorModule(L.LightningModule):
 
     def sampler_settings(self) -> dict[str, Any]:
         """Sampler settings recorded with every generated image."""
-        hp = self.hparams
-        return {
-            "sampler": hp.sampler,
-            "num_steps": int(hp.sample_steps),
-            "guidance_scale": float(hp.guidance_scale),
-            "eta": float(hp.eta),
-        }
+        return self.sampler.record()
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1] for the labels, one seeded image per request."""
-        s = self.sampler_settings()
+        s = self.sampler
         was_training = self.generator.training
         self.generator.eval()
         try:
@@ -85,10 +113,10 @@ class GeneratorModule(L.LightningModule):
                     self.generator,
                     labels.to(self.device),
                     seeds=seeds,
-                    num_steps=s["num_steps"],
-                    guidance_scale=s["guidance_scale"],
-                    eta=s["eta"],
-                    method=s["sampler"],
+                    num_steps=s.steps,
+                    guidance_scale=s.guidance_scale,
+                    eta=s.eta,
+                    method=s.method,
                 )
         finally:
             self.generator.train(was_training)
@@ -99,8 +127,9 @@ class GeneratorModule(L.LightningModule):
         """Use this module (images in [-1, 1] -> features) instead of the ``reward_extractor`` export."""
         self.reward_extractor = extractor.eval().requires_grad_(False)
 
-    def build_reward(self, extractor_dir: str | None, **reward_kwargs: Any) -> CompositeReward | None:
-        """A CompositeReward whose memory bank holds the real training images' features (every rank)."""
+    def build_reward(self, extractor_dir: str | None) -> CompositeReward | None:
+        """The ``reward`` config's CompositeReward with a memory bank of the real training images' features
+        (built on every rank), or None without an extractor."""
         extractor = getattr(self, "reward_extractor", None)
         if extractor is None:
             if extractor_dir is None:
@@ -114,7 +143,7 @@ class GeneratorModule(L.LightningModule):
         bank = MemoryBank.from_extractor(
             extractor, dm.reference_dataloader(), dm.num_identities, device=self.device
         )
-        return CompositeReward(bank, **reward_kwargs).to(self.device)
+        return CompositeReward(bank, **self.reward_config.kwargs()).to(self.device)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Per-sample reward components of generated images, or None without a reward model."""
@@ -194,15 +223,15 @@ class GeneratorModule(L.LightningModule):
         directory = run_dir(self.trainer)  # every rank: log_dir is a collective under DDP
         if not self.trainer.is_global_zero:
             return None
-        hp = self.hparams
-        names = self.generator.identities[: hp.grid_identities]
-        labels = torch.arange(len(names)).repeat_interleave(hp.grid_samples)
-        seeds = [hp.grid_seed * 1000 + i for i in range(hp.grid_samples)] * len(names)
+        grid = self.grid
+        names = self.generator.identities[: grid.identities]
+        labels = torch.arange(len(names)).repeat_interleave(grid.samples)
+        seeds = [grid.seed * 1000 + i for i in range(grid.samples)] * len(names)
         fakes = self.generate(labels, seeds).cpu()
         rows = []
         for i, name in enumerate(names):
-            real = self.real_images(name, hp.grid_samples)
-            rows.append(list(real) + list(fakes[i * hp.grid_samples : (i + 1) * hp.grid_samples]))
+            real = self.real_images(name, grid.samples)
+            rows.append(list(real) + list(fakes[i * grid.samples : (i + 1) * grid.samples]))
         return log_grid(self.trainer, image_grid(rows), tag, step, directory)
 
 

@@ -26,7 +26,8 @@ from pytorch_metric_learning.reducers import MeanReducer
 from torch import Tensor, nn
 
 from rgsd_lightning.evaluation import ReIDMetric
-from rgsd_lightning.modules.recognizer import Recognizer
+from rgsd_lightning.modules.config import EmbeddingNetConfig
+from rgsd_lightning.modules.recognizer import GROUPS, Recognizer
 from rgsd_lightning.selection import SelectionConfig
 
 
@@ -35,12 +36,8 @@ class LookaheadReID(Recognizer):
 
     Args:
         num_identities: number of training identities (linked from the datamodule by the CLI).
-        architecture: timm model name of the backbone (``resnet50``, ``vit_base_patch16_224``...).
-        pretrained_path: local backbone weights file; None = random init (nothing is ever downloaded).
-        in_chans: input channels (must match the datamodule's ``channels``).
-        neck: "bnneck" (BoT) or "none".
-        embedding_dim: linear projection size before the neck (None: the backbone's width).
-        timm_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"img_size": [256, 128]}`` for a ViT).
+        net: the embedding network (``architecture``, ``pretrained_path``, ``in_chans``, ``neck``,
+            ``embedding_dim``, ``timm_kwargs``).
         label_smoothing: label smoothing of the ID cross-entropy.
         triplet_margin: margin of the batch-hard triplet loss.
         id_loss_weight: weight of the ID loss in the total loss.
@@ -64,12 +61,7 @@ class LookaheadReID(Recognizer):
     def __init__(
         self,
         num_identities: int,
-        architecture: str = "resnet50",
-        pretrained_path: str | None = None,
-        in_chans: int = 3,
-        neck: Literal["bnneck", "none"] = "bnneck",
-        embedding_dim: int | None = None,
-        timm_kwargs: dict[str, Any] | None = None,
+        net: EmbeddingNetConfig = EmbeddingNetConfig(),
         label_smoothing: float = 0.1,
         triplet_margin: float = 0.3,
         id_loss_weight: float = 1.0,
@@ -86,9 +78,9 @@ class LookaheadReID(Recognizer):
         metric: Literal["euclidean", "cosine"] = "euclidean",
         test_sources: dict[str, list[int]] | None = None,
     ) -> None:
-        selection = self._plain_selection(selection)
-        milestones = [int(m) for m in milestones]
-        super().__init__()
+        super().__init__(num_identities, net, selection, flip_test)
+        self.save_hyperparameters(ignore=[*GROUPS, "milestones"])  # this __init__'s other arguments
+        self.save_hyperparameters({**self.group_hparams(), "milestones": [int(m) for m in milestones]})
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.classifier = nn.Linear(self.net.feature_dim, num_identities, bias=False)

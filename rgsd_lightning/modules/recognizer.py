@@ -22,7 +22,6 @@ price of not running a second forward, and l(w) / l(w') are computed under the s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
+from rgsd_lightning.modules.config import EmbeddingNetConfig, as_config, plain
 from rgsd_lightning.selection import SelectionConfig, SelectionResult, lookahead_select, selection_stats
 
 
@@ -47,8 +47,8 @@ def warmup_multistep_factor(
     return warm * gamma ** sum(1 for m in milestones if epoch >= m)
 
 
-_NET_ARGS = ("architecture", "pretrained_path", "in_chans", "neck", "embedding_dim", "timm_kwargs")
-"""The hyper-parameters that are :class:`~rgsd_lightning.backbones.EmbeddingNet` arguments."""
+GROUPS = ("net", "selection")
+"""The constructor arguments of every recognizer that are config groups (saved as plain dicts)."""
 
 
 def _full_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
@@ -65,42 +65,40 @@ def _head_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
 class Recognizer(L.LightningModule):
     """Base class: EmbeddingNet + identity head + lookahead selection + export (see the module docstring).
 
-    A subclass declares every argument in its own ``__init__`` (its signature is the config), turns them
-    into checkpoint-friendly primitives (``selection`` with :meth:`_plain_selection`), then calls
-    ``super().__init__()``: the base saves the subclass's arguments, as they are at that moment, as
-    hyper-parameters and builds the network from these:
+    A subclass declares every argument in its own ``__init__`` (its signature is the config), passes the
+    shared ones here, then saves its hyper-parameters itself (the groups as plain dicts, from
+    :meth:`group_hparams`):
 
     Args:
         num_identities: number of training identities (linked from the datamodule by the CLI).
-        architecture: timm model name of the backbone.
-        pretrained_path: local backbone weights file; None = random init (nothing is ever downloaded).
-        in_chans: input channels.
-        neck: "bnneck" or "none".
-        embedding_dim: projection size after pooling (None: the backbone's width).
-        timm_kwargs: extra ``timm.create_model`` arguments.
-        selection: lookahead selection options (a :class:`SelectionConfig` or a dict of its fields).
+        net: the embedding network (a :class:`EmbeddingNetConfig` or a mapping of its fields).
+        selection: lookahead selection options (a :class:`SelectionConfig`, a mapping of its fields, or
+            None: disabled).
         flip_test: fuse the embeddings of each evaluation image and its mirror image.
     """
 
     export_name = "backbone"
     task = "recognizer"
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        num_identities: int,
+        net: EmbeddingNetConfig | dict[str, Any],
+        selection: SelectionConfig | dict[str, Any] | None,
+        flip_test: bool,
+    ) -> None:
         super().__init__()
-        self.save_hyperparameters()  # the calling subclass's __init__ arguments, as they are now
-        hp = self.hparams
-        num_identities = hp.num_identities
         if isinstance(num_identities, bool) or not isinstance(num_identities, int) or num_identities < 2:
             raise ValueError(f"num_identities must be an integer >= 2, got {num_identities!r}")
         self.num_identities = num_identities
-        self.selection = SelectionConfig.coerce(hp.selection)
-        self.flip_test = hp.flip_test
-        self.net = EmbeddingNet(**{name: hp[name] for name in _NET_ARGS})
+        self.net_config = as_config(EmbeddingNetConfig, net, "net")
+        self.selection = SelectionConfig.coerce(selection)
+        self.flip_test = flip_test
+        self.net = EmbeddingNet(**self.net_config.kwargs())
 
-    @staticmethod
-    def _plain_selection(selection: SelectionConfig | dict[str, Any] | None) -> dict[str, Any] | None:
-        """The selection block as a plain dict (checkpoint hyper-parameters must be primitives)."""
-        return None if selection is None else asdict(SelectionConfig.coerce(selection))
+    def group_hparams(self) -> dict[str, Any]:
+        """The config groups as plain dicts, for ``save_hyperparameters`` (see :mod:`..config`)."""
+        return plain({"net": self.net_config, "selection": self.selection})
 
     # ------------------------------------------------------------------ to be provided by subclasses
     def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -187,7 +185,7 @@ class Recognizer(L.LightningModule):
             for r, seen, kept in zip(records, counts[0].tolist(), counts[1].tolist(), strict=True)
             if r.source == "synthetic" and seen > 0
         ]
-        atomic_write_json(directory / "selection.json", {"rule": asdict(self.selection), "images": images})
+        atomic_write_json(directory / "selection.json", {"rule": plain(self.selection), "images": images})
 
     def log_selection(self, result: SelectionResult | None, batch_size: int) -> None:
         """Log ``train/kept_fraction`` and ``train/delta_mean|min|max`` of a selection result."""

@@ -17,6 +17,13 @@ Trainable parameters are LoRA adapters (peft, rank 4 on attention) by default; t
 same network with the adapters switched off, so no second copy of the generator exists. The policy
 stays in eval mode throughout (no label dropout inside the RL loss). The first micro-batch of every
 update window is drawn from the fresh rollout and its importance ratio must be 1 (checked).
+
+Configuration is grouped (:mod:`rgsd_lightning.modules.config`): ``sampler`` (rollouts), ``reward``
+(the composite reward), ``lora`` (adapters), ``objective`` (the policy-gradient loss: α, β, KL form,
+ratio clip, value baseline) and ``update`` (which transitions are stored, replay, optimizer steps per
+rollout, micro-batching, clipping), ``grid`` (sample grids). A further RL mode (a window of a few denoising
+steps per trajectory, or DRaFT-K back-propagating the differentiable reward through the last K steps) adds
+a ``mode`` argument and its own group beside these, reusing ``sampler``, ``reward``, ``lora`` and ``update``.
 """
 
 from __future__ import annotations
@@ -32,10 +39,21 @@ from typing import Any, Literal
 import torch
 
 from rgsd_lightning.callbacks.images import run_dir
-from rgsd_lightning.diffusion import DiTGenerator, guided_eps, sample, step_with_logprob
 from rgsd_lightning.diffusion.dit import set_trainable
-from rgsd_lightning.diffusion.generator import check_identities_match
-from rgsd_lightning.modules.generator_base import GeneratorModule
+from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
+from rgsd_lightning.diffusion.sampling import guided_eps, sample, step_with_logprob
+from rgsd_lightning.diffusion.schedule import SIGMA_MIN, step_sigmas
+from rgsd_lightning.modules.config import (
+    GridConfig,
+    LoRAConfig,
+    PolicyGradientConfig,
+    RewardConfig,
+    SamplerConfig,
+    UpdateConfig,
+    as_config,
+    plain,
+)
+from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
 from rgsd_lightning.provenance import folder_fingerprint
 from rgsd_lightning.rl import (
     ReplayBuffer,
@@ -48,8 +66,9 @@ from rgsd_lightning.rl import (
     merged_copy,
     policy_gradient_loss,
 )
-from rgsd_lightning.rl.objective import stochastic_steps
 
+RL_GROUPS = ("lora", "objective", "update")
+"""RewardDPOK's own config groups (beside the generator stages' ``sampler``, ``grid``, ``reward``)."""
 REWARD_KEYS = ("total", "sem", "cov", "exp", "sem_std", "cov_std", "exp_std", "cov_group", "exp_group")
 
 
@@ -63,42 +82,17 @@ class RewardDPOK(GeneratorModule):
             (from Python, ``set_reward_extractor(module)`` may provide any module instead).
         trainable: "lora" (adapters on attention; default), "label_table", or "all" (full fine-tuning; the
             KL reference is then a frozen copy of the generator).
-        lora_rank: LoRA rank (DPOK: 4).
-        lora_alpha: LoRA alpha (None: equal to the rank).
-        lora_targets: module names that get adapters.
+        lora: the LoRA adapters (``rank``, ``alpha``, ``targets``) when ``trainable="lora"``.
         lr: policy learning rate (paper: 1e-5).
         value_lr: learning rate of the value baseline.
         weight_decay: AdamW weight decay of the policy.
         samples_per_identity: K samples per identity in a rollout (groups for coverage/expansion).
-        sampler: "ddim" (with ``eta``) or "ddpm".
-        sample_steps: denoising steps of a rollout.
-        eta: DDIM η of rollouts (1 = ancestral, needed for non-degenerate log-probs).
-        guidance_scale: classifier-free guidance in rollouts and in the log-prob recompute (the same rule).
-        reward_lambdas: λ_sem, λ_cov, λ_exp (paper: 1.0, 0.75, 0.25).
-        reward_alpha: α of the coverage redundancy term.
-        reward_sigma: RBF bandwidth (None: median heuristic per identity).
-        reward_epsilon: ε of the expansion target (1 + ε) S_r.
-        reward_tau: τ of the expansion reward (None: S_r of the identity).
-        reward_credit: per-sample credit of the set rewards: "loo" (leave-one-out) or "group".
-        reward_weight: α of DPOK (weight of the reward term).
-        kl_weight: β of DPOK (weight of the per-step KL to the cold-start policy).
-        kl_form: "dpok" (unweighted ε-MSE, DPOK's code) or "exact" (Gaussian KL of the step kernels).
-        kl_warmup: rollouts before the KL term switches on.
-        ratio_clip: c of the importance-ratio clamp [1 - c, 1 + c] (DPOK: 1e-4).
-        value_baseline: learn V(x_t, y, step) and use r - V as the advantage (DPOK).
-        grad_clip: max grad norm of the policy parameters per optimizer step (DPOK: 0.1).
-        timestep_fraction: share of each trajectory's stochastic steps stored as transitions.
-        buffer_size: replay capacity in transitions (DPOK: 1000).
-        on_policy: train only on the latest rollout (DDPO-style) instead of the replay buffer.
-        policy_steps: optimizer steps per rollout (DPOK: 5).
-        micro_batch: transitions per micro-batch.
-        grad_accum: micro-batches accumulated per optimizer step.
-        logprob_reduction: "mean" (DPOK/DDPO) or "sum" of the Gaussian log-density over elements.
-        ratio_check_tol: max |log p_new - log p_old| allowed on the first micro-batch of a window.
-        grid_every_n_steps: rollouts between sample grids (0: none).
-        grid_identities: identities in the grids.
-        grid_samples: images per identity in the grids.
-        grid_seed: seed of the grid samples.
+        sampler: the rollout sampler; stochastic (``eta`` > 0 or ``method="ddpm"``) for non-degenerate
+            log-probs. The same guidance scale is used in the log-prob recompute.
+        reward: the composite reward (``lambdas``, ``alpha``, ``sigma``, ``epsilon``, ``tau``, ``credit``).
+        objective: the KL-regularised policy-gradient loss.
+        update: transitions kept per trajectory, replay buffer, optimizer steps per rollout.
+        grid: sample grids every ``grid.every_n_steps`` rollouts (0: none).
         seed: seed of rollout noise and replay sampling (with the rollout index and rank).
     """
 
@@ -108,51 +102,29 @@ class RewardDPOK(GeneratorModule):
         generator: str,
         reward_extractor: str | None = None,
         trainable: Literal["lora", "label_table", "all"] = "lora",
-        lora_rank: int = 4,
-        lora_alpha: float | None = None,
-        lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+        lora: LoRAConfig = LoRAConfig(),
         lr: float = 1e-5,
         value_lr: float = 1e-4,
         weight_decay: float = 0.0,
         samples_per_identity: int = 4,
-        sampler: Literal["ddim", "ddpm"] = "ddim",
-        sample_steps: int = 50,
-        eta: float = 1.0,
-        guidance_scale: float = 4.0,
-        reward_lambdas: tuple[float, float, float] = (1.0, 0.75, 0.25),
-        reward_alpha: float = 0.5,
-        reward_sigma: float | None = None,
-        reward_epsilon: float = 0.1,
-        reward_tau: float | None = None,
-        reward_credit: Literal["loo", "group"] = "loo",
-        reward_weight: float = 10.0,
-        kl_weight: float = 0.01,
-        kl_form: Literal["dpok", "exact"] = "dpok",
-        kl_warmup: int = 0,
-        ratio_clip: float = 1e-4,
-        value_baseline: bool = True,
-        grad_clip: float = 0.1,
-        timestep_fraction: float = 1.0,
-        buffer_size: int = 1000,
-        on_policy: bool = False,
-        policy_steps: int = 5,
-        micro_batch: int = 4,
-        grad_accum: int = 12,
-        logprob_reduction: Literal["mean", "sum"] = "mean",
-        ratio_check_tol: float = 1e-4,
-        grid_every_n_steps: int = 50,
-        grid_identities: int = 8,
-        grid_samples: int = 4,
-        grid_seed: int = 0,
+        sampler: SamplerConfig = SamplerConfig(guidance_scale=4.0, eta=1.0),
+        reward: RewardConfig = RewardConfig(),
+        objective: PolicyGradientConfig = PolicyGradientConfig(),
+        update: UpdateConfig = UpdateConfig(),
+        grid: GridConfig = GridConfig(every_n_steps=50),
         seed: int = 0,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(sampler=sampler, grid=grid, reward=reward)
+        self.lora = as_config(LoRAConfig, lora, "lora")
+        self.objective = as_config(PolicyGradientConfig, objective, "objective")
+        self.update = as_config(UpdateConfig, update, "update")
+        self.save_hyperparameters(ignore=[*GROUPS, *RL_GROUPS])  # this __init__'s other arguments
+        self.save_hyperparameters({**self.group_hparams(), **plain({g: getattr(self, g) for g in RL_GROUPS})})
         self.automatic_optimization = False
-        if not 0.0 < timestep_fraction <= 1.0:
-            raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
-        if sampler == "ddim" and eta <= 0:
-            raise ValueError("RL needs stochastic rollouts: set eta > 0 (DPOK: 1.0) or sampler='ddpm'")
+        if self.sampler.method == "ddim" and self.sampler.eta <= 0:
+            raise ValueError(
+                "RL needs stochastic rollouts: set sampler.eta > 0 (DPOK: 1.0) or sampler.method='ddpm'"
+            )
         self.generator = DiTGenerator.from_pretrained(generator).eval()
         if self.generator.num_identities != num_identities:
             raise ValueError(
@@ -163,7 +135,7 @@ class RewardDPOK(GeneratorModule):
         self._reference_model: list[torch.nn.Module] = []  # a list so the copy is not a registered submodule
         if trainable == "lora":
             set_trainable(self.generator, [])
-            inject_lora(self.generator.transformer, lora_rank, lora_alpha, lora_targets)
+            inject_lora(self.generator.transformer, self.lora.rank, self.lora.alpha, self.lora.targets)
         elif trainable == "label_table":
             set_trainable(self.generator, "label_table")
             self.register_buffer("reference_table", self.generator.label_table.weight.detach().clone())
@@ -176,8 +148,9 @@ class RewardDPOK(GeneratorModule):
         state_dim = 1
         for s in self.generator.latent_shape:
             state_dim *= int(s)
-        self.value = ValueNet(state_dim, num_identities + 1, sample_steps) if value_baseline else None
-        self.buffer = ReplayBuffer(0 if on_policy else buffer_size)
+        steps = self.sampler.steps
+        self.value = ValueNet(state_dim, num_identities + 1, steps) if self.objective.value_baseline else None
+        self.buffer = ReplayBuffer(0 if self.update.on_policy else self.update.buffer_size)
         self.rollout_index = 0
         self.history: list[dict[str, float]] = []
         self.reward = None
@@ -195,15 +168,7 @@ class RewardDPOK(GeneratorModule):
                 raise ValueError(
                     "RewardDPOK needs reward_extractor (a recognizer export) or set_reward_extractor()"
                 )
-            self.reward = self.build_reward(
-                hp.reward_extractor,
-                lambdas=tuple(hp.reward_lambdas),
-                alpha=hp.reward_alpha,
-                sigma=hp.reward_sigma,
-                epsilon=hp.reward_epsilon,
-                tau=hp.reward_tau,
-                credit=hp.reward_credit,
-            )
+            self.reward = self.build_reward(hp.reward_extractor)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -272,29 +237,30 @@ class RewardDPOK(GeneratorModule):
 
     def rollout(self, identity_labels: torch.Tensor) -> tuple[Transitions, dict[str, torch.Tensor]]:
         """Sample K trajectories per identity, score them, and store their stochastic steps as transitions."""
-        hp = self.hparams
-        labels = identity_labels.to(self.device).repeat_interleave(hp.samples_per_identity)
+        s, fraction = self.sampler, self.update.timestep_fraction
+        labels = identity_labels.to(self.device).repeat_interleave(self.hparams.samples_per_identity)
         self.generator.eval()
         out = sample(
             self.generator,
             labels,
             seeds=self._seeds(len(labels)),
-            num_steps=hp.sample_steps,
-            guidance_scale=hp.guidance_scale,
-            eta=hp.eta,
-            method=hp.sampler,
+            num_steps=s.steps,
+            guidance_scale=s.guidance_scale,
+            eta=s.eta,
+            method=s.method,
             record_trajectory=True,
         )
         with torch.no_grad():
             comps = self.rewards(out.images, labels)
-        keep = stochastic_steps(
-            out.timesteps, out.prev_timesteps, self.generator.alphas_cumprod, hp.eta, hp.sampler
+        sigmas = step_sigmas(
+            out.timesteps, out.prev_timesteps, self.generator.alphas_cumprod, s.eta, s.method
         )
+        keep = sigmas > SIGMA_MIN  # the steps that draw noise carry a policy gradient
         mask = keep.unsqueeze(0).expand(len(labels), -1).clone()
-        if hp.timestep_fraction < 1.0:
+        if fraction < 1.0:
             g = torch.Generator().manual_seed(self._seeds(1)[0])
             scores = torch.rand(mask.shape, generator=g).masked_fill(~mask.cpu(), 2.0)
-            n_keep = max(1, int(round(hp.timestep_fraction * int(keep.sum()))))
+            n_keep = max(1, int(round(fraction * int(keep.sum()))))
             chosen = scores.argsort(dim=1)[:, :n_keep]
             mask = torch.zeros_like(mask).scatter_(1, chosen.to(mask.device), True) & mask
         transitions = Transitions.from_trajectories(
@@ -307,17 +273,15 @@ class RewardDPOK(GeneratorModule):
         self, mb: Transitions, check_ratio: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """KL-regularised policy-gradient loss (+ value loss) of a micro-batch of transitions."""
-        hp = self.hparams
+        obj, s = self.objective, self.sampler
         alphas = self.generator.alphas_cumprod
-        step_kwargs = dict(eta=hp.eta, method=hp.sampler, reduction=hp.logprob_reduction)
-        use_kl = hp.kl_weight > 0 and self.rollout_index >= hp.kl_warmup
+        step_kwargs = dict(eta=s.eta, method=s.method, reduction=obj.logprob_reduction)
+        use_kl = obj.kl_weight > 0 and self.rollout_index >= obj.kl_warmup
         with torch.no_grad(), self.reference() as ref:  # reference first: nothing below is modified after
             eps_ref = (
-                guided_eps(ref, mb.state, mb.t, mb.label, guidance_scale=hp.guidance_scale)
-                if use_kl
-                else None
+                guided_eps(ref, mb.state, mb.t, mb.label, guidance_scale=s.guidance_scale) if use_kl else None
             )
-        eps = guided_eps(self.generator, mb.state, mb.t, mb.label, guidance_scale=hp.guidance_scale)
+        eps = guided_eps(self.generator, mb.state, mb.t, mb.label, guidance_scale=s.guidance_scale)
         step = step_with_logprob(
             eps, mb.state, mb.t, mb.t_prev, alphas, prev_sample=mb.next_state, **step_kwargs
         )
@@ -326,11 +290,12 @@ class RewardDPOK(GeneratorModule):
         if check_ratio:
             stats["logp_check"] = dev
             stats["kl_first"] = torch.zeros(()) if eps_ref is None else dpok_kl(eps.detach(), eps_ref).mean()
-            if dev > hp.ratio_check_tol:
+            if dev > obj.ratio_check_tol:
                 raise RuntimeError(
                     f"importance ratio != 1 on the first micro-batch of an update window: max |log p_new - "
-                    f"log p_old| = {dev.item():.3g} > ratio_check_tol={hp.ratio_check_tol}. The log-prob "
-                    "recompute differs from the rollout (precision, label dropout, or a changed model)."
+                    f"log p_old| = {dev.item():.3g} > objective.ratio_check_tol={obj.ratio_check_tol}. The "
+                    "log-prob recompute differs from the rollout (precision, label dropout, or a changed "
+                    "model)."
                 )
         advantage = mb.reward
         value_loss = torch.zeros((), device=self.device)
@@ -339,48 +304,49 @@ class RewardDPOK(GeneratorModule):
             value_loss = (v - mb.reward).pow(2).mean()
             advantage = mb.reward - v.detach()
         pg, ratio_stats = policy_gradient_loss(
-            step.log_prob, mb.log_prob, advantage, reward_weight=hp.reward_weight, ratio_clip=hp.ratio_clip
+            step.log_prob, mb.log_prob, advantage, reward_weight=obj.reward_weight, ratio_clip=obj.ratio_clip
         )
         stats.update(ratio_stats)
         kl = torch.zeros_like(pg)
         if use_kl:
-            if hp.kl_form == "dpok":
+            if obj.kl_form == "dpok":
                 kl = dpok_kl(eps, eps_ref)
             else:
                 ref_mean = step_with_logprob(
                     eps_ref, mb.state, mb.t, mb.t_prev, alphas, prev_sample=mb.next_state, **step_kwargs
                 ).mean
                 kl = exact_gaussian_kl(step.mean, ref_mean, step.std)
-        loss = (pg + hp.kl_weight * kl).mean() + value_loss
+        loss = (pg + obj.kl_weight * kl).mean() + value_loss
         stats.update(pg_loss=pg.detach().mean(), kl=kl.detach().mean(), value_loss=value_loss.detach())
         return loss, stats
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        hp = self.hparams
+        up = self.update
         opt = self.optimizers()
         transitions, comps = self.rollout(batch["label"])
         self.buffer.push(transitions)
         rng = torch.Generator().manual_seed(self._seeds(1)[0] ^ 0x5EED)
         policy = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("value.")]
         window: dict[str, list[torch.Tensor]] = {}
-        for p_step in range(hp.policy_steps):
-            for m in range(hp.grad_accum):
+        for p_step in range(up.policy_steps):
+            for m in range(up.grad_accum):
                 first = p_step == 0 and m == 0
-                mb = self.buffer.sample(hp.micro_batch, rng, latest_only=first or hp.on_policy).to(
+                mb = self.buffer.sample(up.micro_batch, rng, latest_only=first or up.on_policy).to(
                     self.device
                 )
                 loss, stats = self.micro_batch_loss(mb, check_ratio=first)
-                with opt.toggle_model(sync_grad=m == hp.grad_accum - 1):
-                    self.manual_backward(loss / hp.grad_accum)
+                with opt.toggle_model(sync_grad=m == up.grad_accum - 1):
+                    self.manual_backward(loss / up.grad_accum)
                 for k, v in stats.items():
                     window.setdefault(k, []).append(v.detach().float())
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy, hp.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy, up.grad_clip)
             window.setdefault("grad_norm", []).append(grad_norm.detach().float())
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.rollout_index += 1
         self._log_round(comps, window)
-        if hp.grid_every_n_steps and self.rollout_index % hp.grid_every_n_steps == 0:
+        every = self.grid.every_n_steps
+        if every and self.rollout_index % every == 0:
             self.log_sample_grid("train/samples", self.rollout_index)
 
     def _log_round(self, comps: dict[str, torch.Tensor], window: dict[str, list[torch.Tensor]]) -> None:

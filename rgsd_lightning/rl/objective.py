@@ -48,26 +48,3 @@ def exact_gaussian_kl(
     sq = (mean_policy.float() - mean_reference.float().detach()).pow(2).flatten(1)
     kl = sq / (2 * var.clamp_min(1e-12))
     return torch.where(var > 1e-12, kl, torch.zeros_like(kl)).mean(1)
-
-
-def stochastic_steps(
-    timesteps: torch.Tensor,
-    prev_timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    eta: float,
-    method: str = "ddim",
-    sigma_min: float = 1e-6,
-) -> torch.Tensor:
-    """(T,) bool: which steps of a schedule draw noise (σ > ``sigma_min``) and so carry a policy gradient.
-
-    σ_t = η √((1 − ᾱ_s)/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_s) (η = 1 for "ddpm"); t_prev < 0 means ᾱ_s = 1, which
-    makes the last step of the DiT "leading" schedule (t = 0) deterministic.
-    """
-    a = alphas_cumprod.detach().double().cpu()
-    t = timesteps.long().cpu()
-    s = prev_timesteps.long().cpu()
-    a_t = a[t]
-    a_s = torch.where(s >= 0, a[s.clamp(min=0)], torch.ones_like(a_t))
-    var = ((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0)
-    scale = 1.0 if method == "ddpm" else eta
-    return scale * var.sqrt() > sigma_min

@@ -1,0 +1,284 @@
+"""Grouped, typed configuration of the stage modules: the nested blocks of a stage YAML.
+
+==============  =============================  =======================================================
+block           dataclass                      used by
+==============  =============================  =======================================================
+``sampler:``    :class:`SamplerConfig`         ColdStartDiT, RewardDPOK, SyntheticGenerator
+``grid:``       :class:`GridConfig`            ColdStartDiT, RewardDPOK, SyntheticGenerator
+``reward:``     :class:`RewardConfig`          RewardDPOK; scoring in ColdStartDiT, SyntheticGenerator
+``lora:``       :class:`LoRAConfig`            RewardDPOK
+``objective:``  :class:`PolicyGradientConfig`  RewardDPOK
+``update:``     :class:`UpdateConfig`          RewardDPOK
+``net:``        :class:`EmbeddingNetConfig`    LookaheadReID, CosFaceRecognizer
+==============  =============================  =======================================================
+
+(The recognizers' ``selection:`` block is :class:`rgsd_lightning.selection.SelectionConfig`.)
+
+Each group is a small frozen dataclass taken as one typed constructor argument whose default is the module's
+own default instance. In YAML a partial mapping changes only the keys it names (``sampler: {steps: 20}``
+keeps the module's default guidance and η: jsonargparse fills the rest from the default instance). From
+Python pass an instance (fields you leave out take the *dataclass* defaults) or a mapping of its fields.
+
+Hyper-parameters: a module stores each group in ``hparams`` as a plain dict (:func:`plain`) and rebuilds
+the dataclass from either form (:func:`as_config`). This was decided by testing a dataclass instance in
+``hparams``: Lightning writes it to ``hparams.yaml`` as a ``!!python/object`` tag that ``yaml.safe_load``
+rejects, and ``rgsd fit --ckpt_path`` fails on such a checkpoint because LightningCLI reads the checkpoint's
+hyper-parameters with ``torch.load(weights_only=True)``, which refuses custom classes. With plain dicts
+both work (``tests/test_config.py``), and ``Module.load_from_checkpoint`` hands the dicts back to the
+constructor, which accepts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+C = TypeVar("C")
+
+
+def as_config(cls: type[C], value: C | Mapping[str, Any], name: str) -> C:
+    """``value`` as a ``cls`` instance: an instance as it is, or a mapping of its fields.
+
+    Args:
+        cls: the config dataclass.
+        value: an instance of ``cls`` or a mapping (e.g. from ``hparams`` or a checkpoint).
+        name: the argument's name, used in error messages.
+    """
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"{name} must be a {cls.__name__} or a mapping of its fields, got {type(value).__name__}"
+        )
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {unknown} (known: {sorted(known)})")
+    return cls(**value)
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses as dicts and tuples as lists, recursively: the form hyper-parameters are stored in."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How images are sampled: generation, sample grids and RL rollouts (recorded with every image).
+
+    Attributes:
+        method: "ddim" (with ``eta``) or "ddpm" (the ancestral posterior; ``eta`` is ignored).
+        steps: denoising steps.
+        guidance_scale: classifier-free guidance scale w (1 = no guidance).
+        eta: DDIM η (0 deterministic, 1 ancestral).
+    """
+
+    method: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = 50
+    guidance_scale: float = 2.0
+    eta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.method in ("ddim", "ddpm"), f"sampler.method must be 'ddim' or 'ddpm', got {self.method!r}"
+        )
+        _check(
+            isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1,
+            f"sampler.steps must be a positive integer, got {self.steps!r}",
+        )
+        _check(
+            math.isfinite(self.guidance_scale),
+            f"sampler.guidance_scale must be finite, got {self.guidance_scale}",
+        )
+        _check(math.isfinite(self.eta) and self.eta >= 0, f"sampler.eta must be >= 0, got {self.eta}")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as recorded in a synthetic set's manifest rows and card."""
+        return {
+            "sampler": self.method,
+            "num_steps": int(self.steps),
+            "guidance_scale": float(self.guidance_scale),
+            "eta": float(self.eta),
+        }
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """Sample grids (one row per identity: real images | samples with fixed seeds) in the run folder.
+
+    Attributes:
+        identities: identities shown (0 = no grid).
+        samples: real and generated images per identity.
+        seed: seed of the generated images (fixed, so grids are comparable over training).
+        every_n_steps: RewardDPOK only: rollouts between grids (0 = none). ColdStartDiT draws a grid at
+            every validation and SyntheticGenerator one after generation.
+    """
+
+    identities: int = 8
+    samples: int = 4
+    seed: int = 0
+    every_n_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for field in ("identities", "samples", "every_n_steps"):
+            value = getattr(self, field)
+            _check(value >= 0, f"grid.{field} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """The three-part composite reward (paper Eqs. 2-11), in RL and when scoring generated images.
+
+    Attributes:
+        lambdas: λ_sem, λ_cov, λ_exp, weights of the standardised components (paper: 1.0, 0.75, 0.25).
+        alpha: α of the coverage redundancy term.
+        sigma: RBF bandwidth (None: median heuristic per identity).
+        epsilon: ε of the expansion target (1 + ε) S_r.
+        tau: τ of the expansion reward (None: S_r of the identity).
+        credit: per-sample credit of the set rewards: "loo" (leave-one-out) or "group".
+    """
+
+    lambdas: tuple[float, float, float] = (1.0, 0.75, 0.25)
+    alpha: float = 0.5
+    sigma: float | None = None
+    epsilon: float = 0.1
+    tau: float | None = None
+    credit: Literal["loo", "group"] = "loo"
+
+    def __post_init__(self) -> None:
+        lambdas = tuple(float(v) for v in self.lambdas)
+        _check(len(lambdas) == 3, f"reward.lambdas must hold 3 weights (sem, cov, exp), got {list(lambdas)}")
+        object.__setattr__(self, "lambdas", lambdas)
+        _check(
+            self.credit in ("loo", "group"), f"reward.credit must be 'loo' or 'group', got {self.credit!r}"
+        )
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~rgsd_lightning.rewards.CompositeReward`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters of the policy (peft), used when ``trainable="lora"``.
+
+    Attributes:
+        rank: adapter rank (DPOK: 4).
+        alpha: LoRA alpha (None: equal to the rank).
+        targets: names of the modules that get adapters.
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, f"lora.rank must be >= 1, got {self.rank}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+
+
+@dataclass(frozen=True)
+class PolicyGradientConfig:
+    """The KL-regularised policy-gradient loss of DPOK (``rl.objective``).
+
+    Attributes:
+        reward_weight: α of DPOK (weight of the reward term).
+        kl_weight: β of DPOK (weight of the per-step KL to the cold-start policy).
+        kl_form: "dpok" (unweighted ε-MSE, DPOK's code) or "exact" (Gaussian KL of the step kernels).
+        kl_warmup: rollouts before the KL term switches on.
+        ratio_clip: c of the importance-ratio clamp [1 - c, 1 + c] (DPOK: 1e-4).
+        value_baseline: learn V(x_t, y, step) and use r - V as the advantage (DPOK).
+        logprob_reduction: "mean" (DPOK/DDPO) or "sum" of the Gaussian log-density over elements.
+        ratio_check_tol: max |log p_new - log p_old| allowed on the first micro-batch of an update window.
+    """
+
+    reward_weight: float = 10.0
+    kl_weight: float = 0.01
+    kl_form: Literal["dpok", "exact"] = "dpok"
+    kl_warmup: int = 0
+    ratio_clip: float = 1e-4
+    value_baseline: bool = True
+    logprob_reduction: Literal["mean", "sum"] = "mean"
+    ratio_check_tol: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kl_form in ("dpok", "exact"),
+            f"objective.kl_form must be 'dpok' or 'exact', got {self.kl_form!r}",
+        )
+        _check(
+            self.logprob_reduction in ("mean", "sum"),
+            f"objective.logprob_reduction must be 'mean' or 'sum', got {self.logprob_reduction!r}",
+        )
+
+
+@dataclass(frozen=True)
+class UpdateConfig:
+    """How a rollout becomes optimizer steps: which transitions are kept, replay, micro-batching, clipping.
+
+    Attributes:
+        timestep_fraction: share of each trajectory's stochastic steps stored as transitions.
+        buffer_size: replay capacity in transitions (DPOK: 1000).
+        on_policy: train only on the latest rollout (DDPO-style) instead of the replay buffer.
+        policy_steps: optimizer steps per rollout (DPOK: 5).
+        micro_batch: transitions per micro-batch.
+        grad_accum: micro-batches accumulated per optimizer step.
+        grad_clip: max grad norm of the policy parameters per optimizer step (DPOK: 0.1).
+    """
+
+    timestep_fraction: float = 1.0
+    buffer_size: int = 1000
+    on_policy: bool = False
+    policy_steps: int = 5
+    micro_batch: int = 4
+    grad_accum: int = 12
+    grad_clip: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(
+            0.0 < self.timestep_fraction <= 1.0,
+            f"update.timestep_fraction must be in (0, 1], got {self.timestep_fraction}",
+        )
+        _check(self.policy_steps >= 0, f"update.policy_steps must be >= 0, got {self.policy_steps}")
+        for field in ("micro_batch", "grad_accum"):
+            value = getattr(self, field)
+            _check(value >= 1, f"update.{field} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class EmbeddingNetConfig:
+    """The recognizer's :class:`~rgsd_lightning.backbones.EmbeddingNet` (timm backbone -> projection -> neck).
+
+    Attributes:
+        architecture: timm model name of the backbone (``resnet50``, ``vit_base_patch16_224``, ...).
+        pretrained_path: local backbone weights file; None = random init (nothing is ever downloaded).
+        in_chans: input channels (must match the datamodule's ``channels``).
+        neck: "bnneck" (BatchNorm on the embedding, BoT) or "none".
+        embedding_dim: linear projection size before the neck (None: the backbone's width).
+        timm_kwargs: extra ``timm.create_model`` arguments (e.g. ``{"img_size": [256, 128]}`` for a ViT).
+    """
+
+    architecture: str = "resnet50"
+    pretrained_path: str | None = None
+    in_chans: int = 3
+    neck: Literal["bnneck", "none"] = "bnneck"
+    embedding_dim: int | None = None
+    timm_kwargs: dict[str, Any] | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`~rgsd_lightning.backbones.EmbeddingNet`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -301,3 +301,43 @@ def test_compute_reduces_over_two_gloo_ranks(tmp_path):
         for key, value in result["composite"].items():
             assert torch.allclose(value, torch.cat([c[key] for c in comps]).mean(), atol=1e-5), key
         assert torch.allclose(result["semantic"], torch.cat(sems).mean(), atol=1e-6)
+
+
+def test_bank_rejects_nan_features_and_float_labels_instead_of_truncating():
+    """Issue 14 cases 3-4: NaN extractor output names its batch; float labels are refused, not truncated."""
+    images = torch.randn(4, 3, 4, 4)
+
+    class NaNs(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(x), D), float("nan"))
+
+    ok = {"image": images, "label": torch.tensor([0, 1, 1, 0])}
+    with pytest.raises(ValueError, match="NaN or inf features for batch 1"):
+        MemoryBank.from_extractor(_FailSecond(NaNs()), [ok, ok], 2)
+    floats = {"image": images, "label": torch.tensor([0.0, 1.7, 1.0, 0.0])}
+    with pytest.raises(ValueError, match="batch 0: labels must be integer identity indices, got dtype"):
+        MemoryBank.from_extractor(TinyExtractor(), [floats], 2)
+    bank = MemoryBank(*make_bank_data(), N)
+    with pytest.raises(ValueError, match="identities must be integer identity indices"):
+        bank.check_covers(torch.tensor([0.0, 1.5]))
+    with pytest.raises(ValueError, match="prototype of identity 3 is a zero vector"):
+        missing = MemoryBank(bank.features[bank.identities != 3], bank.identities[bank.identities != 3], N)
+        RF.semantic_consistency(torch.randn(2, D), torch.tensor([3, 0]), missing.prototypes())
+    with pytest.raises(ValueError, match="epsilon must be a finite number"):
+        ExpansionReward(bank, epsilon=float("nan"))
+    with pytest.raises(ValueError, match="lambdas must be finite"):
+        CompositeReward(bank, lambdas=(1.0, float("nan"), 0.25))
+    with pytest.raises(ValueError, match="sigma must be positive and finite"):
+        CoverageReward(bank, sigma=float("inf"))
+
+
+class _FailSecond(nn.Module):
+    """The wrapped extractor on every batch but the first (which gets finite features)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.randn(len(x), D) if self.calls == 1 else self.inner(x)

@@ -238,3 +238,14 @@ def test_denoising_loss_matches_hand_computation(gen):
         r1 = denoising_loss(gen, x0, y, generator_rng=torch.Generator().manual_seed(5))
         r2 = denoising_loss(gen, x0, y, generator_rng=torch.Generator().manual_seed(5))
     assert torch.equal(r1, r2)
+
+
+def test_eta_must_be_a_non_negative_number(gen):
+    """Issue 14 case 3: a negative (or NaN) eta is refused where it is given, naming the argument."""
+    x, eps = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    for eta in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            step_with_logprob(eps, x, 500, 480, AC, eta=eta)
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            sample(gen, [0, 1], seeds=[1, 2], num_steps=2, eta=eta)
+    assert torch.isfinite(step_with_logprob(eps, x, 500, 480, AC, eta=0.0).prev_sample).all()

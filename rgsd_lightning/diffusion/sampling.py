@@ -18,6 +18,22 @@ import torch
 from rgsd_lightning.diffusion.schedule import make_timesteps
 
 SIGMA_MIN = 1e-6
+
+
+def check_eta(eta: float) -> float:
+    """``eta`` as a float; ValueError unless it is a finite number >= 0 (the DDIM noise scale).
+
+    η = 0 is deterministic DDIM (every step has log-prob 0 by design), η = 1 draws the DDPM posterior noise;
+    a negative η has no meaning (σ = η·σ_posterior would be negative).
+    """
+    value = float(eta)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), got {eta}"
+        )
+    return value
+
+
 """Steps with σ below this are treated as deterministic (log-prob 0, no policy gradient)."""
 
 
@@ -129,6 +145,7 @@ def step_with_logprob(
         raise ValueError(f"method={method!r}: expected 'ddim' or 'ddpm'")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+    eta = check_eta(eta)
     x = x_t.float()
     e = eps.float()
     a_t = _per_sample(alphas_cumprod, t, x)
@@ -204,6 +221,7 @@ def sample(
     """
     if seeds is not None and generator is not None:
         raise ValueError("give either `seeds` or `generator`, not both")
+    eta = check_eta(eta)
     device = model.device
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
     model.check_labels(labels)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from rgsd_lightning.diffusion import build_dit, drop_labels
+from rgsd_lightning.diffusion.sampling import check_eta
 from rgsd_lightning.diffusion.schedule import denoising_loss
 from rgsd_lightning.modules.ema import ParameterEMA
 from rgsd_lightning.modules.generator_base import GeneratorModule
@@ -85,6 +86,7 @@ class ColdStartDiT(GeneratorModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_eta(eta)
         if pretrained is not None:
             preset = None
         self.generator = build_dit(

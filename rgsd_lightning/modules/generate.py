@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from rgsd_lightning.diffusion import DiTGenerator
 from rgsd_lightning.diffusion.generator import check_identities_match
+from rgsd_lightning.diffusion.sampling import check_eta
 from rgsd_lightning.modules.generator_base import GeneratorModule
 
 
@@ -48,6 +49,7 @@ class SyntheticGenerator(GeneratorModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_eta(eta)
         self.generator = DiTGenerator.from_pretrained(export).requires_grad_(False).eval()
         if self.generator.num_identities != num_identities:
             raise ValueError(

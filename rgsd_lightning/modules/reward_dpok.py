@@ -35,6 +35,8 @@ from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.diffusion import DiTGenerator, guided_eps, sample, step_with_logprob
 from rgsd_lightning.diffusion.dit import set_trainable
 from rgsd_lightning.diffusion.generator import check_identities_match
+from rgsd_lightning.diffusion.sampling import SIGMA_MIN, check_eta
+from rgsd_lightning.diffusion.schedule import make_timesteps
 from rgsd_lightning.modules.generator_base import GeneratorModule
 from rgsd_lightning.provenance import folder_fingerprint
 from rgsd_lightning.rl import (
@@ -51,6 +53,31 @@ from rgsd_lightning.rl import (
 from rgsd_lightning.rl.objective import stochastic_steps
 
 REWARD_KEYS = ("total", "sem", "cov", "exp", "sem_std", "cov_std", "exp_std", "cov_group", "exp_group")
+
+
+def check_rollout_noise(alphas_cumprod: torch.Tensor, sample_steps: int, eta: float, sampler: str) -> None:
+    """ValueError unless at least one rollout step draws noise (σ > SIGMA_MIN), saying which eta would.
+
+    A deterministic step has log-prob 0 by design and is never stored: with no stochastic step the replay
+    buffer stays empty and there is nothing to learn from.
+    """
+    timesteps, prev = make_timesteps(len(alphas_cumprod), sample_steps)
+    if bool(stochastic_steps(timesteps, prev, alphas_cumprod, eta, sampler, SIGMA_MIN).any()):
+        return
+    a = alphas_cumprod.detach().double().cpu()  # σ of each step at η = 1 (as in stochastic_steps)
+    a_t = a[timesteps]
+    a_s = torch.where(prev >= 0, a[prev.clamp(min=0)], torch.ones_like(a_t))
+    largest = float(((1 - a_s) / (1 - a_t) * (1 - a_t / a_s)).clamp(min=0).sqrt().max())
+    if largest <= SIGMA_MIN:
+        raise ValueError(
+            f"sample_steps={sample_steps}: every rollout step is deterministic whatever eta (the only step "
+            "maps t=0 to the image); RL needs sample_steps >= 2"
+        )
+    raise ValueError(
+        f"eta={eta} makes every one of the sample_steps={sample_steps} rollout steps deterministic (largest "
+        f"step std {eta * largest:.3g} < {SIGMA_MIN}): such steps carry no log-probability, so the replay "
+        f"buffer would stay empty; use eta >= {2 * SIGMA_MIN / largest:.3g} (DPOK: 1.0) or sampler='ddpm'"
+    )
 
 
 class RewardDPOK(GeneratorModule):
@@ -151,9 +178,11 @@ class RewardDPOK(GeneratorModule):
         self.automatic_optimization = False
         if not 0.0 < timestep_fraction <= 1.0:
             raise ValueError(f"timestep_fraction must be in (0, 1], got {timestep_fraction}")
+        check_eta(eta)
         if sampler == "ddim" and eta <= 0:
             raise ValueError("RL needs stochastic rollouts: set eta > 0 (DPOK: 1.0) or sampler='ddpm'")
         self.generator = DiTGenerator.from_pretrained(generator).eval()
+        check_rollout_noise(self.generator.alphas_cumprod, sample_steps, eta, sampler)
         if self.generator.num_identities != num_identities:
             raise ValueError(
                 f"generator export {generator} has {self.generator.num_identities} identities, "

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from rgsd_lightning.diffusion.generator import as_labels
 from rgsd_lightning.diffusion.schedule import make_timesteps
 
 SIGMA_MIN = 1e-6
@@ -96,7 +97,7 @@ def guided_eps(
     batch = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device)
     t = t.expand(batch) if t.ndim == 0 else t
-    labels = torch.as_tensor(labels, device=x_t.device, dtype=torch.long)
+    labels = as_labels(labels, device=x_t.device)
     both = model(
         torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)])
     ).float()
@@ -223,7 +224,7 @@ def sample(
         raise ValueError("give either `seeds` or `generator`, not both")
     eta = check_eta(eta)
     device = model.device
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+    labels = as_labels(labels).reshape(-1).to(device)
     model.check_labels(labels)
     batch = labels.shape[0]
     rngs = None

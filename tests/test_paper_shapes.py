@@ -40,9 +40,8 @@ def test_the_recipes_are_run_as_shipped_except_the_listed_overrides(tmp_path):
     assert [s.name for s in market] == [s["name"] for s in pipeline["stages"]] == MARKET_STAGES
     for stage in market:
         trainer, init = stage.config["trainer"], stage.config["model"]["init_args"]
-        recipe = yaml.safe_load(
-            (ROOT / next(s["config"] for s in pipeline["stages"] if s["name"] == stage.name)).read_text()
-        )
+        config = next(s["config"] for s in pipeline["stages"] if s["name"] == stage.name)
+        recipe = yaml.safe_load((ROOT / "experiments" / "market1501" / config).read_text())
         assert trainer["accelerator"] == "cpu" and trainer["precision"] == recipe["trainer"]["precision"]
         assert stage.config["data"]["init_args"]["root"] == str(fixtures["market"])
         assert applied[stage.name]["precision_substitute"] is None

@@ -112,7 +112,10 @@ def _short(class_path: str) -> str:
 
 def _read_hparams(path: str) -> dict[str, Any]:
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: only the hyper-parameters are read from a large checkpoint
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a legacy (not zip) file cannot be memory-mapped
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any reason a checkpoint cannot be read is reported the same way
         raise ValueError(f"--ckpt_path {path}: cannot read it as a Lightning checkpoint ({err})") from err
     if not isinstance(checkpoint, dict):

@@ -22,10 +22,13 @@ steps, CPU, no worker processes, no sample grids). Precision is each recipe's ow
 generator stages, ``32-true`` for the recognizers; a ``16-mixed`` recipe would run as ``bf16-mixed``, which
 is what Lightning does with it on CPU, and the report would say so).
 
+On a shared machine run it with ``OMP_WAIT_POLICY=PASSIVE`` (as the slow test does): OpenMP threads that
+spin while their partner thread is descheduled multiply the CPU time of every stage several times over.
+
 Every stage runs in its own (forked) process; the report gives its wall time, CPU time and peak resident
 memory (``ru_maxrss``), plus checks of what each stage wrote (the shapes and the label space the tiny
-models cannot exercise). ``DIR/<name>.json`` + ``DIR/<name>.md``. A ``--work`` folder is reused: the
-fixtures are built once, every stage runs again.
+models cannot exercise). ``DIR/<name>.json`` + ``DIR/<name>.md``. A ``--work`` folder is reused for the
+fixtures (built once); its stage folders are removed first, so every stage runs from scratch.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -294,6 +298,7 @@ def run_paper_shapes(out: str | os.PathLike, work: str | os.PathLike, name: str,
     report: dict[str, Any] = {"command": command, "results": {}, "errors": {}}
     start = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    shutil.rmtree(work / "runs", ignore_errors=True)  # stages resume from what they find: start afresh
     fixtures = fixture_paths(work / "fixtures")
     built = run_isolated(lambda: build_fixtures(work / "fixtures"))
     if not built["ok"]:
@@ -314,6 +319,7 @@ def run_paper_shapes(out: str | os.PathLike, work: str | os.PathLike, name: str,
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     report["total_cpu_s"] = round(sum(r["cpu_s"] for r in rows), 1)
     report["load_average_at_start"] = load
+    report["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY")
     report["environment"] = environment()  # after the children: the parent runs no torch kernel first
     write_report(out, name, report, render(report))
     return report
@@ -331,7 +337,7 @@ def render(report: dict[str, Any]) -> str:
         f"parameters, sd-vae-ft-ema-shaped VAE, resnet50 weights, toy data): {fx.get('seconds')} s, peak RSS "
         f"{mib(fx.get('peak_rss_bytes', 0))} MiB. Whole run: {report.get('total_seconds')} s wall, "
         f"{report.get('total_cpu_s')} s CPU (user + system, all processes); load average at the start "
-        f"{report.get('load_average_at_start')}.\n\n"
+        f"{_load(report.get('load_average_at_start'))}; OMP_WAIT_POLICY={report.get('omp_wait_policy')}.\n\n"
     )
     rows = []
     for dataset, result in report["results"].items():
@@ -368,6 +374,10 @@ def render(report: dict[str, Any]) -> str:
     for dataset, error in report["errors"].items():
         out.write(f"\n## {dataset}: FAILED\n\n```\n{error}```\n")
     return out.getvalue()
+
+
+def _load(values: Any) -> str:
+    return "unknown" if not values else " / ".join(f"{v:.1f}" for v in values)
 
 
 @contextlib.contextmanager

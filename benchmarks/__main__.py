@@ -1,8 +1,10 @@
-"""``python -m benchmarks {speed,utility,init_rows} ...``: dispatch to a benchmark's own command line.
+"""``python -m benchmarks {speed,utility,init_rows,paper_shapes} ...``: run one benchmark's command line.
 
 * ``speed``   - speed and memory (``benchmarks.speed``; ``--gpu-scale`` is the CUDA run of ``gpu.sh``);
 * ``utility`` - the real-data utility study (``benchmarks.utility``, imported only when asked for);
-* ``init_rows`` - cold start with zero vs null label rows (``benchmarks.init_rows``).
+* ``init_rows`` - cold start with zero vs null label rows (``benchmarks.init_rows``);
+* ``paper_shapes`` - every stage of the paper's recipes at DiT-XL/2 shapes on CPU, one step each, with
+  peak memory per stage (``benchmarks.paper_shapes``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ COMMANDS = {
     "speed": "benchmarks.speed:main",
     "utility": "benchmarks.utility:main",
     "init_rows": "benchmarks.init_rows:main",
+    "paper_shapes": "benchmarks.paper_shapes:main",
 }
 
 

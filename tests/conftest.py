@@ -42,6 +42,27 @@ def quiet_trainer(root: str | os.PathLike | None = None, **overrides: Any):
     return L.Trainer(**args)
 
 
+def assert_close_to_scale(actual: Any, expected: Any, rtol: float = 1e-5, scale: float | None = None) -> None:
+    """``actual`` equals ``expected`` within ``rtol`` times the magnitude of the values (default: the largest
+    ``|expected|``), element by element.
+
+    Rounding errors of a float32 computation scale with the magnitude of the values it combines, not with
+    each output element (an element near zero made of large terms carries their error), and BLAS kernels
+    round differently on different CPUs: a fixed ``atol`` on outputs of magnitude 10-500 fails elsewhere.
+    """
+    import numpy as np
+
+    def as_double(x: Any) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            return x.detach().cpu().double()
+        return torch.from_numpy(np.asarray(x, dtype=np.float64))
+
+    a, e = as_double(actual), as_double(expected)
+    if scale is None:
+        scale = float(e.abs().max()) if e.numel() else 0.0
+    torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * max(scale, 1e-30))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for gloo process groups in tests)."""
     with socket.socket() as s:

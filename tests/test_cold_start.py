@@ -250,3 +250,55 @@ def test_paper_path_in_miniature_latent_mode_from_a_pretrained_folder(toy_market
     from PIL import Image
 
     assert len(records) == dm.num_identities and Image.open(records[0].path).size == (8, 8)
+
+
+@pytest.mark.parametrize("rows", ["hashed", "legacy"])
+def test_resume_regenerates_a_damaged_image_instead_of_trusting_it(trained, toy_market, tmp_path, rows):
+    """Issue 14 case 2: a truncated PNG used to count as done; resume checks what it skips (size + SHA-256
+    recorded in the row, or a decode for rows without them) and makes broken images again."""
+    out = tmp_path / "synthetic"
+    _generate(trained["export"], toy_market, out, 2, tmp_path)
+    manifest = out / "manifest.jsonl"
+    before = {r.path: _digest(Path(r.path)) for r in read_manifest(manifest)}
+    first = read_manifest(manifest)[0]
+    assert first.extra["bytes"] == Path(first.path).stat().st_size
+    assert first.extra["sha256"] == _digest(Path(first.path))
+    if rows == "legacy":  # a set written before rows carried hashes: the images must decode
+        lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+        manifest.write_text(
+            "".join(
+                json.dumps({k: v for k, v in r.items() if k not in ("bytes", "sha256")}) + "\n" for r in lines
+            )
+        )
+    victims = [Path(r.path) for r in read_manifest(manifest)[1:3]]
+    data = victims[0].read_bytes()
+    victims[0].write_bytes(data[: len(data) // 2])  # truncated (a crash mid-write)
+    victims[1].unlink()  # missing
+    _generate(trained["export"], toy_market, out, 2, tmp_path)
+    after = read_manifest(manifest)
+    assert {r.path: _digest(Path(r.path)) for r in after} == before  # regenerated identically, none lost
+    card = json.loads((out / "card.json").read_text())
+    assert card["num_images"] == len(after) == len(before) and card["audit"]["num_images"] == len(after)
+
+
+class _FailingAudit(SyntheticSetWriter):
+    def run_audit(self, real_records):
+        raise RuntimeError("audit failed (test)")
+
+
+def test_a_failed_audit_leaves_manifest_and_card_agreeing(trained, toy_market, tmp_path):
+    """Issue 14 case 2: the audit used to fail after the manifest was rewritten, leaving the previous run's
+    "audit" block in card.json. Now the set says "not audited" until an audit succeeds."""
+    out = tmp_path / "synthetic"
+    _generate(trained["export"], toy_market, out, 2, tmp_path)
+    assert "audit" in json.loads((out / "card.json").read_text())
+    with pytest.raises(RuntimeError, match="audit failed"):
+        _generate(trained["export"], toy_market, out, 3, tmp_path, writer_cls=_FailingAudit)  # more work
+    records = read_manifest(out / "manifest.jsonl")
+    card = json.loads((out / "card.json").read_text())
+    assert len(records) == card["num_images"] == 3 * 6
+    assert "audit" not in card and not any("sim_pixel" in r.extra for r in records)
+    _generate(trained["export"], toy_market, out, 3, tmp_path)  # a successful audit brings both back
+    card = json.loads((out / "card.json").read_text())
+    assert card["audit"]["num_images"] == 3 * 6
+    assert all("sim_pixel" in r.extra for r in read_manifest(out / "manifest.jsonl"))

@@ -315,3 +315,93 @@ def test_hub_id_loads_from_the_huggingface_cache_offline(pretrained_dir, tmp_pat
         timeout=300,
     )
     assert missing.returncode != 0 and "not-cached" in missing.stderr
+
+
+def test_float_class_labels_are_refused_not_truncated():
+    """Issue 14 case 4: label 1.7 used to become identity 1 silently."""
+    gen = build_dit(num_identities=3, preset="tiny")
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="must be integer identity indices, got dtype torch.float"):
+        gen(x, 5, torch.tensor([0.0, 1.7]))
+    with pytest.raises(ValueError, match="class labels must be integer"):
+        sample(gen, [0.0, 1.7], seeds=[1, 2], num_steps=2)
+    with pytest.raises(ValueError, match="class labels must be integer"):
+        sample(gen, torch.tensor([1.0]), seeds=[1], num_steps=2, guidance_scale=2.0)
+    assert sample(gen, [0, 2], seeds=[1, 2], num_steps=2).images.shape == (2, 3, 8, 8)
+
+
+def _latent_export(tmp_path, pretrained_dir):
+    """A latent-mode export (tiny DiT + VAE weights in vae/) and the VAE folder it came from."""
+    root, _ = pretrained_dir
+    out = build_dit(num_identities=3, pretrained=str(root), vae="tiny").save_pretrained(tmp_path / "export")
+    return out
+
+
+def test_export_without_its_vae_names_the_folder_and_the_fix(pretrained_dir, tmp_path):
+    """Issue 14 case 4: the latent-mode error must not suggest a `vae=` argument from_pretrained lacks."""
+    import shutil
+
+    export = _latent_export(tmp_path, pretrained_dir)
+    shutil.rmtree(export / "vae")
+    with pytest.raises(ValueError, match=f"{export}: the transformer works on 4-channel latents") as info:
+        DiTGenerator.from_pretrained(export)
+    assert "vae=" not in str(info.value) and "vae.json" in str(info.value)
+
+
+def test_vae_json_naming_an_uncached_hub_id_fails_offline_with_the_id_and_the_fix(pretrained_dir, tmp_path):
+    """Issue 14 case 4: diffusers said "no file named config.json"; the error must name the id and the fix."""
+    import shutil
+
+    export = _latent_export(tmp_path, pretrained_dir)
+    shutil.rmtree(export / "vae")
+    (export / "vae.json").write_text(json.dumps({"source": "fake-org/never-cached-vae", "subfolder": None}))
+    with pytest.raises(FileNotFoundError) as info:  # tests run with HF_HUB_OFFLINE=1 (conftest)
+        DiTGenerator.from_pretrained(export)
+    message = str(info.value)
+    assert "fake-org/never-cached-vae" in message and "vae.json" in message
+    assert "not in the local Hugging Face cache" in message and "local folder" in message
+
+
+def test_cached_hub_vae_loads_without_touching_the_network(pretrained_dir, tmp_path):
+    """A vae.json hub id in the local cache loads from the cache even with downloads allowed (no retries when
+    the network is down); an uncached one fails with the id and the fix, not a 30 s retry loop."""
+    import shutil
+    import subprocess
+    import sys
+
+    export = _latent_export(tmp_path, pretrained_dir)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--fake-org--vae-tiny"
+    shutil.copytree(export / "vae", repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.rmtree(export / "vae")
+    (export / "vae.json").write_text(json.dumps({"source": "fake-org/vae-tiny", "subfolder": None}))
+    missing = tmp_path / "missing"
+    shutil.copytree(export, missing)
+    (missing / "vae.json").write_text(json.dumps({"source": "fake-org/not-cached", "subfolder": None}))
+    script = (
+        "import json, socket\n"
+        "attempts = []\n"
+        "def refuse(self, *args, **kwargs):\n"
+        "    attempts.append(args)\n"
+        "    raise OSError('network is down (test)')\n"
+        "socket.socket.connect = refuse\n"
+        "from rgsd_lightning.diffusion import DiTGenerator\n"
+        f"gen = DiTGenerator.from_pretrained({str(export)!r})\n"
+        "cached = {'ok': gen.vae is not None, 'attempts': len(attempts)}\n"
+        "try:\n"
+        f"    DiTGenerator.from_pretrained({str(missing)!r})\n"
+        "    error = ''\n"
+        "except FileNotFoundError as err:\n"
+        "    error = str(err)\n"
+        "print(json.dumps({'cached': cached, 'error': error}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_ETAG_TIMEOUT="1", HF_HUB_DOWNLOAD_TIMEOUT="1")
+    run = [sys.executable, "-c", script]
+    done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["cached"] == {"ok": True, "attempts": 0}  # the cached VAE never reached for the network
+    assert "fake-org/not-cached" in out["error"] and "local folder" in out["error"]

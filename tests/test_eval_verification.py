@@ -209,3 +209,22 @@ def test_metric_equals_function_and_checks_indices():
         VerificationMetric(pairs, issame, num_images=int(pairs.max()))
     with pytest.raises(ValueError, match="issame must be"):
         VerificationMetric(pairs, issame[:-1], num_images=len(emb))
+
+
+def test_nan_embeddings_are_named_as_nan_not_as_duplicates():
+    """Issue 14 case 3: flip_fuse on torch tensors and VerificationMetric.update refuse NaN/inf embeddings."""
+    a = torch.randn(4, 3)
+    bad = a.clone()
+    bad[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="embeddings_flipped has 1 row"):
+        flip_fuse(a, bad)
+    with pytest.raises(ValueError, match="embeddings has 1 row"):
+        flip_fuse(bad, a)
+    with pytest.raises(ValueError, match="embeddings has 1 row"):  # numpy input: the same rule
+        flip_fuse(bad.numpy(), a.numpy())
+    emb, pairs, issame = make_image_set()
+    m = VerificationMetric(pairs, issame, num_images=len(emb))
+    nan = torch.from_numpy(emb[:3].copy())
+    nan[1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"1 row\(s\) with NaN/inf values \(image indices \[1\]\)"):
+        m.update(nan, torch.arange(3))

@@ -74,7 +74,8 @@ def test_fid_and_kid_match_closed_forms_with_the_extractor_as_feature_space():
     mmd = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
     assert out["kid_subset_size"] == 40
     assert out["kid"] == pytest.approx(mmd, rel=1e-4)
-    assert out["kid_std"] == pytest.approx(0.0, abs=1e-6 * abs(mmd))
+    # identical subsets: 0 up to float32 rounding of the kernel sums, whose terms are ~ max |k| (not mmd)
+    assert out["kid_std"] == pytest.approx(0.0, abs=1e-5 * float(np.abs(kxx).max()))
     same = fid_kid(Linear(), 3, as_images(x), as_images(x), kid_subset_size=1000)
     assert same["fid"] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match=">= 2 real and >= 2 synthetic"):

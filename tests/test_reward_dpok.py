@@ -205,3 +205,15 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_generator_export, toy_market
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     assert any(a[n].abs().sum() > 0 for n in a if "lora_B" in n)  # an update happened
+
+
+def test_eta_that_makes_every_rollout_step_deterministic_is_refused_at_construction(tiny_generator_export):
+    """Issue 14 case 3: a tiny eta used to pass and die later with 'the replay buffer is empty'."""
+    with pytest.raises(ValueError, match="sampler.eta must be >= 0"):
+        RewardDPOK(6, generator=tiny_generator_export, sampler={"eta": -1.0})
+    with pytest.raises(ValueError, match=r"eta=1e-09 makes every one of the sampler.steps=4 .*replay buffer"):
+        RewardDPOK(6, generator=tiny_generator_export, sampler={"eta": 1e-9, "steps": 4})
+    with pytest.raises(ValueError, match="sampler.steps=1: every rollout step is deterministic whatever eta"):
+        RewardDPOK(6, generator=tiny_generator_export, sampler={"eta": 1.0, "steps": 1})
+    RewardDPOK(6, generator=tiny_generator_export, sampler={"eta": 1e-5, "steps": 4})
+    RewardDPOK(6, generator=tiny_generator_export, sampler={"method": "ddpm", "eta": 0.0, "steps": 4})

@@ -8,6 +8,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close_to_scale
 
 from rgsd_lightning.rewards import functional as RF
 
@@ -137,8 +138,8 @@ def test_composite_matches_reference_uneven_groups_float32():
     f = np.concatenate([f, f[:2] + 0.3])[: len(y)]
     got = run_torch(f, y, bank, z, dtype=torch.float32, alpha=0.8, epsilon=0.2, lambdas=(0.5, 1.0, 0.3))
     ref = np_composite(f, y, bank, z, alpha=0.8, eps_exp=0.2, lambdas=(0.5, 1.0, 0.3))
-    for key in ref:
-        np.testing.assert_allclose(got[key], ref[key], rtol=2e-5, atol=2e-5, err_msg=key)
+    for key in ref:  # float32 against a float64 reference: relative to each component's magnitude
+        assert_close_to_scale(got[key], ref[key], rtol=2e-5)
     assert got["exp"][2] == 0.0  # one bank feature: no information about the real spread
 
 
@@ -272,7 +273,7 @@ def test_autocast_does_not_lower_the_precision():
         lowered = RF.composite_reward(f.bfloat16().float(), y, bank.bfloat16().float(), z)
     for key in plain:
         assert mixed[key].dtype == torch.float32
-        assert torch.allclose(mixed[key], lowered[key], atol=1e-5), key  # only the inputs were rounded
+        assert_close_to_scale(mixed[key], lowered[key])  # only the inputs were rounded
 
 
 # ------------------------------------------------------------------------------------ behaviour checks
@@ -336,3 +337,48 @@ def test_bad_inputs_raise_clear_errors():
         RF.composite_reward(f, y, bank, z, sigma=0.0)
     with pytest.raises(ValueError, match="integer tensor"):
         RF.composite_reward(f, y.float(), bank, z)
+
+
+def test_meaningless_inputs_raise_instead_of_returning_nan_or_constants():
+    """Issue 14 case 3: NaN prototypes / features / epsilon / lambdas and zero prototypes fail loudly."""
+    f, y, bank, z = (torch.tensor(a) for a in random_case(seed=5))
+    protos = RF.prototypes(bank, z, 4)
+    nan_protos = protos.clone()
+    nan_protos[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in prototypes \(1 rows\)"):
+        RF.semantic_consistency(f, y, nan_protos)
+    # an identity without bank entries gets a zero prototype row: scoring it would give 0.5 for any sample
+    protos_missing = RF.prototypes(bank[z != 2], z[z != 2], 4)
+    assert protos_missing[2].abs().max() == 0
+    with pytest.raises(ValueError, match="prototype of identity 2 is a zero vector"):
+        RF.semantic_consistency(f, y, protos_missing)
+    ok = RF.semantic_consistency(f[y != 2], y[y != 2], protos_missing)  # other identities still score
+    assert torch.isfinite(ok).all()
+    group, rows = f[y == 0], bank[z == 0]
+    nan_group = group.clone()
+    nan_group[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or inf in group \(1 rows\)"):
+        RF.coverage_group(nan_group, rows, 1.0)
+    with pytest.raises(ValueError, match=r"NaN or inf in group \(1 rows\)"):
+        RF.expansion_group(nan_group, rows)
+    with pytest.raises(ValueError, match=r"NaN or inf in bank \(1 rows\)"):
+        RF.coverage_group(group, torch.cat([rows, nan_group[:1]]), 1.0)
+    with pytest.raises(ValueError, match="sigma must be positive and finite, got nan"):
+        RF.coverage_group(group, rows, float("nan"))
+    with pytest.raises(ValueError, match="tau must be positive and finite"):
+        RF.expansion_group(group, rows, tau=-1.0)
+    for kwargs, name in (
+        ({"epsilon": float("nan")}, "epsilon"),
+        ({"alpha": float("inf")}, "alpha"),
+        ({"lambdas": (1.0, float("nan"), 0.25)}, "lambdas"),
+    ):
+        with pytest.raises(ValueError, match=f"{name} must be (a )?finite"):
+            RF.composite_reward(f, y, bank, z, **kwargs)
+    with pytest.raises(ValueError, match="epsilon must be a finite number"):
+        RF.expansion_group(group, rows, epsilon=float("nan"))
+    with pytest.raises(ValueError, match="epsilon must be a finite number"):
+        RF.expansion(f, y, bank, z, epsilon=float("nan"))
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        RF.coverage(f, y, bank, z, alpha=float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf in the values to standardise"):
+        RF.standardize(torch.tensor([0.1, float("nan"), 0.3]))

@@ -563,3 +563,15 @@ def test_verification_pairs_validates_fields() -> None:
         VerificationPairs("x", ["a", "b"], np.array([[0, 1]]), np.array([True, False]))
     with pytest.raises(ValueError, match=r"issame must hold bools"):
         VerificationPairs("x", ["a", "b"], np.array([[0, 1]]), np.array([2]))
+
+
+@pytest.mark.parametrize(
+    "copy_name",
+    ["0002_c1s1_000451_03 (copy).jpg", "0002_c1s1_000451_03 - Copy.jpg", "0002_c1s1_000451_03(1).jpg"],
+)
+def test_market1501_rejects_copies_instead_of_reading_them_as_more_images(tmp_path: Path, copy_name) -> None:
+    """Issue 14 case 4: the name pattern must cover the whole file name."""
+    base = _make_market(tmp_path / "m")
+    copy = _img(base / "bounding_box_train" / copy_name)
+    with pytest.raises(ValueError, match=re.escape(str(copy)) + ".*does not match"):
+        read_market1501(base)

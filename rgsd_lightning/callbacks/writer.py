@@ -7,20 +7,28 @@ Layout of a synthetic set folder::
                                      generator hash, reward components ...), merged on rank 0
     card.json                        counts, per-identity statistics, generator provenance, audit result
 
-Each rank writes its images and appends rows to its own ``manifest.rank<r>.jsonl`` shard right after
-every batch (line-buffered and fsync'ed), so a killed generation loses at most the batch in flight.
-When generation starts again, the requests already present (in the merged manifest or in any shard,
-with their image on disk) are skipped: the set completes without duplicates or gaps. At the end rank 0
-merges the shards into ``manifest.jsonl`` (atomic rename) and writes ``card.json``.
+Each rank writes its images (atomically, fsync'ed) and appends rows to its own ``manifest.rank<r>.jsonl``
+shard right after every batch (fsync'ed), so a killed generation loses at most the batch in flight. Every
+row records the size and SHA-256 of its PNG (``bytes``, ``sha256``). When generation starts again, the
+requests already present (in the merged manifest or in any shard) whose image is intact are skipped:
+intact means the file matches the recorded size and hash (a row without them, e.g. of an older set, must
+decode). A missing, truncated or altered image is made again, so the set completes without duplicates,
+gaps or broken files. At the end rank 0 merges the shards into ``manifest.jsonl`` and writes ``card.json``
+(each atomically, the card after the manifest, everything computed before either is written).
 
 Then, by default, the privacy audit runs (``evaluation.privacy``): every image's nearest real training
-image and similarities go into its manifest row, the summary into ``card.json["audit"]``. With
-``drop_near_copies`` the flagged images leave the manifest (their files move to ``rejected/``, their
-keys to ``rejected/manifest.jsonl`` so a resumed generation does not make them again).
+image and similarities go into its manifest row, the summary into ``card.json["audit"]``. The card keeps
+an ``"audit"`` block only while every manifest row carries the audit's fields: a merge that adds or
+replaces rows removes both the block and the per-row fields, so a failed audit leaves a set that says
+"not audited" rather than a stale summary. With ``drop_near_copies`` the flagged images leave the manifest
+(their files move to ``rejected/``, their keys to ``rejected/manifest.jsonl`` so a resumed generation does
+not make them again).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -31,9 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
 
-from rgsd_lightning.callbacks.images import save_png, to_uint8
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, atomic_write_text, write_manifest
+from rgsd_lightning.callbacks.images import to_uint8
+from rgsd_lightning.data.records import (
+    IdentityRecord,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.jsonl"
@@ -65,14 +80,56 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def image_intact(output_dir: Path, row: dict) -> bool:
+    """Whether the row's image is on disk and whole: its recorded size and SHA-256 match (rows without
+    them must decode)."""
+    path = output_dir / row["path"]
+    if not path.is_file():
+        return False
+    if row.get("sha256") is not None:
+        if row.get("bytes") is not None and path.stat().st_size != int(row["bytes"]):
+            return False
+        return _sha256(path) == row["sha256"]
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except (OSError, ValueError, SyntaxError):  # what PIL raises for truncated or corrupt files
+        return False
+    return True
+
+
 def completed_rows(output_dir: Path) -> dict[tuple[str, int], dict]:
-    """Rows already written (merged manifest and shards) whose image exists on disk."""
-    done: dict[tuple[str, int], dict] = {}
+    """Rows already written (merged manifest, then shards: a later row of a request wins) whose image is
+    intact (:func:`image_intact`); the others are logged and left to be generated again."""
+    rows: dict[tuple[str, int], dict] = {}
     for path in [output_dir / MANIFEST, *sorted(output_dir.glob("manifest.rank*.jsonl"))]:
         for row in read_rows(path):
-            if (output_dir / row["path"]).is_file():
-                done[request_key(row["identity"], row["seed"])] = row
+            rows[request_key(row["identity"], row["seed"])] = row
+    done = {key: row for key, row in rows.items() if image_intact(output_dir, row)}
+    broken = [row["path"] for key, row in rows.items() if key not in done]
+    if broken:
+        log.warning(
+            "synthetic set %s: %d listed image(s) missing or damaged (e.g. %s); they will be generated again",
+            output_dir,
+            len(broken),
+            broken[:3],
+        )
     return done
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """An (H, W, C) uint8 array as PNG bytes (C = 1 as grayscale)."""
+    buffer = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class SyntheticSetWriter(BasePredictionWriter):
@@ -110,11 +167,13 @@ class SyntheticSetWriter(BasePredictionWriter):
         self.drop_near_copies = drop_near_copies
         self.last_audit = None
         self._shard = None
+        self._finished = True  # nothing to finish before a predict run has started
 
     # -- resume: tell the datamodule which requests are done before its loader is built
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
             return
+        self._finished = False
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if trainer.is_global_zero and any(self.output_dir.glob("manifest.rank*.jsonl")):
             self.merge()  # fold an interrupted run's shards (torn last lines dropped) into manifest.jsonl
@@ -149,7 +208,8 @@ class SyntheticSetWriter(BasePredictionWriter):
         shard = self._open_shard(trainer.global_rank)
         for i, (identity, seed) in enumerate(zip(identities, seeds, strict=True)):
             rel = Path("images") / _safe(identity) / f"{seed:010d}.png"
-            save_png(images[i], self.output_dir / rel)
+            data = encode_png(images[i])
+            atomic_write_bytes(self.output_dir / rel, data)
             row = {
                 "path": str(rel),
                 "identity": identity,
@@ -157,7 +217,7 @@ class SyntheticSetWriter(BasePredictionWriter):
                 "source": "synthetic",
                 "split": "train",
             }
-            row["seed"] = seed
+            row.update(seed=seed, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
             if requests[i] is not None:
                 row["request"] = int(requests[i])
             row.update({k: float(v[i]) for k, v in rewards.items()})
@@ -167,6 +227,16 @@ class SyntheticSetWriter(BasePredictionWriter):
         os.fsync(shard.fileno())
 
     def on_predict_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, pl_module)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        # Lightning skips the predict loop (and on_predict_end) when no request is left: merge and audit
+        # anyway, so a rerun on a complete set still repairs its manifest and card. (Not reached on errors.)
+        if stage == "predict" and not self._finished:
+            self._finish(trainer, pl_module)
+
+    def _finish(self, trainer, pl_module) -> None:
+        self._finished = True
         if self._shard is not None:
             self._shard.close()
             self._shard = None
@@ -202,16 +272,26 @@ class SyntheticSetWriter(BasePredictionWriter):
         return result
 
     def merge(self, module_info: dict[str, Any] | None = None) -> Path:
-        """Merge shards into manifest.jsonl (deduplicated, sorted) and write card.json; remove the shards."""
+        """Merge shards into manifest.jsonl (deduplicated, sorted, intact images only) and write card.json;
+        remove the shards.
+
+        Everything is computed before anything is written; the manifest is written first, then the card.
+        Unless every row carries the audit fields, the rows lose them and the card its ``"audit"`` block.
+        """
+        from rgsd_lightning.evaluation.privacy import AUDIT_FIELDS
+
         rows = completed_rows(self.output_dir)
         ordered = sorted(rows.values(), key=lambda r: (r["identity"], r.get("request", 0), r["seed"]))
-        records = [IdentityRecord.from_json(r, base_dir=self.output_dir) for r in ordered]
-        write_manifest(self.output_dir / MANIFEST, records)
         card_path = self.output_dir / CARD
-        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        card = _read_card(card_path)
+        if not all(all(k in r for k in AUDIT_FIELDS) for r in ordered):  # the audit no longer covers the set
+            ordered = [{k: v for k, v in r.items() if k not in AUDIT_FIELDS} for r in ordered]
+            card.pop("audit", None)
+        records = [IdentityRecord.from_json(r, base_dir=self.output_dir) for r in ordered]
         card.update(self.card_extra)
         card.update(module_info or {})
         card.update(summarize(ordered))
+        write_manifest(self.output_dir / MANIFEST, records)
         atomic_write_json(card_path, card)
         for shard in self.output_dir.glob("manifest.rank*.jsonl"):
             shard.unlink()
@@ -245,6 +325,18 @@ def summarize(rows: list[dict]) -> dict[str, Any]:
         "reward_stats": stats,
         "per_identity": per_identity,
     }
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); fix or remove it (it is rebuilt)") from err
+    if not isinstance(card, dict):
+        raise ValueError(f"{path}: card.json must hold a JSON object, got {type(card).__name__}")
+    return card
 
 
 def _as_list(values) -> list:

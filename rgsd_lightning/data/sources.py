@@ -40,7 +40,9 @@ __all__ = [
 
 MARKET_SPLITS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 CUHK03_VARIANTS = ("labeled", "detected")
-_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
+# <pid>_c<camera>[s<sequence>]{_<field>}.<ext>: Market-1501 0002_c1s1_000451_03.jpg, cuhk03-np 0001_c1_1.png;
+# the whole name must match, so a copy such as "0002_c1s1_000451_03 (copy).jpg" is not taken as another image
+_MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)(?:s\d+)?(?:_[0-9A-Za-z]+)*\.[0-9A-Za-z]+$")
 
 
 # ------------------------------------------------------------------------------------------------- ReID
@@ -67,8 +69,8 @@ def _read_market_split(folder: Path, split: str, extra: dict[str, Any]) -> list[
         match = _MARKET_NAME.match(name)
         if match is None:
             raise ValueError(
-                f"{folder / name}: file name does not match '<pid>_c<camera>...' "
-                "(e.g. 0002_c1s1_000451_03.jpg)"
+                f"{folder / name}: file name does not match '<pid>_c<camera>[s<seq>]_<frame>..._<n>.<ext>' "
+                "(e.g. 0002_c1s1_000451_03.jpg); remove copies and other files from the split folder"
             )
         pid, cam = int(match.group(1)), int(match.group(2))
         if cam < 1:

@@ -27,6 +27,7 @@ from rgsd_lightning.diffusion.generator import (
     check_identities_match,
     class_embedder,
     is_hub_id,
+    load_from_hub,
     load_vae,
     share_label_table,
 )
@@ -206,13 +207,15 @@ def _load_transformer(
         return DiTTransformer2DModel.from_pretrained(folder), config
     if not is_hub_id(source):
         raise FileNotFoundError(f"pretrained={source!r} is neither a local folder nor a hub id")
-    kwargs = {"local_files_only": local_files_only} if local_files_only is not None else {}
+    kwargs: dict[str, Any] = {"what": "pretrained", "local_files_only": local_files_only}
     try:
-        transformer = DiTTransformer2DModel.from_pretrained(source, subfolder="transformer", **kwargs)
-    except OSError:
-        transformer = DiTTransformer2DModel.from_pretrained(source, **kwargs)
+        transformer = load_from_hub(
+            DiTTransformer2DModel.from_pretrained, source, subfolder="transformer", **kwargs
+        )
+    except OSError:  # a bare transformer repository (config.json at the top)
+        transformer = load_from_hub(DiTTransformer2DModel.from_pretrained, source, **kwargs)
     try:
-        config = dict(DDPMScheduler.load_config(source, subfolder="scheduler", **kwargs))
+        config = dict(load_from_hub(DDPMScheduler.load_config, source, subfolder="scheduler", **kwargs))
     except OSError:
         warnings.warn(f"{source}: no scheduler config found; using the DiT default schedule", stacklevel=3)
         config = None
@@ -237,7 +240,8 @@ def _resolve_vae(
         source, subfolder = vae, None
     path = Path(source).expanduser()
     record_source = str(path.resolve()) if path.exists() else str(source)
-    model = load_vae(source, subfolder=subfolder, local_files_only=local_files_only)
+    what = "vae='pretrained' (the vae/ of `pretrained`)" if vae == "pretrained" else "vae"
+    model = load_vae(source, subfolder=subfolder, local_files_only=local_files_only, what=what)
     return model, {"source": record_source, "subfolder": subfolder}
 
 

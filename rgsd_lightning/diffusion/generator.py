@@ -17,9 +17,9 @@ import re
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
@@ -29,6 +29,7 @@ from rgsd_lightning.diffusion.schedule import alphas_cumprod as _alphas_cumprod
 from rgsd_lightning.diffusion.schedule import clean_scheduler_config
 
 EXPORT_FORMAT = 1
+_T = TypeVar("_T")
 _ARCH_KEYS = ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "sample_size")
 _ARCH_KEYS += ("in_channels", "out_channels", "num_embeds_ada_norm")
 
@@ -55,6 +56,64 @@ def _read_json(path: Path) -> dict[str, Any]:
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` looks like a Hugging Face hub id (``owner/name``) rather than a local path."""
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", name)) and not name.startswith((".", "/", "~"))
+
+
+def _hub_offline() -> bool:
+    """Whether Hugging Face downloads are switched off (``HF_HUB_OFFLINE``), read at call time."""
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_OFFLINE", False):
+        return True
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def load_from_hub(
+    load: Callable[..., _T],
+    hub_id: str,
+    *,
+    what: str,
+    subfolder: str | None = None,
+    local_files_only: bool | None = None,
+    **kwargs: Any,
+) -> _T:
+    """``load(hub_id, subfolder=..., local_files_only=..., **kwargs)`` (a diffusers ``from_pretrained`` or
+    ``load_config``) for a hub id: from the local Hugging Face cache first, without touching the network;
+    from the hub only when it is not cached and downloads are allowed (``local_files_only`` not True and
+    ``HF_HUB_OFFLINE`` unset). Failure is a FileNotFoundError naming ``what``, the id and how to give a
+    local folder instead.
+    """
+    where = f"{hub_id}/{subfolder}" if subfolder else hub_id
+    try:
+        return load(hub_id, subfolder=subfolder, local_files_only=True, **kwargs)
+    except OSError as err:
+        cached_error = err
+    local_folder = (
+        f"download it once (`huggingface-cli download {hub_id}` on a machine with network access) and give "
+        "the local folder instead of the hub id"
+    )
+    if local_files_only or _hub_offline():
+        raise FileNotFoundError(
+            f"{what}: hub id {where!r} is not in the local Hugging Face cache and downloads are off "
+            f"(HF_HUB_OFFLINE=1 or local_files_only); {local_folder}"
+        ) from cached_error
+    try:
+        return load(hub_id, subfolder=subfolder, local_files_only=False, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"{what}: hub id {where!r} is not in the local Hugging Face cache and could not be fetched "
+            f"({err}); {local_folder}"
+        ) from err
+
+
+def as_labels(labels: Any, device: torch.device | str | None = None) -> torch.Tensor:
+    """Class labels as a long tensor; ValueError for float (or bool) labels, which would be truncated."""
+    tensor = torch.as_tensor(labels, device=device)
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(
+            f"class labels must be integer identity indices, got dtype {tensor.dtype} "
+            "(a float label would be silently truncated; convert whole numbers with .long())"
+        )
+    return tensor.long()
 
 
 def share_label_table(transformer: DiTTransformer2DModel, table: nn.Embedding) -> None:
@@ -107,18 +166,26 @@ def load_vae(
     subfolder: str | None = None,
     dtype: torch.dtype | None = None,
     local_files_only: bool | None = None,
+    what: str = "vae",
 ) -> AutoencoderKL:
-    """``AutoencoderKL.from_pretrained`` from a local folder or a hub id (FileNotFoundError otherwise)."""
+    """``AutoencoderKL.from_pretrained`` from a local folder or a hub id (:func:`load_from_hub`: the cache
+    first); FileNotFoundError naming ``what`` (the option or file that named the source) otherwise."""
     path = Path(source).expanduser()
     if path.exists():
         folder = path / subfolder if subfolder else path
         if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder}: no VAE config.json")
+            raise FileNotFoundError(f"{what}: {folder}: no VAE config.json")
         return AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
     if not is_hub_id(str(source)):
-        raise FileNotFoundError(f"VAE source {str(source)!r} is neither a local folder nor a hub id")
-    kwargs = {"local_files_only": local_files_only} if local_files_only is not None else {}
-    return AutoencoderKL.from_pretrained(str(source), subfolder=subfolder, torch_dtype=dtype, **kwargs)
+        raise FileNotFoundError(f"{what}: VAE source {str(source)!r} is neither a local folder nor a hub id")
+    return load_from_hub(
+        AutoencoderKL.from_pretrained,
+        str(source),
+        what=what,
+        subfolder=subfolder,
+        local_files_only=local_files_only,
+        torch_dtype=dtype,
+    )
 
 
 # ------------------------------------------------------------------------------------------- the module
@@ -285,7 +352,7 @@ class DiTGenerator(nn.Module):
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor | int, labels: torch.Tensor) -> torch.Tensor:
         """Predicted ε (the first ``in_channels`` output channels; learned-variance channels are dropped)."""
-        labels = torch.as_tensor(labels, device=x_t.device, dtype=torch.long)
+        labels = as_labels(labels, device=x_t.device)
         if not getattr(self, "_labels_trusted", False):
             self.check_labels(labels)
         timesteps = torch.as_tensor(timesteps, device=x_t.device)
@@ -424,9 +491,22 @@ class DiTGenerator(nn.Module):
         vae, vae_source = None, None
         if (root / "vae.json").is_file():
             vae_source = _read_json(root / "vae.json")
-            vae = load_vae(vae_source["source"], subfolder=vae_source.get("subfolder"), dtype=dtype)
+            if not isinstance(vae_source, dict) or not isinstance(vae_source.get("source"), str):
+                raise ValueError(f"{root / 'vae.json'}: needs a 'source' (a VAE folder or hub id)")
+            vae = load_vae(
+                vae_source["source"],
+                subfolder=vae_source.get("subfolder"),
+                dtype=dtype,
+                what=f"{root / 'vae.json'} (edit its 'source' to name a local VAE folder)",
+            )
         elif (root / "vae").is_dir():
             vae = AutoencoderKL.from_pretrained(root / "vae", torch_dtype=dtype)
+        elif int(transformer.config.in_channels) != int(facts["channels"]):
+            raise ValueError(
+                f"{root}: the transformer works on {transformer.config.in_channels}-channel latents but the "
+                "export has neither vae/ nor vae.json (an incomplete export?): put the VAE's diffusers "
+                f"folder at {root / 'vae'} or a vae.json naming it, or export the generator again"
+            )
         scheduler = DDPMScheduler.load_config(root / "scheduler")
         generator = cls(
             transformer,

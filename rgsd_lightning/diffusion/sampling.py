@@ -15,7 +15,22 @@ from typing import Any
 
 import torch
 
+from rgsd_lightning.diffusion.generator import as_labels
 from rgsd_lightning.diffusion.schedule import SIGMA_MIN, alpha_bar, make_timesteps, posterior_variance
+
+
+def check_eta(eta: float) -> float:
+    """``eta`` as a float; ValueError unless it is a finite number >= 0 (the DDIM noise scale).
+
+    η = 0 is deterministic DDIM (every step has log-prob 0 by design), η = 1 draws the DDPM posterior noise;
+    a negative η has no meaning (σ = η·σ_posterior would be negative).
+    """
+    value = float(eta)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"eta must be a finite number >= 0 (0 = deterministic DDIM, 1 = ancestral sampling), got {eta}"
+        )
+    return value
 
 
 @dataclass
@@ -77,7 +92,7 @@ def guided_eps(
     batch = x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device)
     t = t.expand(batch) if t.ndim == 0 else t
-    labels = torch.as_tensor(labels, device=x_t.device, dtype=torch.long)
+    labels = as_labels(labels, device=x_t.device)
     both = model(
         torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)])
     ).float()
@@ -114,6 +129,7 @@ def step_with_logprob(
         raise ValueError(f"method={method!r}: expected 'ddim' or 'ddpm'")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction={reduction!r}: expected 'mean' or 'sum'")
+    eta = check_eta(eta)
     x = x_t.float()
     e = eps.float()
     a_t = alpha_bar(alphas_cumprod, t, x)
@@ -189,8 +205,9 @@ def sample(
     """
     if seeds is not None and generator is not None:
         raise ValueError("give either `seeds` or `generator`, not both")
+    eta = check_eta(eta)
     device = model.device
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
+    labels = as_labels(labels).reshape(-1).to(device)
     model.check_labels(labels)
     batch = labels.shape[0]
     rngs = None

@@ -144,6 +144,10 @@ def flip_fuse(embeddings: Any, embeddings_flipped: Any) -> Any:
             )
         if embeddings.dim() != 2:
             raise ValueError(f"embeddings must be 2-D (N, D), got shape {tuple(embeddings.shape)}")
+        for name, value in (("embeddings", embeddings), ("embeddings_flipped", other)):
+            bad = int((~torch.isfinite(value)).any(dim=1).sum()) if value.is_floating_point() else 0
+            if bad:
+                raise ValueError(f"{name} has {bad} row(s) with NaN/inf values")
         return F.normalize(embeddings + other.to(embeddings.dtype), dim=1)
     a = _embeddings(embeddings, "embeddings")
     b = _embeddings(embeddings_flipped, "embeddings_flipped")
@@ -237,6 +241,13 @@ class VerificationMetric(Metric):
         idx = torch.as_tensor(indices, device=embeddings.device)
         if idx.dim() != 1 or idx.shape[0] != embeddings.shape[0]:
             raise ValueError(f"indices must have shape ({embeddings.shape[0]},), got {tuple(idx.shape)}")
+        if embeddings.is_floating_point():
+            bad = ~torch.isfinite(embeddings).all(dim=1)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"embeddings has {int(bad.sum())} row(s) with NaN/inf values "
+                    f"(image indices {idx[bad][:5].tolist()})"
+                )
         self.embeddings.append(embeddings.to(torch.float32))
         self.indices.append(idx.long())
 

@@ -39,7 +39,8 @@ from rgsd_lightning.selection import SelectionConfig
 
 
 def cosface_losses(embeddings: Tensor, labels: Tensor, weight: Tensor, margin: float, scale: float) -> Tensor:
-    """Per-sample CosFace loss: cross-entropy of ``scale * (cos - margin * onehot)`` (float32).
+    """Per-sample CosFace loss: cross-entropy of ``scale * (cos - margin * onehot)`` (float32 at least:
+    half-precision inputs are promoted, float64 stays float64).
 
     Args:
         embeddings: (B, D) embeddings (any scale; normalised here).
@@ -49,7 +50,8 @@ def cosface_losses(embeddings: Tensor, labels: Tensor, weight: Tensor, margin: f
         scale: logit scale s.
     """
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        cosine = F.normalize(embeddings.float(), dim=1) @ F.normalize(weight.float(), dim=0)
+        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, weight.dtype), torch.float32)
+        cosine = F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(weight.to(dtype), dim=0)
         logits = scale * (cosine - margin * F.one_hot(labels, cosine.shape[1]).to(cosine.dtype))
         return F.cross_entropy(logits, labels, reduction="none")
 

@@ -42,7 +42,7 @@ from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.diffusion.dit import set_trainable
 from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
 from rgsd_lightning.diffusion.sampling import guided_eps, sample, step_with_logprob
-from rgsd_lightning.diffusion.schedule import SIGMA_MIN, step_sigmas
+from rgsd_lightning.diffusion.schedule import SIGMA_MIN, make_timesteps, step_sigmas
 from rgsd_lightning.modules.config import (
     GridConfig,
     LoRAConfig,
@@ -70,6 +70,30 @@ from rgsd_lightning.rl import (
 RL_GROUPS = ("lora", "objective", "update")
 """RewardDPOK's own config groups (beside the generator stages' ``sampler``, ``grid``, ``reward``)."""
 REWARD_KEYS = ("total", "sem", "cov", "exp", "sem_std", "cov_std", "exp_std", "cov_group", "exp_group")
+
+
+def check_rollout_noise(alphas_cumprod: torch.Tensor, sampler: SamplerConfig) -> None:
+    """ValueError unless at least one rollout step draws noise (σ > SIGMA_MIN), saying which eta would.
+
+    A deterministic step has log-prob 0 by design and is never stored: with no stochastic step the replay
+    buffer stays empty and there is nothing to learn from.
+    """
+    timesteps, prev = make_timesteps(len(alphas_cumprod), sampler.steps)
+    sigmas = step_sigmas(timesteps, prev, alphas_cumprod, sampler.eta, sampler.method)
+    if bool((sigmas > SIGMA_MIN).any()):
+        return
+    largest = float(step_sigmas(timesteps, prev, alphas_cumprod, 1.0, "ddpm").max())  # σ at η = 1
+    if largest <= SIGMA_MIN:
+        raise ValueError(
+            f"sampler.steps={sampler.steps}: every rollout step is deterministic whatever eta (the only step "
+            "maps t=0 to the image); RL needs sampler.steps >= 2"
+        )
+    raise ValueError(
+        f"sampler.eta={sampler.eta} makes every one of the sampler.steps={sampler.steps} rollout steps "
+        f"deterministic (largest step std {sampler.eta * largest:.3g} < {SIGMA_MIN}): such steps carry no "
+        f"log-probability, so the replay buffer would stay empty; use sampler.eta >= "
+        f"{2 * SIGMA_MIN / largest:.3g} (DPOK: 1.0) or sampler.method='ddpm'"
+    )
 
 
 class RewardDPOK(GeneratorModule):
@@ -126,6 +150,7 @@ class RewardDPOK(GeneratorModule):
                 "RL needs stochastic rollouts: set sampler.eta > 0 (DPOK: 1.0) or sampler.method='ddpm'"
             )
         self.generator = DiTGenerator.from_pretrained(generator).eval()
+        check_rollout_noise(self.generator.alphas_cumprod, self.sampler)
         if self.generator.num_identities != num_identities:
             raise ValueError(
                 f"generator export {generator} has {self.generator.num_identities} identities, "

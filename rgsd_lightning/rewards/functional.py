@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -117,6 +118,37 @@ def _check_matrix(x: Tensor, name: str) -> None:
         raise ValueError(f"NaN or inf in {name} ({bad} rows)")
 
 
+def _check_same_dim(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} have dimension {a.shape[1]} but {name_b} have dimension {b.shape[1]}")
+
+
+def _check_finite(value: float | Tensor, name: str) -> float:
+    """``value`` as a float; ValueError naming ``name`` when it is NaN or infinite."""
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {v}")
+    return v
+
+
+def _check_scale(value: float | Tensor, name: str) -> None:
+    """A bandwidth / penalty scale given as a float or a scalar tensor must be positive and finite."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"{name} must be a float or a scalar tensor here, got shape {tuple(value.shape)}")
+    v = float(value)
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"{name} must be positive and finite, got {v}")
+
+
+def _check_lambdas(lambdas: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in lambdas)
+    if len(values) != 3:
+        raise ValueError(f"lambdas must hold 3 weights (sem, cov, exp), got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"lambdas must be finite numbers, got {list(values)}")
+    return values  # type: ignore[return-value]
+
+
 def _check_labels(ids: Tensor, rows: int, name: str, of: str) -> None:
     if not isinstance(ids, Tensor) or ids.dim() != 1:
         shape = tuple(ids.shape) if isinstance(ids, Tensor) else type(ids).__name__
@@ -157,11 +189,21 @@ def semantic_consistency(features: Tensor, identities: Tensor, prototypes: Tenso
     """
     _check_matrix(features, "generated features")
     _check_labels(identities, features.shape[0], "identities", "features")
+    _check_matrix(prototypes, "prototypes")
+    _check_same_dim(features, prototypes, "generated features", "prototypes")
     _check_identity_range(identities, prototypes.shape[0], "identities")
     dtype = _work_dtype(features, prototypes)
     f = l2_normalize(features.to(dtype))
-    p = l2_normalize(prototypes.to(device=f.device, dtype=dtype))[identities.to(f.device).long()]
-    return 0.5 * ((f * p).sum(dim=-1) + 1.0)
+    ids = identities.to(f.device).long()
+    p = prototypes.to(device=f.device, dtype=dtype)[ids]
+    empty = p.abs().amax(dim=-1) == 0
+    if bool(empty.any()):
+        y = int(ids[empty][0])
+        raise ValueError(
+            f"the prototype of identity {y} is a zero vector: the identity has no memory-bank features "
+            "(prototypes() gives such identities a zero row); score only identities with bank features"
+        )
+    return 0.5 * ((f * l2_normalize(p)).sum(dim=-1) + 1.0)
 
 
 def rbf_kernel(u: Tensor, v: Tensor, sigma: float | Tensor) -> Tensor:
@@ -318,8 +360,11 @@ def coverage_group(group: Tensor, bank: Tensor, sigma: float | Tensor, alpha: fl
         sigma: RBF bandwidth (> 0).
         alpha: weight of the redundancy term.
     """
+    _check_group_and_bank(group, bank)
     if bank.shape[0] == 0:
         raise ValueError("coverage needs at least one bank feature for the identity")
+    _check_scale(sigma, "sigma")
+    alpha = _check_finite(alpha, "alpha")
     dtype = _work_dtype(group, bank)
     g = l2_normalize(group.to(dtype))
     if g.shape[0] == 0:
@@ -343,6 +388,10 @@ def expansion_group(
         epsilon: target expansion over the real spread.
         tau: scale of the penalty (> 0); None = S_r of the identity.
     """
+    _check_group_and_bank(group, bank)
+    epsilon = _check_finite(epsilon, "epsilon")
+    if tau is not None:
+        _check_scale(tau, "tau")
     dtype = _work_dtype(group, bank)
     g = l2_normalize(group.to(dtype))
     if g.shape[0] == 0 or bank.shape[0] < 2:
@@ -350,6 +399,12 @@ def expansion_group(
     s_r = covariance_trace(l2_normalize(bank.detach().to(device=g.device, dtype=dtype)))
     t = s_r.clamp_min(TAU_FLOOR) if tau is None else tau
     return _expansion_subsets(g, s_r, epsilon, t, g.new_ones(1, g.shape[0]))[0]
+
+
+def _check_group_and_bank(group: Tensor, bank: Tensor) -> None:
+    _check_matrix(group, "group")
+    _check_matrix(bank, "bank")
+    _check_same_dim(group, bank, "group features", "bank features")
 
 
 # --------------------------------------------------------------------------------------- batch functions
@@ -363,11 +418,7 @@ class _Prepared:
         _check_labels(identities, features.shape[0], "identities", "features")
         _check_matrix(bank_features, "bank features")
         _check_labels(bank_identities, bank_features.shape[0], "bank identities", "bank features")
-        if bank_features.shape[1] != features.shape[1]:
-            raise ValueError(
-                f"generated features have dimension {features.shape[1]} but bank features have "
-                f"dimension {bank_features.shape[1]}"
-            )
+        _check_same_dim(features, bank_features, "generated features", "bank features")
         dtype = _work_dtype(features, bank_features)
         self.features = l2_normalize(features.to(dtype))
         device = self.features.device
@@ -473,6 +524,7 @@ def coverage(
         credit: ``"loo"`` (leave-one-out marginal) or ``"group"`` (every member gets the group value).
     """
     _check_credit(credit)
+    alpha = _check_finite(alpha, "alpha")
     return _coverage(_Prepared(features, identities, bank_features, bank_identities), alpha, sigma, credit)
 
 
@@ -499,6 +551,7 @@ def expansion(
         credit: ``"loo"`` (leave-one-out marginal) or ``"group"`` (every member gets the group value).
     """
     _check_credit(credit)
+    epsilon = _check_finite(epsilon, "epsilon")
     return _expansion(_Prepared(features, identities, bank_features, bank_identities), epsilon, tau, credit)
 
 
@@ -511,6 +564,8 @@ def standardize(values: Tensor, eps: float = 1e-8) -> Tensor:
         values: (B,) raw reward values.
         eps: added to the std.
     """
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"NaN or inf in the values to standardise ({int((~torch.isfinite(values)).sum())})")
     if values.numel() <= 1 or bool(values.max() == values.min()):
         return values * 0.0
     centred = values - values.mean()
@@ -552,9 +607,10 @@ def composite_reward(
         eps: added to the std in the standardisation.
     """
     _check_credit(credit)
-    lambdas = tuple(float(v) for v in lambdas)
-    if len(lambdas) != 3:
-        raise ValueError(f"lambdas must hold 3 weights (sem, cov, exp), got {len(lambdas)}")
+    lambdas = _check_lambdas(lambdas)
+    alpha, epsilon = _check_finite(alpha, "alpha"), _check_finite(epsilon, "epsilon")
+    if not (math.isfinite(float(eps)) and float(eps) >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     p = _Prepared(features, identities, bank_features, bank_identities)
     out = {
         "sem": _semantic(p),

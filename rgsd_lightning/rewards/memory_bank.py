@@ -82,8 +82,16 @@ class MemoryBank(nn.Module):
                         f"the feature extractor must return a (B, D) tensor; batch {i} of {image.shape[0]} "
                         f"images gave {got}"
                     )
+                if not bool(torch.isfinite(out).all()):
+                    raise ValueError(f"the feature extractor gave NaN or inf features for batch {i}")
+                label = torch.as_tensor(label)
+                if label.is_floating_point() or label.dtype == torch.bool:
+                    raise ValueError(
+                        f"batch {i}: labels must be integer identity indices, got dtype {label.dtype} "
+                        "(a float label would be truncated)"
+                    )
                 feats.append(out.float().cpu())
-                labels.append(torch.as_tensor(label).long().cpu())
+                labels.append(label.long().cpu())
         finally:
             extractor.train(was_training)
         if not feats:
@@ -127,7 +135,10 @@ class MemoryBank(nn.Module):
         Args:
             identities: identity indices (tensor or sequence of ints).
         """
-        ids = torch.as_tensor(identities).long().flatten().cpu()
+        ids = torch.as_tensor(identities)
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise ValueError(f"identities must be integer identity indices, got dtype {ids.dtype}")
+        ids = ids.long().flatten().cpu()
         if ids.numel() == 0:
             return
         RF._check_identity_range(ids, self.num_identities, "identities")

@@ -10,6 +10,7 @@ Standardisation (Eq. 10) is over the batch given to one call, i.e. per rank unde
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +25,8 @@ COMPOSITE_KEYS: tuple[str, ...] = ("total", "sem", "cov", "exp", "sem_std", "cov
 
 
 def _positive(value: float | None, name: str) -> None:
-    if value is not None and not float(value) > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+    if value is not None and not (float(value) > 0 and math.isfinite(float(value))):
+        raise ValueError(f"{name} must be positive and finite, got {value}")
 
 
 class _BankReward(Metric):
@@ -125,7 +126,7 @@ class CoverageReward(_BankReward):
         super().__init__(bank, **kwargs)
         RF._check_credit(credit)
         _positive(sigma, "sigma")
-        self.alpha, self.sigma, self.credit = float(alpha), sigma, credit
+        self.alpha, self.sigma, self.credit = RF._check_finite(alpha, "alpha"), sigma, credit
 
     def _score(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
         sigma = self._bandwidth(self.sigma)
@@ -163,7 +164,7 @@ class ExpansionReward(_BankReward):
         super().__init__(bank, **kwargs)
         RF._check_credit(credit)
         _positive(tau, "tau")
-        self.epsilon, self.tau, self.credit = float(epsilon), tau, credit
+        self.epsilon, self.tau, self.credit = RF._check_finite(epsilon, "epsilon"), tau, credit
 
     def _score(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
         value = RF.expansion(
@@ -212,10 +213,9 @@ class CompositeReward(_BankReward):
         RF._check_credit(credit)
         _positive(sigma, "sigma")
         _positive(tau, "tau")
-        self.lambdas = tuple(float(v) for v in lambdas)
-        if len(self.lambdas) != 3:
-            raise ValueError(f"lambdas must hold 3 weights (sem, cov, exp), got {len(self.lambdas)}")
-        self.alpha, self.sigma, self.epsilon, self.tau = float(alpha), sigma, float(epsilon), tau
+        self.lambdas = RF._check_lambdas(lambdas)
+        self.alpha, self.epsilon = RF._check_finite(alpha, "alpha"), RF._check_finite(epsilon, "epsilon")
+        self.sigma, self.tau = sigma, tau
         self.credit = credit
 
     def components(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:

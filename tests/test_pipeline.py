@@ -198,3 +198,26 @@ def test_report_says_which_stage_is_missing(folder: Path):
     bad = {**spec, "report": {"sections": [{"kind": "pie"}]}}
     with pytest.raises(ValueError, match="unknown section kind 'pie'"):
         make_report(folder / "run", spec=bad)
+
+
+def test_an_interrupted_stage_resumes_only_its_own_checkpoint(tmp_path: Path):
+    """A stage's checkpoints/last.ckpt written by another stage class is refused, not silently loaded."""
+    import torch
+
+    from rgsd_lightning.pipeline import run_stage
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "toy"
+    spec = {
+        "output": str(tmp_path / "run"),
+        "stages": [{"name": "baseline", "config": str(experiments / "reid_baseline.yaml")}],
+    }
+    _, stages = load_pipeline(_write(tmp_path / "p.yaml", spec))
+    stage = stages[0]
+    stage.config["data"]["init_args"].update(root=str(tmp_path / "toy"), toy={"num_train_ids": 4})
+    checkpoints = tmp_path / "run" / "baseline" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    hparams = {"_class_path": "rgsd_lightning.modules.cold_start.ColdStartDiT", "num_identities": 4}
+    torch.save({"hyper_parameters": hparams, "state_dict": {}}, checkpoints / "last.ckpt")
+    with pytest.raises(ValueError, match="checkpoint of ColdStartDiT .* but the config runs LookaheadReID"):
+        run_stage(stage, tmp_path / "run", {})
+    assert not (tmp_path / "run" / "baseline" / "stage.json").exists()

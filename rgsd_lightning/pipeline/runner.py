@@ -151,6 +151,8 @@ def run_stage(
     metrics: dict[str, float] = {}
     if stage.command == "fit":
         last = folder / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            _check_resume(last, config, model)
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(last) if last.is_file() else None)
         if stage.test:
             results = trainer.test(model, datamodule=datamodule, verbose=False)
@@ -174,6 +176,21 @@ def run_stage(
             atomic_write_json(folder / "metrics.json", metrics)
         atomic_write_json(folder / "stage.json", result.as_dict())
     return result
+
+
+def _check_resume(last: Path, config: dict[str, Any], model: Any) -> None:
+    """The interrupted stage's own ``last.ckpt`` resumes it only if it is still the same stage (class,
+    input artifact, identity count); edited options are listed in a warning (``rgsd fit --ckpt_path``)."""
+    from rgsd_lightning.cli import check_resume
+
+    spec = config.get("model") or {}
+    saved = check_resume(str(last), spec.get("class_path", ""), spec.get("init_args") or {})
+    current = getattr(model, "hparams", {}).get("num_identities")
+    if saved.get("num_identities") is not None and current is not None and saved["num_identities"] != current:
+        raise ValueError(
+            f"{last} was trained on {saved['num_identities']} identities but the stage's data now has "
+            f"{current}: delete the stage folder {last.parent.parent} to start it afresh"
+        )
 
 
 def run_pipeline(

@@ -221,3 +221,19 @@ def test_an_interrupted_stage_resumes_only_its_own_checkpoint(tmp_path: Path):
     with pytest.raises(ValueError, match="checkpoint of ColdStartDiT .* but the config runs LookaheadReID"):
         run_stage(stage, tmp_path / "run", {})
     assert not (tmp_path / "run" / "baseline" / "stage.json").exists()
+
+
+@pytest.mark.slow
+def test_a_finished_stage_leaves_no_model_alive(tmp_path: Path):
+    """jsonargparse keeps the last parser in a context variable; the runner must not let it pin the stage's
+    model (gigabytes at paper scale) into the next stage."""
+    import gc
+
+    from rgsd_lightning.demo import demo_file
+    from rgsd_lightning.modules.cold_start import ColdStartDiT
+    from rgsd_lightning.pipeline import run_stage
+
+    output, stages = load_pipeline(demo_file(quick=True), [f"output={tmp_path}", "vars.prior_steps=2"])
+    run_stage(stages[0], output, {})
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, ColdStartDiT)]

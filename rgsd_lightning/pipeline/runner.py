@@ -175,7 +175,19 @@ def run_stage(
         if metrics:
             atomic_write_json(folder / "metrics.json", metrics)
         atomic_write_json(folder / "stage.json", result.as_dict())
+    _release(cli)
     return result
+
+
+def _release(cli: Any) -> None:
+    """Drop the CLI's references to the stage's model, data and trainer.
+
+    jsonargparse keeps the last parser in a context variable and the parser reaches this CLI object, so
+    without this the previous stage's model (gigabytes at paper scale) stays alive into the next stage.
+    """
+    for name in ("model", "datamodule", "trainer", "config_init"):
+        if hasattr(cli, name):
+            setattr(cli, name, None)
 
 
 def _check_resume(last: Path, config: dict[str, Any], model: Any) -> None:

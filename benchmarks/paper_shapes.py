@@ -138,26 +138,18 @@ def prepare_stages(
     for stage in stages:
         sets: dict[str, Any] = {**COMMON, "data.init_args.root": str(data_root)}
         model = stage.config["model"]["init_args"]
-        if "pretrained_path" in model:
-            sets["model.init_args.pretrained_path"] = str(fixtures["weights"])
+        if "pretrained_path" in (model.get("net") or {}):
+            sets["model.init_args.net.pretrained_path"] = str(fixtures["weights"])
         if "pretrained" in model:
             sets["model.init_args.pretrained"] = str(fixtures["dit"])
         if dataset == "casia" and stage.name == "baseline":
             lfw = {"kind": "bin", "path": str(fixtures["bin"]), "name": "lfw"}
             sets["data.init_args.verification"] = [lfw]
-        if stage.name == "generate":  # generate.yaml names the baseline export by a fixed path under
-            # runs/market1501 that pipeline.yaml does not rewire: point it at this run's baseline export
-            audit = str(output / "baseline" / "export" / "backbone")
-            for cb in stage.config["trainer"].get("callbacks") or []:
-                if cb["class_path"].endswith("SyntheticSetWriter"):
-                    cb.setdefault("init_args", {})["audit_extractor"] = audit
-                    sets["trainer.callbacks[SyntheticSetWriter].init_args.audit_extractor"] = audit
         precision, note = cpu_precision(stage.config.get("trainer", {}).get("precision", "32-true"))
         sets["trainer.precision"] = precision
         sets.update(OVERRIDES[dataset].get(stage.name, {}))
         for key, value in sets.items():
-            if "[" not in key:  # the callback entry above is already set
-                _set(stage.config, key, value)
+            _set(stage.config, key, value)
         applied[stage.name] = {"overrides": sets, "precision_substitute": note}
     return stages, applied
 

@@ -1,1 +1,1 @@
-"""Lightning callbacks of the stages: ExportArtifact (``export.py``) and SyntheticSetWriter (``writer.py``)."""
+"""Lightning callbacks of the stages: ExportArtifact (``export.py``), SyntheticSetWriter (``writer.py``)."""

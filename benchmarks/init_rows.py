@@ -25,10 +25,10 @@ import yaml
 
 from rgsd_lightning.backbones import FeatureExtractor
 from rgsd_lightning.data import read_market1501
-from rgsd_lightning.data.records import atomic_write_text
 from rgsd_lightning.demo import demo_file
 from rgsd_lightning.diffusion import DiTGenerator, sample
 from rgsd_lightning.evaluation.quality import embed, load_images
+from rgsd_lightning.io import atomic_write_text
 from rgsd_lightning.pipeline import expand, read_spec, resolve_vars, run_pipeline
 
 STAGES = Path(__file__).resolve().parent / "configs" / "init_rows.yaml"

@@ -11,16 +11,9 @@ from pathlib import Path
 
 import torch
 
-DIT_XL2 = dict(
-    num_layers=28,
-    num_attention_heads=16,
-    attention_head_dim=72,
-    patch_size=2,
-    sample_size=32,
-    in_channels=4,
-    out_channels=8,  # learned sigma: eps + variance channels
-    num_embeds_ada_norm=1000,
-)
+from rgsd_lightning.diffusion.dit import PRESETS
+
+DIT_XL2 = dict(PRESETS["xl2"], num_embeds_ada_norm=1000)  # 8 out channels: eps + learned variance
 TOY_MARKET = dict(num_train_ids=2, num_test_ids=2, images_per_id=4, num_cameras=2, num_distractors=0)
 TOY_MARKET.update(height=128, width=64)  # Market-1501 crops are 128x64 (resized to 256x128 by the recipe)
 TOY_FACES = dict(num_ids=2, images_per_id=4, size=128)

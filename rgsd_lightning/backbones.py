@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rgsd_lightning.data.records import atomic_write_json
 from rgsd_lightning.data.transforms import to_recognizer_input
+from rgsd_lightning.io import atomic_file, atomic_write_json
 
 EXPORT_CONFIG = "config.json"
 EXPORT_WEIGHTS = "model.safetensors"
@@ -97,9 +97,8 @@ def save_embedding_net(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    tmp = directory / f".{EXPORT_WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / EXPORT_WEIGHTS)
+    with atomic_file(directory / EXPORT_WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     config = dict(net.config)
     config.update(
         feature_dim=net.feature_dim,

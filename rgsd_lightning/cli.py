@@ -8,7 +8,8 @@ the model, and the trainer defaults to ``use_distributed_sampler=False`` because
 own P x K batches per rank.
 
 Other commands (``rgsd demo``, ``rgsd pipeline``, ``rgsd report``, ``rgsd audit``,
-``rgsd import-synthetic``, ``rgsd make-toy``) are plain functions dispatched before LightningCLI.
+``rgsd import-synthetic``, ``rgsd make-toy``) are dispatched before LightningCLI; each is a typed function
+parsed by jsonargparse (``rgsd_lightning.commands.parser``).
 
 ``--ckpt_path`` only resumes the same stage. Plain LightningCLI would load the checkpoint's hyper-parameters,
 class path included, into the config, so a checkpoint of another stage silently replaced the configured

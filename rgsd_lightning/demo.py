@@ -8,10 +8,10 @@ in ``<output>/<stage>/``; finished stages are skipped and an interrupted one res
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from rgsd_lightning.commands.parser import run_command
 from rgsd_lightning.pipeline import run_file
 from rgsd_lightning.report import make_report
 
@@ -46,19 +46,24 @@ def run_demo(
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``rgsd demo``: the whole method on toy identities with a report."""
-    p = argparse.ArgumentParser(prog="rgsd demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default=None, help="run folder (default runs/demo, runs/demo_quick)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (seconds per stage; for tests)")
-    p.add_argument("--force", nargs="*", default=[], help="stages to rerun even if finished")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="pipeline override, e.g. vars.seeds=[0]",
-    )
-    args = p.parse_args(argv)
-    run_demo(args.output, quick=args.quick, force=args.force, overrides=args.set)
+def command(
+    output: str | None = None,
+    quick: bool = False,
+    force: list[str] | None = None,
+    set: list[str] | None = None,
+) -> int:
+    """The whole method on the embedded toy identities, on a CPU, with a report.
+
+    Args:
+        output: run folder (default runs/demo, runs/demo_quick).
+        quick: tiny sizes (seconds per stage; for tests).
+        force: stages to rerun even if finished.
+        set: pipeline overrides KEY=VALUE, e.g. vars.seeds=[0] (repeatable).
+    """
+    run_demo(output, quick=quick, force=force or (), overrides=set or ())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rgsd demo`` with ``argv`` (without the command name); returns the exit code."""
+    return run_command(command, argv, "rgsd demo")

@@ -136,3 +136,11 @@ def tiny_generator_export(toy_market, tmp_path_factory) -> str:
     )
     trainer.fit(model, dm)
     return str(out)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The notebooks (collected from notebooks/ by nbmake) run whole stage chains in a kernel process: they
+    are slow tests (``pytest -m "not slow"`` skips them; the full suite and CI run them)."""
+    for item in items:
+        if item.path.suffix == ".ipynb":
+            item.add_marker(pytest.mark.slow)

@@ -34,6 +34,7 @@ def quick_report(tmp_path_factory) -> tuple[int, Path]:
     return rc, out
 
 
+@pytest.mark.slow  # long: the whole speed benchmark at quick size
 def test_quick_run_writes_json_and_markdown(quick_report):
     rc, out = quick_report
     assert rc == 0
@@ -209,6 +210,7 @@ def test_gpu_sh_skips_cleanly_without_cuda(tmp_path):
     assert not (tmp_path / "gpu").exists()  # nothing measured, nothing written
 
 
+@pytest.mark.slow  # long: every GPU measurement at toy size
 def test_gpu_scale_code_path_runs_at_toy_size_on_cpu(tmp_path):
     with speed.torch_threads(1):
         report = speed.run_gpu_scale(tmp_path, device="cpu", quick=True)
@@ -224,6 +226,7 @@ def test_gpu_scale_code_path_runs_at_toy_size_on_cpu(tmp_path):
     assert "Recognizer training step" in md and "FAILED" not in md
 
 
+@pytest.mark.slow  # multi-stage: a pipeline of four stages
 def test_init_rows_quick_compares_both_rows_and_keeps_stage_folders_out_of_the_results(tmp_path):
     from benchmarks import init_rows
 

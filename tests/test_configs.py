@@ -1,6 +1,9 @@
-"""Every shipped YAML parses; every pipeline file expands into stages wired in order.
+"""Every shipped YAML is parsed here, and only here: the stage files of experiments/ and benchmarks/configs/
+through the CLI (``--print_config``; the printed config parses back to itself), every pipeline file expanded
+into stages wired in order.
 
-The toy stage files run end to end through the CLI in tests/test_demo.py (the demo pipeline is made of them).
+The toy stage files run end to end in tests/test_demo.py (the demo pipeline is made of them); the utility
+study in miniature in tests/test_utility.py.
 """
 
 from __future__ import annotations
@@ -12,46 +15,81 @@ import pytest
 import yaml
 
 from rgsd_lightning.cli import main
-from rgsd_lightning.pipeline import load_pipeline, read_spec, substitute
+from rgsd_lightning.pipeline import expand, load_pipeline, read_spec, substitute
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-STAGE_YAMLS = sorted(p for p in EXPERIMENTS.glob("*/*.yaml") if not p.name.startswith("pipeline"))
-PIPELINES = sorted(EXPERIMENTS.glob("*/pipeline*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = ROOT / "experiments"
+BENCH_CONFIGS = ROOT / "benchmarks" / "configs"
 RECIPES = ("market1501", "cuhk03np", "casia")
+RECOGNIZERS = ("LookaheadReID", "CosFaceRecognizer")
+INIT_ROWS = (
+    BENCH_CONFIGS / "init_rows.yaml"
+)  # stages only: run with the demo's vars (benchmarks/init_rows.py)
 
 
-def _subcommand(path: Path) -> str:
-    model = yaml.safe_load(path.read_text())["model"]["class_path"]
-    return "predict" if model.endswith("SyntheticGenerator") else "fit"
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
-@pytest.mark.parametrize("config", STAGE_YAMLS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
-def test_stage_yaml_parses(config, capsys):
+def _is_pipeline(path: Path) -> bool:
+    data = _load(path)
+    return "stages" in data or "extends" in data
+
+
+YAMLS = sorted([*EXPERIMENTS.glob("*/*.yaml"), *BENCH_CONFIGS.rglob("*.yaml")])
+STAGE_FILES = [p for p in YAMLS if not _is_pipeline(p)]
+PIPELINES = [p for p in YAMLS if _is_pipeline(p) and p != INIT_ROWS]
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+def _print_config(args: list[str], capsys) -> dict:
     with pytest.raises(SystemExit) as info:
-        main([_subcommand(config), "--config", str(config), "--print_config"])
+        main([*args, "--print_config"])
     assert info.value.code in (0, None)
-    printed = yaml.safe_load(capsys.readouterr().out)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+# ------------------------------------------------------------------------------------------ stage files
+@pytest.mark.parametrize("config", STAGE_FILES, ids=_id)
+def test_stage_file_parses_and_its_printed_config_parses_back(config, tmp_path, capsys):
+    data = _load(config)
+    command = "predict" if data["model"]["class_path"].endswith("SyntheticGenerator") else "fit"
+    if "data" not in data:  # a study's partial stage file: the pipeline sets the data block
+        data["data"] = {"class_path": "rgsd_lightning.data.datamodule.IdentityDataModule"}
+    source = tmp_path / "stage.yaml"
+    source.write_text(yaml.safe_dump(data))
+    printed = _print_config([command, "--config", str(source)], capsys)
     assert printed["model"]["class_path"].startswith("rgsd_lightning.modules.")
     assert printed["trainer"]["use_distributed_sampler"] is False  # the CLI default: we shard ourselves
+    if printed["model"]["class_path"].endswith(RECOGNIZERS):
+        assert "enabled" in printed["model"]["init_args"]["selection"]
+    again = tmp_path / "printed.yaml"
+    again.write_text(yaml.safe_dump(printed))
+    assert _print_config([command, "--config", str(again)], capsys) == printed
 
 
 def test_every_dataset_has_the_paper_stages():
-    for dataset in ("market1501", "cuhk03np", "casia"):
+    for dataset in RECIPES:
         names = {p.name for p in (EXPERIMENTS / dataset).glob("*.yaml")}
         assert {"cold_start.yaml", "reward_dpok.yaml", "generate.yaml", "pipeline.yaml"} <= names, dataset
-    market = yaml.safe_load((EXPERIMENTS / "market1501" / "reward_dpok.yaml").read_text())["model"][
-        "init_args"
-    ]
+        assert any(
+            _load(p)["model"]["class_path"].endswith(RECOGNIZERS) for p in STAGE_FILES if dataset in str(p)
+        )
+    market = _load(EXPERIMENTS / "market1501" / "reward_dpok.yaml")["model"]["init_args"]
     assert market["lr"] == 1e-5 and market["reward"]["lambdas"] == [1.0, 0.75, 0.25]  # paper §5.1
 
 
-@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
-def test_pipeline_yaml_loads_and_wires_stages(pipeline, monkeypatch, tmp_path):
+# ------------------------------------------------------------------------------------------ pipelines
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=_id)
+def test_pipeline_expands_into_stages_wired_in_order(pipeline, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # stage files resolve next to the pipeline file, whatever the cwd
     output, stages = load_pipeline(pipeline)
     spec = read_spec(pipeline)
     names = [s.name for s in stages]
-    assert "reward_dpok" in names and any(n.startswith("generate") for n in names)
+    assert len(set(names)) == len(names) and str(output)
     if pipeline.parent.name in RECIPES:
         assert set(spec["vars"]) == {"data_root", "backbone_weights"}  # the two things a user fills in
         assert names[0] == "baseline"
@@ -59,19 +97,46 @@ def test_pipeline_yaml_loads_and_wires_stages(pipeline, monkeypatch, tmp_path):
             assert stage.config["data"]["init_args"]["root"] == spec["vars"]["data_root"]
     seen: set[str] = set()
     for stage in stages:
-        text = json.dumps(stage.config)
-        refs = {ref.split(".")[0] for ref in text.split("${")[1:]}
+        refs = {ref.split(".")[0] for ref in json.dumps(stage.config).split("${")[1:]}
         assert refs <= seen, f"{stage.name} refers to a later stage: {refs - seen}"
         seen.add(stage.name)
-    fake = {
-        n: {"export": f"/x/{n}/export", "output": f"/x/{n}/synthetic", "folder": f"/x/{n}"} for n in names
-    }
-    rl = next(s for s in stages if s.name == "reward_dpok")
-    resolved = substitute(rl.config, fake)
-    assert resolved["model"]["init_args"]["generator"] == "/x/cold_start/export"
+    if EXPERIMENTS in pipeline.parents:  # the paper's chain: cold start -> RL -> generation
+        assert any(n.startswith("generate") for n in names)
+        fake = {
+            n: {"export": f"/x/{n}/export", "output": f"/x/{n}/synthetic", "folder": f"/x/{n}"} for n in names
+        }
+        rl = next(s for s in stages if s.name == "reward_dpok")
+        assert substitute(rl.config, fake)["model"]["init_args"]["generator"] == "/x/cold_start/export"
     for section in (spec.get("report") or {}).get("sections", []):  # report sections name real stages
-        for key in ("stage", "judge", "real", "extractor", "set"):
-            if key in section:
-                assert section[key] in names, (section.get("title"), section[key])
-        for stage in (section.get("sets") or {}).values():
-            assert stage in names, section.get("title")
+        for inner in section.get("sections", [section]):
+            for key in ("stage", "judge", "real", "extractor", "set"):
+                if key in inner and "${" not in str(inner[key]):
+                    assert inner[key] in names, (inner.get("title"), inner[key])
+            for stage in (inner.get("sets") or {}).values():
+                if "${" not in stage:
+                    assert stage in names, inner.get("title")
+
+
+@pytest.mark.parametrize("path", sorted(BENCH_CONFIGS.glob("utility_*.yaml")), ids=lambda p: p.name)
+def test_utility_studies_have_a_run_for_every_table_row(path):
+    output, stages = load_pipeline(path)
+    names = [s.name for s in stages]
+    assert names[:2] == ["prior", "judge"] and str(output).startswith("runs/utility/")
+    spec = read_spec(path)
+    assert len(spec["vars"]["seeds"]) == (1 if path.stem.endswith("_quick") else 3)
+    label = spec["vars"]["settings"][0]["label"]
+    for section in spec["report"]["sections"]:
+        for inner in section.get("sections", [section]):
+            for row in inner.get("rows", []):
+                stage = row["stage"].replace("${label}", label)
+                assert any(n.startswith(stage + "_s") for n in names), stage
+
+
+def test_init_rows_stages_expand_with_the_demo_vars(tmp_path):
+    from benchmarks import init_rows
+
+    output, stages = expand(init_rows._spec(tmp_path, quick=True, steps=3))
+    assert output == tmp_path and [s.name for s in stages] == ["prior", "judge", "cold_zero", "cold_null"]
+    for stage, rows in zip(stages[2:], ("zero", "null"), strict=True):
+        assert stage.config["model"]["init_args"]["init_rows"] == rows
+        assert stage.config["trainer"]["max_steps"] == 3

@@ -275,6 +275,7 @@ def test_encode_decode_use_scaling_factor():
     assert torch.equal(pixel.decode(images * 3), (images * 3).clamp(-1, 1))
 
 
+@pytest.mark.slow  # multi-process: a fresh interpreter with an empty network
 def test_hub_id_loads_from_the_huggingface_cache_offline(pretrained_dir, tmp_path):
     """A hub id (org/name) resolves through the HF cache layout offline: transformer/, vae/, scheduler/."""
     import shutil
@@ -362,6 +363,7 @@ def test_vae_json_naming_an_uncached_hub_id_fails_offline_with_the_id_and_the_fi
     assert "not in the local Hugging Face cache" in message and "local folder" in message
 
 
+@pytest.mark.slow  # multi-process: a fresh interpreter with an empty network
 def test_cached_hub_vae_loads_without_touching_the_network(pretrained_dir, tmp_path):
     """A vae.json hub id in the local cache loads from the cache even with downloads allowed (no retries when
     the network is down); an uncached one fails with the id and the fix, not a 30 s retry loop."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from rgsd_lightning.callbacks.plots import plot_reward_curves, running_mean
+from rgsd_lightning.rl.curves import plot_reward_curves, running_mean
 
 
 def test_running_mean_hand_case():

@@ -13,15 +13,10 @@ from rgsd_lightning.backbones import EmbeddingNet, FeatureExtractor, save_embedd
 from rgsd_lightning.commands.audit import main as audit_main
 from rgsd_lightning.data import IdentityRecord, read_identity_folders, read_manifest, write_manifest
 from rgsd_lightning.data.images import BadImageError
+from rgsd_lightning.data.synthetic_set import AUDIT_FIELDS, drop_flagged
 from rgsd_lightning.data.toy import make_toy_market
-from rgsd_lightning.evaluation.privacy import (
-    AUDIT_FIELDS,
-    NearCopyThresholds,
-    PixelSpace,
-    audit_synthetic_set,
-    drop_flagged,
-    relative_threshold,
-)
+from rgsd_lightning.evaluation.privacy import NearCopyThresholds, audit_synthetic_set, relative_threshold
+from rgsd_lightning.evaluation.privacy_search import PixelSpace
 
 NUM_IDS, PER_ID, SIZE = 6, 4, 32
 COPY_KINDS = ("exact", "mirror", "noise", "shift", "exact", "mirror", "noise", "shift")

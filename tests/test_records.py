@@ -6,7 +6,7 @@ from PIL import Image
 
 from rgsd_lightning.data import IdentityRecord, read_manifest, write_manifest
 from rgsd_lightning.data.images import BadImageError, load_image
-from rgsd_lightning.data.records import atomic_write_text
+from rgsd_lightning.io import atomic_write_text
 
 
 def test_manifest_round_trip_keeps_fields_and_relative_paths(tmp_path):

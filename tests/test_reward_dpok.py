@@ -127,6 +127,7 @@ def test_export_merges_the_adapters(tiny_generator_export, toy_market, tmp_path)
     )
 
 
+@pytest.mark.slow  # long: three RL runs
 def test_resume_gives_the_identical_next_update(tiny_generator_export, toy_market, tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

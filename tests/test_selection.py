@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import CosFaceLoss
+from pytorch_metric_learning.reducers import DoNothingReducer
 from torch import nn
 
 from rgsd_lightning.modules.cosface import cosface_losses
@@ -38,7 +39,7 @@ class TinyNet(nn.Module):
         if head == "ce":
             self.classifier = nn.Linear(8, NUM_CLASSES, bias=False)
         else:
-            self.cosface = CosFaceLoss(NUM_CLASSES, 8, margin=0.35, scale=16)
+            self.cosface = CosFaceLoss(NUM_CLASSES, 8, margin=0.35, scale=16, reducer=DoNothingReducer())
 
     def features(self, x):
         return self.body(x).mean(dim=(2, 3))
@@ -47,7 +48,7 @@ class TinyNet(nn.Module):
         emb = self.neck(self.proj(feats))
         if self.head == "ce":
             return F.cross_entropy(self.classifier(emb), labels, label_smoothing=0.1, reduction="none")
-        return cosface_losses(emb, labels, self.cosface.W, 0.35, 16.0)
+        return cosface_losses(self.cosface, emb, labels)
 
 
 def image_losses(module, inputs):
@@ -293,11 +294,23 @@ def test_selection_config_validation():
         SelectionConfig(lr=-1.0)
 
 
-def test_cosface_per_sample_loss_equals_pml_mean_loss():
+def test_cosface_per_sample_losses_are_the_cosface_formula_and_pml_mean():
+    """Per-sample losses (pml with a DoNothingReducer) equal the CosFace formula computed independently in
+    float64, their mean is pml's default (mean-reduced) loss, and half-precision input is promoted."""
     torch.manual_seed(0)
-    loss = CosFaceLoss(7, 16, margin=0.35, scale=64)
+    per_sample = CosFaceLoss(7, 16, margin=0.35, scale=64, reducer=DoNothingReducer())
     emb = torch.randn(10, 16)
     labels = torch.randint(0, 7, (10,))
-    ours = cosface_losses(emb, labels, loss.W, 0.35, 64.0)
-    assert ours.shape == (10,)
-    torch.testing.assert_close(ours.mean(), loss(emb, labels), rtol=1e-5, atol=1e-5)
+    ours = cosface_losses(per_sample, emb, labels)
+    assert ours.shape == (10,) and ours.dtype == torch.float32
+    cosine = F.normalize(emb.double(), dim=1) @ F.normalize(per_sample.W.detach().double(), dim=0)
+    logits = 64 * (cosine - 0.35 * F.one_hot(labels, 7).double())
+    reference = F.cross_entropy(logits, labels, reduction="none")
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
+    mean_loss = CosFaceLoss(7, 16, margin=0.35, scale=64)
+    mean_loss.W.data.copy_(per_sample.W.data)
+    torch.testing.assert_close(ours.mean(), mean_loss(emb, labels), rtol=1e-5, atol=1e-5)
+    half = cosface_losses(per_sample, emb.to(torch.bfloat16), labels)
+    assert half.dtype == torch.float32 and per_sample.W.dtype == torch.float32
+    with pytest.raises(ValueError, match="DoNothingReducer"):
+        cosface_losses(mean_loss, emb, labels)

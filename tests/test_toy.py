@@ -313,6 +313,7 @@ def _small_cnn(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarra
     return float((pred == yte).mean())
 
 
+@pytest.mark.slow  # long: trains recognizers to show the toy data is learnable
 def test_toy_persons_are_learnable_but_not_trivial(tmp_path: Path) -> None:
     root = toy.make_toy_market(
         tmp_path / "m", num_train_ids=20, num_test_ids=1, images_per_id=10, num_distractors=0
@@ -333,6 +334,7 @@ def test_toy_persons_are_learnable_but_not_trivial(tmp_path: Path) -> None:
     assert nn1 <= 0.5 * cnn
 
 
+@pytest.mark.slow  # long: trains recognizers to show the toy data is learnable
 def test_toy_faces_are_learnable_but_not_trivial(tmp_path: Path) -> None:
     root = toy.make_toy_faces(tmp_path / "f", num_ids=20, images_per_id=10, size=32)
     images, labels, train = [], [], []

@@ -1,1 +1,1 @@
-"""(filled in by the stage that builds it)"""
+"""Lightning callbacks of the stages: ExportArtifact (``export.py``), SyntheticSetWriter (``writer.py``)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-from rgsd_lightning.callbacks.images import run_dir
+from rgsd_lightning.io import run_dir
 
 
 class ExportArtifact(Callback):

@@ -8,95 +8,41 @@ closest pairs into ``audit_pairs.png``. ``--drop`` then removes the flagged imag
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
+from rgsd_lightning.commands.parser import run_command
 from rgsd_lightning.data.records import IdentityRecord
 
-FORMATS = ("market1501", "cuhk03np", "identity_folders", "manifest", "toy_market", "toy_faces")
+Format = Literal["market1501", "cuhk03np", "identity_folders", "manifest", "toy_market", "toy_faces"]
+FORMATS = get_args(Format)
+Threshold = float | Literal["none", "off"] | None
+"""A similarity bar, or ``none`` / ``off`` (or ``null``) to switch the criterion off."""
 
 
-def _threshold(text: str) -> float | None:
-    """A similarity threshold, or ``none`` / ``off`` to switch the criterion off."""
-    if text.strip().lower() in ("none", "off"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+def read_real_training(
+    root: str,
+    fmt: str,
+    cuhk03_variant: str | None = None,
+    train_per_identity: int | None = None,
+    split_seed: int | None = None,
+) -> list[IdentityRecord]:
+    """The real training records of the dataset at ``root`` in layout ``fmt`` (and the split options)."""
+    from rgsd_lightning.data import records, sources, synthetic_set
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``rgsd audit``."""
-    p = argparse.ArgumentParser(
-        prog="rgsd audit",
-        description="Audit a synthetic set for near copies of real training images (pixel space and, "
-        "with --extractor, a recognizer's feature space). Writes the per-image results into the set's "
-        "manifest.jsonl, a summary into card.json ('audit') and the closest pairs into audit_pairs.png.",
-    )
-    p.add_argument("--synthetic", required=True, help="synthetic set folder (manifest.jsonl + images/)")
-    p.add_argument("--real", required=True, help="real dataset root (or manifest file for --format manifest)")
-    p.add_argument("--format", default="market1501", choices=FORMATS, help="real dataset layout")
-    p.add_argument("--cuhk03-variant", choices=("labeled", "detected"), help="cuhk03np: which boxes")
-    p.add_argument(
-        "--train-per-identity",
-        type=int,
-        help="identity folders: the first k images of each identity are the training split (default: all)",
-    )
-    p.add_argument(
-        "--split-seed", type=int, help="identity folders: draw the k training images with this seed"
-    )
-    p.add_argument(
-        "--extractor", help="recognizer export folder for the feature space (default: pixels only)"
-    )
-    p.add_argument(
-        "--pixel-threshold", type=_threshold, default=0.95, help="absolute pixel similarity bar ('none': off)"
-    )
-    p.add_argument(
-        "--feature-threshold",
-        type=_threshold,
-        default=None,
-        help="absolute feature similarity bar (default none; ~0.5 for an SSCD-type copy detector)",
-    )
-    p.add_argument(
-        "--relative-alpha",
-        type=_threshold,
-        default=0.5,
-        help="relative criterion: distance below alpha x the baseline distance ('none': off)",
-    )
-    p.add_argument(
-        "--baseline-quantile", type=float, default=0.99, help="baseline quantile of the relative bar"
-    )
-    p.add_argument("--batch-size", type=int, default=256, help="images decoded at a time")
-    p.add_argument("--device", default=None, help="device of the extractor (e.g. cpu, cuda)")
-    p.add_argument("--grid-pairs", type=int, default=16, help="pairs shown in audit_pairs.png")
-    p.add_argument("--no-manifest", action="store_true", help="do not write the results into manifest.jsonl")
-    p.add_argument("--drop", action="store_true", help="remove the flagged images from the manifest")
-    p.add_argument("--move-rejected", action="store_true", help="with --drop: move them to rejected/")
-    return p
-
-
-def read_real_training(args: argparse.Namespace) -> list[IdentityRecord]:
-    """The real training records named by ``--real`` / ``--format`` (and the split options)."""
-    from rgsd_lightning.data import records, sources
-
-    fmt, root = args.format, args.real
     if fmt in ("market1501", "toy_market"):
         return sources.read_market1501(root)["train"]
     if fmt == "cuhk03np":
-        if args.cuhk03_variant is None:
+        if cuhk03_variant is None:
             raise ValueError("--format cuhk03np needs --cuhk03-variant labeled|detected")
-        return sources.read_cuhk03np(root, args.cuhk03_variant)["train"]
+        return sources.read_cuhk03np(root, cuhk03_variant)["train"]
     if fmt in ("identity_folders", "toy_faces"):
-        recs = sources.read_identity_folders(
-            root, train_per_identity=args.train_per_identity, seed=args.split_seed
-        )
+        recs = sources.read_identity_folders(root, train_per_identity=train_per_identity, seed=split_seed)
         return [r for r in recs if r.split == "train"]
     if fmt == "manifest":
-        path = Path(root)
-        path = path / "manifest.jsonl" if path.is_dir() else path
+        path = synthetic_set.manifest_path(root)
         recs = [r for r in records.read_manifest(path) if r.split == "train" and r.source == "real"]
         if not recs:
             raise ValueError(f"{path}: no real records of the train split")
@@ -141,38 +87,89 @@ def _fmt(value: float | None) -> str:
     return "off" if value is None else f"{value:.3f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``rgsd audit`` with ``argv`` (without the command name); returns the exit code."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from rgsd_lightning.evaluation.privacy import NearCopyThresholds, audit_synthetic_set, drop_flagged
+def _bar(value: Threshold) -> float | None:
+    return None if isinstance(value, str) else value
 
-    synthetic_dir = Path(args.synthetic)
+
+def command(
+    synthetic: str,
+    real: str,
+    format: Format = "market1501",
+    cuhk03_variant: Literal["labeled", "detected"] | None = None,
+    train_per_identity: int | None = None,
+    split_seed: int | None = None,
+    extractor: str | None = None,
+    pixel_threshold: Threshold = 0.95,
+    feature_threshold: Threshold = None,
+    relative_alpha: Threshold = 0.5,
+    baseline_quantile: float = 0.99,
+    batch_size: int = 256,
+    device: str | None = None,
+    grid_pairs: int = 16,
+    no_manifest: bool = False,
+    drop: bool = False,
+    move_rejected: bool = False,
+) -> int:
+    """Audit a synthetic set for near copies of real training images (pixel space and, with --extractor, a
+    recognizer's feature space). Writes the per-image results into the set's manifest.jsonl, a summary into
+    card.json ('audit') and the closest pairs into audit_pairs.png.
+
+    Args:
+        synthetic: synthetic set folder (manifest.jsonl + images/).
+        real: real dataset root (or manifest file for --format manifest).
+        format: real dataset layout.
+        cuhk03_variant: cuhk03np: which boxes.
+        train_per_identity: identity folders: the first k images of each identity are the training split
+            (default: all).
+        split_seed: identity folders: draw the k training images with this seed.
+        extractor: recognizer export folder for the feature space (default: pixels only).
+        pixel_threshold: absolute pixel similarity bar ('none': off).
+        feature_threshold: absolute feature similarity bar (default none; ~0.5 for an SSCD-type copy
+            detector).
+        relative_alpha: relative criterion: distance below alpha x the baseline distance ('none': off).
+        baseline_quantile: baseline quantile of the relative bar.
+        batch_size: images decoded at a time.
+        device: device of the extractor (e.g. cpu, cuda).
+        grid_pairs: pairs shown in audit_pairs.png.
+        no_manifest: do not write the results into manifest.jsonl.
+        drop: remove the flagged images from the manifest.
+        move_rejected: with --drop: move them to rejected/.
+    """
+    from rgsd_lightning.data.synthetic_set import drop_flagged
+    from rgsd_lightning.evaluation.privacy import NearCopyThresholds, audit_synthetic_set
+
+    synthetic_dir = Path(synthetic)
     try:
-        if args.move_rejected and not args.drop:
+        if move_rejected and not drop:
             raise ValueError("--move-rejected only makes sense with --drop")
         thresholds = NearCopyThresholds(
-            pixel=args.pixel_threshold,
-            feature=args.feature_threshold,
-            relative_alpha=args.relative_alpha,
-            baseline_quantile=args.baseline_quantile,
+            pixel=_bar(pixel_threshold),
+            feature=_bar(feature_threshold),
+            relative_alpha=_bar(relative_alpha),
+            baseline_quantile=baseline_quantile,
         )
-        real = read_real_training(args)
+        records = read_real_training(real, format, cuhk03_variant, train_per_identity, split_seed)
         result = audit_synthetic_set(
             synthetic_dir,
-            real,
-            extractor=args.extractor,
+            records,
+            extractor=extractor,
             thresholds=thresholds,
-            batch_size=args.batch_size,
-            device=args.device,
-            update_manifest=not args.no_manifest,
-            grid_pairs=args.grid_pairs,
+            batch_size=batch_size,
+            device=device,
+            update_manifest=not no_manifest,
+            grid_pairs=grid_pairs,
         )
-        dropped = drop_flagged(synthetic_dir, result, move_files=args.move_rejected) if args.drop else None
+        dropped = drop_flagged(synthetic_dir, result, move_files=move_rejected) if drop else None
     except (ValueError, FileNotFoundError, OSError, TypeError) as err:
         print(f"rgsd audit: error: {err}", file=sys.stderr)
         return 1
     print(format_summary(result.summary, synthetic_dir, dropped))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rgsd audit`` with ``argv`` (without the command name); returns the exit code."""
+    return run_command(command, argv, "rgsd audit")
 
 
 if __name__ == "__main__":

@@ -19,22 +19,29 @@ the utility study accept the set like one written by generation.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
+from rgsd_lightning.commands.parser import run_command
 from rgsd_lightning.data import sources
 from rgsd_lightning.data.listing import natural_key
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest, write_manifest
+from rgsd_lightning.data.records import IdentityRecord, read_manifest, write_manifest
+from rgsd_lightning.data.synthetic_set import (
+    IMAGES,
+    MANIFEST,
+    manifest_path,
+    safe_name,
+    summarize,
+    write_card,
+)
 
-TARGET_FORMATS = ("identity_folders", "market1501", "cuhk03np", "manifest")
-MANIFEST = "manifest.jsonl"
-CARD = "card.json"
+TargetFormat = Literal["identity_folders", "market1501", "cuhk03np", "manifest"]
+TARGET_FORMATS = get_args(TargetFormat)
 
 
 @dataclass
@@ -111,15 +118,8 @@ def target_identities(
             raise ValueError("target format cuhk03np needs cuhk03_variant 'labeled' or 'detected'")
         return {r.identity for r in sources.read_cuhk03np(root, cuhk03_variant)["train"]}
     if fmt == "manifest":
-        path = Path(root)
-        path = path / MANIFEST if path.is_dir() else path
-        return {r.identity for r in read_manifest(path) if r.split == "train"}
+        return {r.identity for r in read_manifest(manifest_path(root)) if r.split == "train"}
     raise ValueError(f"unknown target format {fmt!r}; expected one of {TARGET_FORMATS}")
-
-
-def _safe(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-    return cleaned or "_"
 
 
 def _listing(names: Sequence[str], limit: int = 10) -> str:
@@ -184,7 +184,7 @@ def import_synthetic(
         identity = rename[r.identity]
         path = Path(r.path)
         if copy:
-            dest = out / "images" / _safe(identity) / _safe(r.identity) / path.name
+            dest = out / IMAGES / safe_name(identity) / safe_name(r.identity) / path.name
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
             path = dest
@@ -193,9 +193,7 @@ def import_synthetic(
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out / MANIFEST, rows)
     dropped = len(records) - len(kept)
-    counts: dict[str, int] = {}
-    for r in rows:
-        counts[r.identity] = counts.get(r.identity, 0) + 1
+    summary = summarize([r.to_json() for r in rows])
     card = {
         "name": name or source.name,
         "generator": {"stage": "external", "source": str(source), "fingerprint": None},
@@ -207,70 +205,59 @@ def import_synthetic(
             "unknown_identities": bad,
             "dropped_images": dropped,
         },
-        "num_images": len(rows),
-        "num_identities": len(counts),
-        "reward_stats": {},
-        "per_identity": {k: {"count": v} for k, v in sorted(counts.items())},
+        **summary,
     }
-    atomic_write_json(out / CARD, card)
-    return ImportResult(out, len(rows), sorted(counts), bad, dropped)
+    write_card(out, card)
+    return ImportResult(out, len(rows), sorted(summary["per_identity"]), bad, dropped)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``rgsd import-synthetic``."""
-    p = argparse.ArgumentParser(
-        prog="rgsd import-synthetic",
-        description="Import an external synthetic set laid out as one folder per identity (e.g. samples "
-        "released by SFace, IDnet, DCFace, IDiff-Face or NegFaceDiff) as a synthetic set: manifest.jsonl "
-        "+ card.json in --output, accepted by the datamodule's `synthetic:` list and the utility study.",
-    )
-    p.add_argument("--folder", required=True, help="the external set: one sub-folder of images per identity")
-    p.add_argument("--output", required=True, help="synthetic set folder to write")
-    p.add_argument(
-        "--identity-map",
-        help="file renaming folders onto the target's identity names (JSON object or 'folder identity' "
-        "lines); folders it does not name are unknown",
-    )
-    p.add_argument(
-        "--copy", action="store_true", help="copy the images into OUTPUT/images (default: reference)"
-    )
-    p.add_argument("--target", help="target dataset whose training identities the names must match")
-    p.add_argument("--target-format", default="identity_folders", choices=TARGET_FORMATS)
-    p.add_argument("--cuhk03-variant", choices=("labeled", "detected"), help="target format cuhk03np")
-    p.add_argument(
-        "--unknown",
-        default="error",
-        choices=("error", "drop"),
-        help="unknown identities: fail listing them (default) or leave their images out",
-    )
-    p.add_argument("--name", help="display name of the set (default: the folder's name)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing manifest in --output")
-    return p
+def command(
+    folder: str,
+    output: str,
+    identity_map: str | None = None,
+    copy: bool = False,
+    target: str | None = None,
+    target_format: TargetFormat = "identity_folders",
+    cuhk03_variant: Literal["labeled", "detected"] | None = None,
+    unknown: Literal["error", "drop"] = "error",
+    name: str | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Import an external synthetic set laid out as one folder per identity (e.g. samples released by SFace,
+    IDnet, DCFace, IDiff-Face or NegFaceDiff) as a synthetic set: manifest.jsonl + card.json in --output,
+    accepted by the datamodule's `synthetic:` list and the utility study.
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``rgsd import-synthetic`` with ``argv`` (without the command name); returns the exit code."""
-    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    Args:
+        folder: the external set: one sub-folder of images per identity.
+        output: synthetic set folder to write.
+        identity_map: file renaming folders onto the target's identity names (JSON object or 'folder
+            identity' lines); folders it does not name are unknown.
+        copy: copy the images into OUTPUT/images (default: reference).
+        target: target dataset whose training identities the names must match.
+        target_format: layout of the target dataset.
+        cuhk03_variant: target format cuhk03np: which boxes.
+        unknown: unknown identities: fail listing them (default) or leave their images out.
+        name: display name of the set (default: the folder's name).
+        overwrite: replace an existing manifest in --output.
+    """
     try:
-        known = (
-            target_identities(args.target, args.target_format, args.cuhk03_variant) if args.target else None
-        )
+        known = target_identities(target, target_format, cuhk03_variant) if target else None
         result = import_synthetic(
-            args.folder,
-            args.output,
-            identity_map=args.identity_map,
-            copy=args.copy,
+            folder,
+            output,
+            identity_map=identity_map,
+            copy=copy,
             known_identities=known,
-            unknown=args.unknown,
-            name=args.name,
-            overwrite=args.overwrite,
+            unknown=unknown,
+            name=name,
+            overwrite=overwrite,
         )
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as err:
         print(f"rgsd import-synthetic: error: {err}", file=sys.stderr)
         return 1
     print(
         f"imported {result.num_images} images of {len(result.identities)} identities into "
-        f"{result.output / MANIFEST} ({'copied' if args.copy else 'referenced'})"
+        f"{result.output / MANIFEST} ({'copied' if copy else 'referenced'})"
     )
     if result.unknown:
         print(
@@ -278,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{_listing(result.unknown)}"
         )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rgsd import-synthetic`` with ``argv`` (without the command name); returns the exit code."""
+    return run_command(command, argv, "rgsd import-synthetic")
 
 
 if __name__ == "__main__":

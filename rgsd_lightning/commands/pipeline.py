@@ -2,40 +2,49 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 
+from rgsd_lightning.commands.parser import run_command
 from rgsd_lightning.pipeline import expand, read_spec, run_pipeline, save_spec
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def command(
+    config: str,
+    set: list[str] | None = None,
+    only: list[str] | None = None,
+    force: list[str] | None = None,
+    dry_run: bool = False,
+    no_report: bool = False,
+) -> int:
     """Run the stages of a pipeline YAML (finished stages are skipped, interrupted ones resume), then
-    write the report its ``report:`` block describes."""
-    p = argparse.ArgumentParser(prog="rgsd pipeline", description=main.__doc__)
-    p.add_argument(
-        "--config", required=True, help="pipeline YAML (e.g. experiments/market1501/pipeline.yaml)"
-    )
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. vars.data_root=/d"
-    )
-    p.add_argument("--only", nargs="*", default=None, help="run only these stages")
-    p.add_argument("--force", nargs="*", default=[], help="rerun these stages even if finished")
-    p.add_argument("--dry-run", action="store_true", help="print the stages and their configs, run nothing")
-    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
-    args = p.parse_args(argv)
-    spec = read_spec(args.config, args.set)
+    write the report its ``report:`` block describes.
+
+    Args:
+        config: pipeline YAML (e.g. experiments/market1501/pipeline.yaml).
+        set: overrides KEY=VALUE, e.g. vars.data_root=/d (repeatable).
+        only: run only these stages.
+        force: rerun these stages even if finished.
+        dry_run: print the stages and their configs, run nothing.
+        no_report: do not write the report at the end.
+    """
+    spec = read_spec(config, set or [])
     output, stages = expand(spec)
-    if args.dry_run:
+    if dry_run:
         for stage in stages:
             print(f"# {stage.name} ({stage.command}{', test' if stage.test else ''})")
             print(json.dumps(stage.config, indent=1))
         return 0
     save_spec(output, spec)
-    results = run_pipeline(output, stages, only=args.only, force=args.force)
+    results = run_pipeline(output, stages, only=only, force=force or [])
     print(json.dumps({name: r.as_dict() for name, r in results.items()}, indent=1))
-    if spec.get("report") and not args.no_report:
+    if spec.get("report") and not no_report:
         from rgsd_lightning.report import make_report
 
         print(f"report: {make_report(output)}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``rgsd pipeline`` with ``argv`` (without the command name); returns the exit code."""
+    return run_command(command, argv, "rgsd pipeline")

@@ -12,8 +12,6 @@ from rgsd_lightning.data.pairs import (
 )
 from rgsd_lightning.data.records import (
     IdentityRecord,
-    atomic_write_json,
-    atomic_write_text,
     iter_manifest,
     read_manifest,
     write_manifest,
@@ -28,8 +26,6 @@ from rgsd_lightning.data.sources import (
 __all__ = [
     "IdentityRecord",
     "VerificationPairs",
-    "atomic_write_json",
-    "atomic_write_text",
     "iter_manifest",
     "load_pairs",
     "make_pairs",

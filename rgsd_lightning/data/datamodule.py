@@ -34,7 +34,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
 
-from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.data import sources, toy
 from rgsd_lightning.data.datasets import (
     GenerationRequest,
@@ -47,8 +46,10 @@ from rgsd_lightning.data.face_loaders import FaceLoaders, VerificationSpec
 from rgsd_lightning.data.generator_loaders import GeneratorLoaders, RLLoaders
 from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.data.recognizer_loaders import RecognizerLoaders, ReIDLoaders
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest
+from rgsd_lightning.data.records import IdentityRecord, read_manifest
+from rgsd_lightning.data.synthetic_set import manifest_path
 from rgsd_lightning.data.transforms import generator_transform
+from rgsd_lightning.io import atomic_write_json, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class IdentityDataModule(L.LightningDataModule):
         if fmt == "unlabelled":
             return {"train": [_replace(r, split="train") for r in sources.read_unlabelled_images(root)]}
         if fmt == "manifest":
-            return _group_by_split(read_manifest(_manifest_path(root)))
+            return _group_by_split(read_manifest(manifest_path(root)))
         raise ValueError(f"unknown dataset format {fmt!r}")
 
     def _ensure_toy(self, make) -> None:
@@ -237,7 +238,7 @@ class IdentityDataModule(L.LightningDataModule):
         out: list[IdentityRecord] = []
         mapping = hp.synthetic_identity_map or {}
         for entry in hp.synthetic or []:
-            for rec in read_manifest(_manifest_path(entry)):
+            for rec in read_manifest(manifest_path(entry)):
                 out.append(
                     _replace(rec, identity=mapping.get(rec.identity, rec.identity), source="synthetic")
                 )
@@ -424,17 +425,6 @@ def _group_by_split(records: list[IdentityRecord]) -> dict[str, list[IdentityRec
 
 
 _replace = dataclasses.replace
-
-
-def _manifest_path(entry: str | os.PathLike) -> Path:
-    path = Path(entry)
-    if path.is_dir():
-        path = path / "manifest.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no manifest at {path} (expected a synthetic set folder or a .jsonl manifest)"
-        )
-    return path
 
 
 def _excluded(path: str, patterns: list[str]) -> bool:

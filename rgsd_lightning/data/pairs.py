@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from rgsd_lightning.data.listing import PathLike, existing_dir, visible_entries
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_bytes, atomic_write_json
+from rgsd_lightning.data.records import IdentityRecord
+from rgsd_lightning.io import atomic_write_bytes, atomic_write_json
 
 _PAIRS_FORMAT = "rgsd-verification-pairs"
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from rgsd_lightning.io import atomic_write_text
 
 Source = Literal["real", "synthetic"]
 _CORE_KEYS = ("path", "identity", "camera", "source", "split")
@@ -56,11 +57,7 @@ class IdentityRecord:
 
     def to_json(self, relative_to: str | os.PathLike | None = None) -> dict[str, Any]:
         """The manifest row for this record (path made relative to ``relative_to`` when below it)."""
-        path = self.path
-        if relative_to is not None:
-            rel = os.path.relpath(os.path.abspath(path), os.path.abspath(relative_to))
-            if not rel.startswith(".."):
-                path = rel
+        path = self.path if relative_to is None else relative_if_below(self.path, relative_to)
         row = {"path": path, "identity": self.identity, "camera": self.camera, "source": self.source}
         row["split"] = self.split
         for key, value in self.extra.items():
@@ -89,39 +86,10 @@ class IdentityRecord:
         )
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see either the old file or the whole new one.
-
-    The text goes to a temporary file in the same folder, is flushed to disk, then renamed over
-    ``path``; an interrupted write leaves the previous file untouched.
-    """
-    _atomic_write(path, text, "w", encoding="utf-8")
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """:func:`atomic_write_text` for binary content (temporary file, flush to disk, rename)."""
-    _atomic_write(path, data, "wb")
-
-
-def _atomic_write(path: str | os.PathLike, data: str | bytes, mode: str, encoding: str | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, encoding=encoding) as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """``atomic_write_text`` of an indented JSON document."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def relative_if_below(path: str | os.PathLike, base: str | os.PathLike) -> str:
+    """``path`` relative to ``base`` when it lies below it, else ``path`` as given."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+    return str(path) if rel.startswith("..") else rel
 
 
 def write_manifest(path: str | os.PathLike, records: Iterable[IdentityRecord]) -> Path:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from rgsd_lightning.io import atomic_folder
 
 FORMAT_VERSION = 1
 _ID_P, _CAM, _PLAN, _IMG_P, _ID_F, _IMG_F, _DISTRACT = range(1, 8)  # random-stream purposes
@@ -365,32 +365,14 @@ def _build(
     meta = {"format_version": FORMAT_VERSION, "kind": kind, "params": params}
     if _existing_is_same(root, meta, overwrite):
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    old = None
     try:
-        writer(tmp, **params)
-        (tmp / "toy.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if overwrite and root.exists():
-            old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:12]}"
-            try:
-                os.rename(root, old)
-            except FileNotFoundError:  # a concurrent caller moved it first
-                old = None
-        try:
-            os.rename(tmp, root)
-        except OSError:  # a concurrent caller published first: keep theirs if it is the same dataset
-            if not (root / "toy.json").is_file():
-                raise
-            shutil.rmtree(tmp)
-            _existing_is_same(root, meta, False)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        with atomic_folder(root, replace=overwrite) as tmp:
+            writer(tmp, **params)
+            (tmp / "toy.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    except FileExistsError:  # a concurrent caller published first: keep theirs if it is the same dataset
+        if not (root / "toy.json").is_file():
+            raise
+        _existing_is_same(root, meta, False)
     return root
 
 

@@ -14,8 +14,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +25,7 @@ from torch import nn
 
 from rgsd_lightning.diffusion.schedule import alphas_cumprod as _alphas_cumprod
 from rgsd_lightning.diffusion.schedule import clean_scheduler_config
+from rgsd_lightning.io import atomic_folder
 
 EXPORT_FORMAT = 1
 _T = TypeVar("_T")
@@ -436,10 +435,7 @@ class DiTGenerator(nn.Module):
         and ``provenance.json`` when given.
         """
         target = Path(directory).expanduser().absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.mkdir()
+        with atomic_folder(target) as tmp:
             self._save_transformer(tmp / "transformer")
             if self.vae is not None and self.vae_source is not None:
                 _write_json(tmp / "vae.json", dict(self.vae_source))
@@ -451,16 +447,6 @@ class DiTGenerator(nn.Module):
             _write_json(tmp / "generator.json", self._generator_facts())
             if provenance is not None:
                 _write_json(tmp / "provenance.json", provenance)
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                target.rename(old)
-            tmp.rename(target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     @classmethod

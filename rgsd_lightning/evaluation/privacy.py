@@ -70,8 +70,9 @@ and ``near_copy`` (paths of real images relative to the real images' common fold
 ``"audit"`` summary; ``audit_pairs.png`` shows the closest synthetic/real pairs. Everything is computed
 first and written at the end, each file atomically; images are only ever read.
 
-Layout: the pixel space and the nearest-neighbour search are in ``privacy_search``, the summary, the pair
-grid and :func:`drop_flagged` in ``privacy_report``; every public name is importable from this module.
+Layout: the pixel space and the nearest-neighbour search are in ``privacy_search``, the summary and the pair
+grid in ``privacy_report``; the per-row fields (``AUDIT_FIELDS``) and dropping flagged images
+(``drop_flagged``) belong to the set format, :mod:`rgsd_lightning.data.synthetic_set`.
 """
 
 from __future__ import annotations
@@ -85,29 +86,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rgsd_lightning.data import synthetic_set
 from rgsd_lightning.data.images import BadImageError
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest, write_manifest
-from rgsd_lightning.evaluation.privacy_report import (
-    AUDIT_VERSION,
-    CARD,
-    GRID_NAME,
-    MANIFEST,
-    REJECTED,
-    _display_path,
-    _pair_grid,
-    _read_card,
-    _save_png_atomic,
-    _summary,
-    drop_flagged,
-    similarity_stats,
-)
+from rgsd_lightning.data.records import IdentityRecord, read_manifest, write_manifest
+from rgsd_lightning.evaluation.privacy_report import GRID_NAME, audit_summary, pair_grid
 from rgsd_lightning.evaluation.privacy_search import (
+    AuditEmbedder,
     PixelSpace,
-    _Embedder,
-    _extractor_device,
-    _resolve_extractor,
-    _Space,
+    SimilaritySpace,
+    extractor_device,
+    resolve_extractor,
 )
+from rgsd_lightning.io import save_png
 
 if TYPE_CHECKING:
     import torch
@@ -115,25 +105,14 @@ if TYPE_CHECKING:
     from rgsd_lightning.backbones import FeatureExtractor
 
 __all__ = [
-    "AUDIT_FIELDS",
-    "AUDIT_VERSION",
-    "CARD",
-    "GRID_NAME",
-    "MANIFEST",
-    "REJECTED",
     "AuditResult",
     "ImageAudit",
     "NearCopyThresholds",
-    "PixelSpace",
     "audit_synthetic_set",
-    "drop_flagged",
     "relative_threshold",
-    "similarity_stats",
 ]
 
 log = logging.getLogger(__name__)
-
-AUDIT_FIELDS = ("nn_real_pixel", "sim_pixel", "nn_real_feature", "sim_feature", "near_copy")
 
 
 # ------------------------------------------------------------------------------------------ thresholds
@@ -295,19 +274,19 @@ def audit_synthetic_set(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     synthetic_dir = Path(synthetic_dir)
-    manifest_path = synthetic_dir / MANIFEST
+    manifest_path = synthetic_dir / synthetic_set.MANIFEST
     synthetic = read_manifest(manifest_path)
     if not synthetic:
         raise ValueError(f"{manifest_path}: the synthetic set lists no images")
     real = list(real_records)
     if not real:
         raise ValueError("audit needs the real training records: got none")
-    card = _read_card(synthetic_dir / CARD) if write_card else {}
+    card = synthetic_set.read_card(synthetic_dir) if write_card else {}
     for line, rec in enumerate(synthetic, start=1):  # fail fast on missing files, before any real work
         if not Path(rec.path).is_file():
             raise BadImageError(rec.path, f"file not found (listed in {manifest_path}, row {line})")
-    extractor = _resolve_extractor(extractor)
-    embedder = _Embedder(space, extractor, _extractor_device(extractor, device), batch_size, num_threads)
+    extractor = resolve_extractor(extractor)
+    embedder = AuditEmbedder(space, extractor, extractor_device(extractor, device), batch_size, num_threads)
 
     # real images: descriptors / features kept (small), decoded images dropped batch by batch
     real_root = _common_root([r.path for r in real])
@@ -316,10 +295,12 @@ def audit_synthetic_set(
     real_pix, real_feat = _embed_real(embedder, real)
     mirror_probe = space.num_variants // 2
     spaces = {
-        "pixel": _Space(real_pix, lambda rows: space.variants(real_pix[rows]), (0, mirror_probe), shortlist)
+        "pixel": SimilaritySpace(
+            real_pix, lambda rows: space.variants(real_pix[rows]), (0, mirror_probe), shortlist
+        )
     }
     if real_feat is not None:
-        spaces["feature"] = _Space(real_feat[:, 0], lambda rows: real_feat[rows], (0, 1), shortlist)
+        spaces["feature"] = SimilaritySpace(real_feat[:, 0], lambda rows: real_feat[rows], (0, 1), shortlist)
 
     # real-vs-real baselines
     groups = _groups([r.identity for r in real])
@@ -338,13 +319,15 @@ def audit_synthetic_set(
     sims, nns, mirrored_pix = _search_synthetic(embedder, synthetic, spaces)
     images = _decide(synthetic, synthetic_dir, real_names, sims, nns, mirrored_pix, bars)
     grid_file = None if grid_path is None else _in_dir(synthetic_dir, grid_path)
-    grid = _pair_grid(images, synthetic, real, nns["pixel"], grid_pairs) if grid_file else None
-    summary = _summary(images, baseline, baseline_used, bars, thresholds, real, real_root, extractor, space)
-    summary["grid"] = _display_path(grid_file, synthetic_dir) if grid is not None else None
+    grid = pair_grid(images, synthetic, real, nns["pixel"], grid_pairs) if grid_file else None
+    summary = audit_summary(
+        images, baseline, baseline_used, bars, thresholds, real, real_root, extractor, space
+    )
+    summary["grid"] = synthetic_set.set_relative(grid_file, synthetic_dir) if grid is not None else None
 
     # write everything at the end, each file atomically
     if grid is not None:
-        _save_png_atomic(grid, grid_file)
+        save_png(grid, grid_file)
     if update_manifest:
         rows = [
             replace(rec, extra={**rec.extra, **a.manifest_fields()})
@@ -353,13 +336,13 @@ def audit_synthetic_set(
         write_manifest(manifest_path, rows)
     if write_card:
         card["audit"] = summary
-        atomic_write_json(synthetic_dir / CARD, card)
+        synthetic_set.write_card(synthetic_dir, card)
     return AuditResult(
         synthetic_dir, images, summary, baseline, bars, grid_file if grid is not None else None
     )
 
 
-def _embed_real(embedder: _Embedder, real: list[IdentityRecord]) -> tuple[np.ndarray, np.ndarray | None]:
+def _embed_real(embedder: AuditEmbedder, real: list[IdentityRecord]) -> tuple[np.ndarray, np.ndarray | None]:
     """Pixel descriptors (N, d) and features (N, 2, D) or None of the real images; images are not kept."""
     real_pix = np.zeros((len(real), embedder.space.dim), dtype=np.float32)
     real_feat = None
@@ -374,7 +357,7 @@ def _embed_real(embedder: _Embedder, real: list[IdentityRecord]) -> tuple[np.nda
 
 
 def _search_synthetic(
-    embedder: _Embedder, synthetic: list[IdentityRecord], spaces: dict[str, _Space]
+    embedder: AuditEmbedder, synthetic: list[IdentityRecord], spaces: dict[str, SimilaritySpace]
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
     """Nearest real image (similarity, index) per space of every synthetic image, streamed in batches;
     also whether the best pixel match was the mirrored image."""
@@ -431,7 +414,7 @@ def _decide(
         has_feat = "feature" in sims
         images.append(
             ImageAudit(
-                path=_display_path(Path(rec.path), synthetic_dir),
+                path=synthetic_set.set_relative(rec.path, synthetic_dir),
                 identity=rec.identity,
                 nn_real_pixel=real_names[nns["pixel"][j]],
                 sim_pixel=float(sims["pixel"][j]),

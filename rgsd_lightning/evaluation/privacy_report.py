@@ -1,33 +1,26 @@
-"""Reporting and clean-up of a privacy audit: the JSON summary, the closest-pairs grid, :func:`drop_flagged`.
+"""Reporting of a privacy audit: the JSON summary (``card.json["audit"]``) and the closest-pairs grid.
 
-The audit itself is :func:`rgsd_lightning.evaluation.privacy.audit_synthetic_set`; every name here is also
-importable from :mod:`rgsd_lightning.evaluation.privacy`.
+The audit itself is :func:`rgsd_lightning.evaluation.privacy.audit_synthetic_set`; dropping the flagged images
+is :func:`rgsd_lightning.data.synthetic_set.drop_flagged`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from rgsd_lightning.data.images import load_image
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest, write_manifest
+from rgsd_lightning.data.records import IdentityRecord
 
 if TYPE_CHECKING:
-    from rgsd_lightning.evaluation.privacy import AuditResult, ImageAudit, NearCopyThresholds
+    from rgsd_lightning.evaluation.privacy import ImageAudit, NearCopyThresholds
     from rgsd_lightning.evaluation.privacy_search import PixelSpace
 
-MANIFEST = "manifest.jsonl"
-CARD = "card.json"
 GRID_NAME = "audit_pairs.png"
-REJECTED = "rejected"
 AUDIT_VERSION = 1
 
 
@@ -50,7 +43,7 @@ def similarity_stats(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
     }
 
 
-def _summary(
+def audit_summary(
     images: list[ImageAudit],
     baseline: dict[str, dict[str, np.ndarray]],
     baseline_used: dict[str, str | None],
@@ -61,6 +54,7 @@ def _summary(
     extractor: Any,
     space: PixelSpace,
 ) -> dict[str, Any]:
+    """The audit summary written under ``card.json["audit"]`` (see the privacy module for the fields)."""
     n = len(images)
     flagged = sum(a.near_copy for a in images)
     by_identity: dict[str, list[ImageAudit]] = {}
@@ -131,7 +125,7 @@ def _round(value: float | None) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ grid
-def _pair_grid(
+def pair_grid(
     images: list[ImageAudit],
     synthetic: list[IdentityRecord],
     real: list[IdentityRecord],
@@ -171,85 +165,3 @@ def _fit(img: Image.Image, cell: int) -> Image.Image:
     out = Image.new("RGB", (cell, cell), (128, 128, 128))
     out.paste(img.resize(size, Image.Resampling.BICUBIC), ((cell - size[0]) // 2, (cell - size[1]) // 2))
     return out
-
-
-def _save_png_atomic(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-# ------------------------------------------------------------------------------------------ helpers
-def _read_card(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: card.json is not valid JSON ({err}); not overwriting it") from err
-    if not isinstance(card, dict):
-        raise ValueError(f"{path}: card.json must hold a JSON object, got {type(card).__name__}")
-    return card
-
-
-def _display_path(path: Path, base: Path) -> str:
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
-    return str(path) if rel.startswith("..") else rel
-
-
-# ------------------------------------------------------------------------------------------ dropping
-def drop_flagged(
-    synthetic_dir: str | os.PathLike, result: AuditResult, *, move_files: bool = False
-) -> list[str]:
-    """Remove the rows flagged by ``result`` from the set's manifest (and optionally move their images).
-
-    The new manifest is written first (atomically); then, with ``move_files``, each flagged image is
-    moved to ``rejected/<its path under the set>``. ``card.json`` counts are refreshed and
-    ``card["audit"]["dropped"]`` records what was dropped. Rows already absent are ignored.
-
-    Args:
-        synthetic_dir: the synthetic set folder that ``result`` audited.
-        result: the audit result naming the flagged images.
-        move_files: move the flagged images to ``rejected/`` instead of leaving them unlisted in place.
-
-    Returns:
-        The manifest paths of the dropped rows.
-    """
-    synthetic_dir = Path(synthetic_dir)
-    if os.path.abspath(synthetic_dir) != os.path.abspath(result.synthetic_dir):
-        raise ValueError(f"the audit result is for {result.synthetic_dir}, not for {synthetic_dir}")
-    manifest_path = synthetic_dir / MANIFEST
-    records = read_manifest(manifest_path)
-    card_path = synthetic_dir / CARD
-    card = _read_card(card_path)
-    flagged = {a.path for a in result.flagged}
-    keep, dropped = [], []
-    for rec in records:
-        (dropped if _display_path(Path(rec.path), synthetic_dir) in flagged else keep).append(rec)
-    if not dropped:
-        return []
-    write_manifest(manifest_path, keep)
-    moved_to = None
-    if move_files:
-        moved_to = REJECTED
-        for rec in dropped:
-            src = Path(rec.path)
-            if src.is_file():
-                dst = synthetic_dir / REJECTED / _display_path(src, synthetic_dir)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(src), str(dst))
-    if card_path.is_file() or card:
-        from rgsd_lightning.callbacks.writer import summarize
-
-        rows = [r.to_json(relative_to=synthetic_dir) for r in keep]
-        card.update(summarize(rows))
-        audit = card.setdefault("audit", {})
-        previous = audit.get("dropped", {}).get("count", 0) if isinstance(audit.get("dropped"), dict) else 0
-        audit["dropped"] = {"count": previous + len(dropped), "moved_to": moved_to}
-        atomic_write_json(card_path, card)
-    return [_display_path(Path(r.path), synthetic_dir) for r in dropped]

@@ -120,7 +120,7 @@ def _blur(x: np.ndarray, kernel: np.ndarray, axis: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ embedding
-class _Embedder:
+class AuditEmbedder:
     """Decodes images in batches and turns them into pixel descriptors and (optionally) features."""
 
     def __init__(
@@ -170,7 +170,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((x / np.maximum(norm, 1e-12)).astype(np.float32))
 
 
-def _resolve_extractor(extractor: Any) -> Any:
+def resolve_extractor(extractor: Any) -> Any:
+    """A FeatureExtractor as given, one loaded from a recognizer export folder, or None."""
     if extractor is None or hasattr(extractor, "input_size"):
         return extractor
     if isinstance(extractor, str | os.PathLike):
@@ -183,7 +184,8 @@ def _resolve_extractor(extractor: Any) -> Any:
     )
 
 
-def _extractor_device(extractor: Any, device: str | torch.device | None) -> Any:
+def extractor_device(extractor: Any, device: str | torch.device | None) -> Any:
+    """The device the extractor runs on: ``device`` (the extractor is moved there) or its parameters'."""
     if extractor is None:
         return None
     import torch
@@ -196,7 +198,7 @@ def _extractor_device(extractor: Any, device: str | torch.device | None) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ search
-class _Space:
+class SimilaritySpace:
     """One similarity space: the real vectors (faiss-indexed) and how to expand queries into variants.
 
     The similarity of a query to a real image is the maximum inner product over the query's variants

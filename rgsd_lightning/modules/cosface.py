@@ -3,10 +3,10 @@
 timm backbone (ResNet-50 by default) -> linear projection to the embedding (512-d) -> BatchNorm neck, trained
 with CosFace (large-margin cosine loss, s = 64, m = 0.35 as pytorch-metric-learning's ``CosFaceLoss`` and the
 CosFace paper; arcface_torch uses m = 0.4). The class weights W live in a pml ``CosFaceLoss`` held as a
-submodule, so they are in ``self.parameters()``, in the optimizer and in DDP. The per-sample loss is computed
-here from ``cosface.W`` (:func:`cosface_losses`, equal to pml's loss before its mean) on float32 embeddings
-with autocast disabled (pml casts W to the embeddings' dtype otherwise). SGD with momentum 0.9 and weight
-decay 5e-4; warm-up then step decay.
+submodule, so they are in ``self.parameters()``, in the optimizer and in DDP. The loss has a
+``DoNothingReducer``, so it returns the per-sample losses that lookahead selection needs
+(:func:`cosface_losses`); they are computed on float32 embeddings (at least) with autocast disabled (pml casts
+W to the embeddings' dtype). SGD with momentum 0.9 and weight decay 5e-4; warm-up then step decay.
 
 Evaluation (validation and test), per the datamodule's loaders (``datamodule.val_names``):
 
@@ -17,6 +17,10 @@ Evaluation (validation and test), per the datamodule's loaders (``datamodule.val
   ``val/group_std`` and ``val/group_error_ratio`` (max error / min error; paper Table 3);
 * the "identification" loader (held-out images of the training identities): ``val/id_acc``, closed-set
   accuracy of the nearest CosFace class weight (largest cosine), i.e. the classifier the loss trains.
+
+The metrics are built once per stage, when its first evaluation epoch starts (the sets come from the
+datamodule), in ``val_metrics`` / ``test_metrics`` (``nn.ModuleDict`` keyed by the loader's position, so they
+follow the module's device), and reset after every epoch.
 
 Embeddings are flip-fused (sum with the mirror image's embedding, L2-normalised) with ``flip_test``.
 """
@@ -29,31 +33,31 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import CosFaceLoss
-from torch import Tensor
+from pytorch_metric_learning.reducers import DoNothingReducer
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.evaluation import VerificationMetric, flip_fuse, group_report
 from rgsd_lightning.modules.config import EmbeddingNetConfig
 from rgsd_lightning.modules.recognizer import GROUPS, Recognizer
 from rgsd_lightning.selection import SelectionConfig
 
 
-def cosface_losses(embeddings: Tensor, labels: Tensor, weight: Tensor, margin: float, scale: float) -> Tensor:
-    """Per-sample CosFace loss: cross-entropy of ``scale * (cos - margin * onehot)`` (float32 at least:
-    half-precision inputs are promoted, float64 stays float64).
+def cosface_losses(loss: CosFaceLoss, embeddings: Tensor, labels: Tensor) -> Tensor:
+    """Per-sample losses (B,) of a pml ``CosFaceLoss`` built with a ``DoNothingReducer``, in float32 at least
+    (half-precision inputs are promoted, float64 stays float64; autocast is off inside).
 
     Args:
-        embeddings: (B, D) embeddings (any scale; normalised here).
+        loss: the CosFace loss holding the class weights ``W`` (D, C); its reducer must be a DoNothingReducer.
+        embeddings: (B, D) embeddings (any scale; pml normalises them).
         labels: (B,) class indices.
-        weight: (D, C) class weights (pml's ``CosFaceLoss.W`` layout; normalised per class here).
-        margin: additive cosine margin m.
-        scale: logit scale s.
     """
+    if not isinstance(loss.reducer, DoNothingReducer):
+        raise ValueError("cosface_losses needs a CosFaceLoss built with reducer=DoNothingReducer()")
     with torch.autocast(device_type=embeddings.device.type, enabled=False):
-        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, weight.dtype), torch.float32)
-        cosine = F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(weight.to(dtype), dim=0)
-        logits = scale * (cosine - margin * F.one_hot(labels, cosine.shape[1]).to(cosine.dtype))
-        return F.cross_entropy(logits, labels, reduction="none")
+        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, loss.W.dtype), torch.float32)
+        return loss(embeddings.to(dtype), labels)["loss"]["losses"]
 
 
 class CosFaceRecognizer(Recognizer):
@@ -101,14 +105,16 @@ class CosFaceRecognizer(Recognizer):
         super().__init__(num_identities, net, selection, flip_test)
         self.save_hyperparameters(ignore=[*GROUPS, "milestones"])  # this __init__'s other arguments
         self.save_hyperparameters({**self.group_hparams(), "milestones": [int(m) for m in milestones]})
-        self.cosface = CosFaceLoss(num_identities, self.net.feature_dim, margin=margin, scale=scale)
-        self.val_metrics: dict[str, Any] = {}
-        self.test_metrics: dict[str, Any] = {}
+        self.cosface = CosFaceLoss(
+            num_identities, self.net.feature_dim, margin=margin, scale=scale, reducer=DoNothingReducer()
+        )
+        self.val_metrics = nn.ModuleDict()
+        self.test_metrics = nn.ModuleDict()
+        self._eval_sets: dict[str, list[VerificationPairs | None]] = {}  # per stage; None: identification
 
     def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Per-sample CosFace losses with the submodule's class weights W."""
-        hp = self.hparams
-        return cosface_losses(embeddings, labels, self.cosface.W, hp.margin, hp.scale)
+        return cosface_losses(self.cosface, embeddings, labels)
 
     def fuse_flip(self, embeddings: Tensor, flipped: Tensor) -> Tensor:
         """insightface flip test: sum of both embeddings, L2-normalised."""
@@ -124,8 +130,17 @@ class CosFaceRecognizer(Recognizer):
         return loss
 
     # ------------------------------------------------------------------ evaluation
-    def _build_metrics(self) -> dict[str, Any]:
-        """One metric per evaluation loader, keyed by the loader's position (from the datamodule)."""
+    def setup(self, stage: str) -> None:
+        # each fit / validate / test call evaluates the sets of the datamodule it is given
+        self.val_metrics.clear()
+        self.test_metrics.clear()
+
+    def _metrics(self, stage: str) -> nn.ModuleDict:
+        """The stage's metrics, one per evaluation loader keyed by its position; built on first use from the
+        datamodule's sets (a VerificationMetric per verification set, a MeanMetric for identification)."""
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        if len(metrics):
+            return metrics
         datamodule = getattr(self.trainer, "datamodule", None)
         sets = getattr(datamodule, "verification_sets", None)
         names = getattr(datamodule, "val_names", None)
@@ -134,23 +149,21 @@ class CosFaceRecognizer(Recognizer):
                 "CosFaceRecognizer evaluation needs an IdentityDataModule with task='face' "
                 "(verification_sets and val_names)"
             )
-        metrics: dict[str, Any] = {}
+        self._eval_sets[stage] = list(sets)
+        n_folds = self.hparams.n_folds
         for i, vs in enumerate(sets):
-            metric = VerificationMetric(
-                vs.pairs, vs.issame, num_images=len(vs.images), n_folds=self.hparams.n_folds
+            metrics[str(i)] = VerificationMetric(
+                vs.pairs, vs.issame, num_images=len(vs.images), n_folds=n_folds
             )
-            metrics[str(i)] = (vs, metric.to(self.device))
         if len(names) > len(sets) and names[len(sets)] == "identification":
-            metrics[str(len(sets))] = (None, MeanMetric().to(self.device))
-        return metrics
-
-    def _metrics(self, stage: str) -> dict[str, Any]:
-        return self.val_metrics if stage == "val" else self.test_metrics
+            metrics[str(len(sets))] = MeanMetric()
+            self._eval_sets[stage].append(None)
+        return metrics.to(self.device)
 
     def _eval_step(self, stage: str, batch: dict[str, Any], dataloader_idx: int) -> None:
-        vs, metric = self._metrics(stage)[str(dataloader_idx)]
+        metric = self._metrics(stage)[str(dataloader_idx)]
         emb = self.embed(batch["image"])
-        if vs is None:  # identification: nearest class weight
+        if self._eval_sets[stage][dataloader_idx] is None:  # identification: nearest class weight
             cosine = F.normalize(emb, dim=1) @ F.normalize(self.cosface.W.float(), dim=0)
             metric.update((cosine.argmax(dim=1) == batch["label"]).float())
         else:
@@ -159,12 +172,12 @@ class CosFaceRecognizer(Recognizer):
     def _eval_end(self, stage: str) -> None:
         metrics = self._metrics(stage)
         if self.trainer.sanity_checking:  # partial sets: nothing meaningful to compute
-            for _, metric in metrics.values():
+            for metric in metrics.values():
                 metric.reset()
             return
         logs: dict[str, float] = {}
         plain, groups = [], {}
-        for vs, metric in metrics.values():
+        for vs, metric in zip(self._eval_sets[stage], metrics.values(), strict=True):
             if vs is None:
                 logs[f"{stage}/id_acc"] = float(metric.compute())
             else:
@@ -185,12 +198,6 @@ class CosFaceRecognizer(Recognizer):
             logs[f"{stage}/group_std"] = report["std"]
             logs[f"{stage}/group_error_ratio"] = report["max_min_error_ratio"]
         self.log_dict(logs)
-
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics = self._build_metrics()
-
-    def on_test_epoch_start(self) -> None:
-        self.test_metrics = self._build_metrics()
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -19,9 +19,9 @@ import lightning as L
 import torch
 
 from rgsd_lightning.backbones import FeatureExtractor
-from rgsd_lightning.callbacks.images import image_grid, log_grid, run_dir
 from rgsd_lightning.data.images import load_image
 from rgsd_lightning.diffusion import DiTGenerator, sample
+from rgsd_lightning.io import image_grid, log_grid, run_dir
 from rgsd_lightning.modules.config import GridConfig, RewardConfig, SamplerConfig, as_config, plain
 from rgsd_lightning.provenance import provenance, tensor_fingerprint
 from rgsd_lightning.rewards import CompositeReward, MemoryBank

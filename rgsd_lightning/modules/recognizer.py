@@ -172,8 +172,7 @@ class Recognizer(L.LightningModule):
         counts = getattr(self, "_selection_counts", None)
         if counts is None:
             return
-        from rgsd_lightning.callbacks.images import run_dir
-        from rgsd_lightning.data.records import atomic_write_json
+        from rgsd_lightning.io import atomic_write_json, run_dir
 
         counts = self.trainer.strategy.reduce(counts.to(self.device), reduce_op="sum").cpu()
         directory = run_dir(self.trainer)  # every rank: a collective under DDP

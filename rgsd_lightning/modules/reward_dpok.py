@@ -38,11 +38,11 @@ from typing import Any, Literal
 
 import torch
 
-from rgsd_lightning.callbacks.images import run_dir
 from rgsd_lightning.diffusion.dit import set_trainable
 from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
 from rgsd_lightning.diffusion.sampling import guided_eps, sample, step_with_logprob
 from rgsd_lightning.diffusion.schedule import SIGMA_MIN, make_timesteps, step_sigmas
+from rgsd_lightning.io import run_dir
 from rgsd_lightning.modules.config import (
     GridConfig,
     LoRAConfig,
@@ -392,7 +392,7 @@ class RewardDPOK(GeneratorModule):
         log_dir = run_dir(self.trainer)  # every rank: log_dir is a collective under DDP
         if not self.trainer.is_global_zero or not self.history:
             return
-        from rgsd_lightning.callbacks.plots import plot_reward_curves
+        from rgsd_lightning.rl.curves import plot_reward_curves
 
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "reward_history.json").write_text(json.dumps(self.history, indent=1))

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rgsd_lightning.data.records import atomic_write_json, atomic_write_text
+from rgsd_lightning.io import atomic_write_json, atomic_write_text
 from rgsd_lightning.pipeline.spec import Stage, substitute
 
 EXPORT_CALLBACK = "rgsd_lightning.callbacks.export.ExportArtifact"

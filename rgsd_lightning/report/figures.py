@@ -13,10 +13,9 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rgsd_lightning.callbacks.images import image_grid, save_png, to_uint8  # noqa: E402
-from rgsd_lightning.callbacks.plots import save_figure  # noqa: E402
 from rgsd_lightning.data.records import IdentityRecord  # noqa: E402
 from rgsd_lightning.evaluation.quality import embed, load_images  # noqa: E402
+from rgsd_lightning.io import image_grid, save_figure, save_png, to_uint8  # noqa: E402
 
 
 def by_identity(records: Sequence[IdentityRecord]) -> dict[str, list[IdentityRecord]]:

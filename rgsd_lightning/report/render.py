@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from rgsd_lightning.data.records import atomic_write_json, atomic_write_text
+from rgsd_lightning.io import atomic_write_json, atomic_write_text
 
 
 @dataclass

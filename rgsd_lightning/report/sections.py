@@ -40,7 +40,9 @@ from typing import Any
 import torch
 import yaml
 
-from rgsd_lightning.data.records import IdentityRecord, atomic_write_json, read_manifest
+from rgsd_lightning.data.records import IdentityRecord, read_manifest
+from rgsd_lightning.data.synthetic_set import CARD, MANIFEST
+from rgsd_lightning.io import atomic_write_json
 from rgsd_lightning.pipeline.runner import StageResult
 from rgsd_lightning.report.render import Row, markdown_table, results_table
 
@@ -100,9 +102,9 @@ class RunContext:
     def synthetic(self, stage: str) -> list[IdentityRecord]:
         """The records of a generation stage's synthetic set."""
         result = self.require(stage)
-        if result.output is None or not (Path(result.output) / "manifest.jsonl").is_file():
+        if result.output is None or not (Path(result.output) / MANIFEST).is_file():
             raise KeyError(f"stage {stage!r} wrote no synthetic set")
-        return read_manifest(Path(result.output) / "manifest.jsonl")
+        return read_manifest(Path(result.output) / MANIFEST)
 
     # -------------------------------------------------------------------------------- data + models
     def datamodule(self, stage: str) -> Any:
@@ -196,12 +198,12 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
     for label, stage in (spec.get("sets") or {}).items():
         try:
             folder = Path(ctx.require(stage).output)
-            manifest = (folder / "manifest.jsonl").read_bytes()
+            manifest = (folder / MANIFEST).read_bytes()
             cache_key = key + ":" + hashlib.sha256(manifest).hexdigest()[:16]
             scores = _cached(
                 folder / "quality.json", cache_key, lambda s=stage: judge.score(ctx.synthetic(s))
             )
-            card = json.loads((folder / "card.json").read_text())
+            card = json.loads((folder / CARD).read_text())
             q = {**scores, **set_summary(card)}
         except (KeyError, ValueError, FileNotFoundError, TypeError) as err:
             data[label] = {"error": str(err)}
@@ -296,7 +298,7 @@ def samples(ctx: RunContext, spec: dict[str, Any]) -> Section:
 def rewards(ctx: RunContext, spec: dict[str, Any]) -> Section:
     rows, data = [], {}
     for label, stage in (spec.get("sets") or {}).items():
-        card = json.loads((Path(ctx.require(stage).output) / "card.json").read_text())
+        card = json.loads((Path(ctx.require(stage).output) / CARD).read_text())
         stats = card.get("reward_stats", {})
         data[label] = {c: stats[c]["mean"] for c in ("sem", "cov", "exp") if c in stats}
         rows.append([label, *(_num(data[label].get(c), 4) for c in ("sem", "cov", "exp"))])
@@ -305,7 +307,7 @@ def rewards(ctx: RunContext, spec: dict[str, Any]) -> Section:
 
 
 def curves(ctx: RunContext, spec: dict[str, Any]) -> Section:
-    from rgsd_lightning.callbacks.plots import plot_reward_curves
+    from rgsd_lightning.rl.curves import plot_reward_curves
 
     folder = ctx.require(spec["stage"]).folder
     hits = sorted(Path(folder).rglob("reward_history.json"))
@@ -336,7 +338,7 @@ def features(ctx: RunContext, spec: dict[str, Any]) -> Section:
 
 
 def audit(ctx: RunContext, spec: dict[str, Any]) -> Section:
-    card = json.loads((Path(ctx.require(spec["set"]).output) / "card.json").read_text())
+    card = json.loads((Path(ctx.require(spec["set"]).output) / CARD).read_text())
     summary = card.get("audit")
     title = spec.get("title", "Privacy audit")
     if not summary:

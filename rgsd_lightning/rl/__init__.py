@@ -1,4 +1,5 @@
-"""Pieces of the RL stage: replay buffer, LoRA helpers, value baseline and the DPOK objective."""
+"""Pieces of the RL stage: replay buffer, LoRA helpers, value baseline, the DPOK objective; the reward curves
+(``rl.curves``, matplotlib, imported on use)."""
 
 from rgsd_lightning.rl.buffer import ReplayBuffer, Transitions
 from rgsd_lightning.rl.lora import adapters_disabled, inject_lora, lora_parameters, merged_copy

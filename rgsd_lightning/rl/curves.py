@@ -1,18 +1,16 @@
-"""Plots written into run folders (matplotlib, headless)."""
+"""The reward curves of an RL run (matplotlib, headless): one panel per logged reward component and the KL."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from rgsd_lightning.io import save_figure  # noqa: E402
 
 CURVES = (
     ("train/reward_total", "total (tanh)"),
@@ -54,14 +52,3 @@ def plot_reward_curves(history: list[dict[str, float]], path: str | os.PathLike)
         ax.tick_params(labelsize=7)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
-    """Write a matplotlib figure as PNG atomically (temp file + rename) and close it; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path

@@ -70,6 +70,7 @@ from rgsd_lightning.modules.config import (
 from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
 from rgsd_lightning.provenance import folder_fingerprint
 from rgsd_lightning.rewards.diversity import knn_precision_coverage, spread_ratio
+from rgsd_lightning.rewards.functional import semantic_consistency
 from rgsd_lightning.rl import (
     ReplayBuffer,
     Transitions,
@@ -319,16 +320,13 @@ class RewardDPOK(GeneratorModule):
         return self.score_features(self.reward_extractor(images), labels)
 
     def score_features(self, feats: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """:meth:`rewards` from features; differentiable in ``feats`` (``sem``, ``cov_group``, ``exp_group``
-        and ``raw``: the DRaFT objective) when they carry a gradient."""
+        """:meth:`rewards` from features (of this rank; gathered over the ranks under DDP)."""
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
-            all_feats = self.all_gather(feats.detach()).flatten(0, 1)
+            all_feats = self.all_gather(feats).flatten(0, 1)
             all_labels = self.all_gather(labels).flatten(0, 1)
-            lo = self.global_rank * len(feats)
-            # this rank's rows carry the gradient (the other ranks' are constants here)
-            all_feats = torch.cat([all_feats[:lo], feats, all_feats[lo + len(feats) :]])
             comps = self._components(all_feats, all_labels)
+            lo = self.global_rank * len(feats)
             out = {k: v[lo : lo + len(feats)] for k, v in comps.items()}
             out.update(self._diversity(all_feats, all_labels))
             return out
@@ -599,7 +597,7 @@ class RewardDPOK(GeneratorModule):
 
     def draft_loss(self, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         """DRaFT-K loss of one batch of samples (``labels``: one per image): ``-w R_raw + β KL``, with the
-        reward components (differentiable) and the per-sample KL. Times sampling and reward."""
+        reward components (for logging, no gradient) and the per-sample KL. Times sampling and reward."""
         s, d = self.sampler, self.draft
         self.generator.eval()
         start = time.perf_counter()
@@ -617,8 +615,15 @@ class RewardDPOK(GeneratorModule):
         )
         images = decode_with_grad(self.generator, x0)
         sampled = time.perf_counter()
-        comps = self.rewards(images, labels)
-        loss = -d.reward_weight * comps["raw"].mean() + d.kl_weight * kl.mean()
+        feats = self.reward_extractor(images)
+        # the raw composite of a sample depends on its identity's group only, and a rank's identities are
+        # its own: the local objective's gradient, averaged by DDP, is the full batch's
+        sem = semantic_consistency(feats, labels, self.reward.bank.prototypes())
+        objective = raw_reward({"sem": sem, **self.reward.group_values(feats, labels)}, self.reward.lambdas)
+        objective = objective.mean()
+        loss = -d.reward_weight * objective + d.kl_weight * kl.mean()
+        with torch.no_grad():
+            comps = self.score_features(feats.detach(), labels)
         self._timing["rollout_s"] += sampled - start
         self._timing["reward_s"] += time.perf_counter() - sampled
         return loss, comps, kl

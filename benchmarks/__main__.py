@@ -1,10 +1,11 @@
-"""``python -m benchmarks {speed,utility,init_rows,paper_shapes} ...``: run one benchmark's command line.
+"""``python -m benchmarks {speed,utility,init_rows,paper_shapes,rl_modes} ...``: run one benchmark's CLI.
 
 * ``speed``   - speed and memory (``benchmarks.speed``; ``--gpu-scale`` is the CUDA run of ``gpu.sh``);
 * ``utility`` - the real-data utility study (``benchmarks.utility``, imported only when asked for);
 * ``init_rows`` - cold start with zero vs null label rows (``benchmarks.init_rows``);
 * ``paper_shapes`` - every stage of the paper's recipes at DiT-XL/2 shapes on CPU, one step each, with
-  peak memory per stage (``benchmarks.paper_shapes``).
+  peak memory per stage (``benchmarks.paper_shapes``);
+* ``rl_modes`` - DPOK vs windowed DPOK vs DRaFT-K on the toy demo (``benchmarks.rl_modes``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ COMMANDS = {
     "utility": "benchmarks.utility:main",
     "init_rows": "benchmarks.init_rows:main",
     "paper_shapes": "benchmarks.paper_shapes:main",
+    "rl_modes": "benchmarks.rl_modes:main",
 }
 
 

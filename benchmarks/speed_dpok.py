@@ -93,20 +93,30 @@ def parameter_census(model: nn.Module) -> dict[str, Any]:
 
 
 class _PlainOptimizer:
-    """What ``RewardDPOK.training_step`` uses of Lightning's optimizer wrapper, for a trainer-less run."""
+    """What ``RewardDPOK.training_step`` uses of Lightning's optimizer wrapper, for a trainer-less run: the
+    step calls the module's ``on_before_optimizer_step`` (gradient norm, clipping) as Lightning does."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, module: nn.Module) -> None:
+        self.optimizer, self.module = optimizer, module
 
     @contextlib.contextmanager
     def toggle_model(self, sync_grad: bool = True) -> Iterator[None]:
         yield
 
     def step(self) -> None:
+        self.module.on_before_optimizer_step(self.optimizer)
         self.optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def _clip_by_norm(
+    optimizer: torch.optim.Optimizer, gradient_clip_val: float, gradient_clip_algorithm: str = "norm"
+) -> None:
+    """``LightningModule.clip_gradients`` without a Trainer (fp32: nothing to unscale)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
 
 def build_dpok(
@@ -149,9 +159,10 @@ def build_dpok(
     bank = MemoryBank(torch.randn(len(bank_ids), net.feature_dim), bank_ids, n)
     model.reward = CompositeReward(bank)
     model.to(device)
-    optimizer = _PlainOptimizer(model.configure_optimizers())
-    model.optimizers = lambda use_pl_optimizer=True: optimizer
+    optimizers = [_PlainOptimizer(o, model) for o in model.configure_optimizers()]
+    model.optimizers = lambda use_pl_optimizer=True: optimizers
     model.manual_backward = lambda loss, *args, **kwargs: loss.backward()
+    model.clip_gradients = _clip_by_norm
     model.log_dict = lambda *args, **kwargs: None
     return model
 
@@ -191,10 +202,10 @@ def time_dpok_round(
             meter.reset(new_baseline=False)
         return out
 
-    def checked_micro(mb, check_ratio):
+    def checked_micro(mb, check_ratio, **kwargs):
         if census and "census" not in record:
             record["census"] = parameter_census(model)
-        loss, stats = micro(mb, check_ratio)
+        loss, stats = micro(mb, check_ratio, **kwargs)
         if check_ratio:
             record["logp_check"] = float(stats["logp_check"])
         return loss, stats
@@ -213,6 +224,8 @@ def time_dpok_round(
             record["update_peak_bytes"] = meter.peak()
     finally:
         del model.rollout, model.rewards, model.micro_batch_loss  # back to the class methods
+    if model.history:  # the drift the old log-prob recompute absorbed (rollout vs update forward)
+        record["logp_drift"] = model.history[-1].get("train/logp_drift", float("nan"))
     record["total_s"] = total
     record["sampling_s"] = record["rollout_s"] - record["reward_s"]
     record["update_s"] = total - record["rollout_s"]
@@ -246,6 +259,7 @@ def bench_dpok_preset(
         "update_peak_bytes": mem["update_peak_bytes"],
         "memory_method": meter.method,
         "logp_check_first_round": first["logp_check"],
+        "logp_drift_first_round": first.get("logp_drift", float("nan")),
         "census": first["census"],
     }
 

@@ -241,3 +241,25 @@ def test_init_rows_quick_compares_both_rows_and_keeps_stage_folders_out_of_the_r
     table = (out / "init_rows_quick.md").read_text()
     assert "| zero |" in table and "| null |" in table
     assert (work / "prior" / "export").is_dir() and (work / "cold_zero").is_dir()
+
+
+@pytest.mark.slow
+def test_rl_modes_quick_scores_every_mode(tmp_path):
+    from benchmarks import rl_modes
+
+    out, work = tmp_path / "results", tmp_path / "work"
+    report = rl_modes.run(out, work, quick=True)
+    assert set(report["modes"]) == {"dpok", "windowed", "draft"}
+    assert set(report["sets"]) == {"cold", "dpok", "windowed", "draft"}
+    dpok = report["modes"]["dpok"]
+    assert dpok["round_cost_vs_dpok"] == 1.0 and dpok["rollouts"] == 2
+    for mode in report["modes"].values():
+        assert mode["round"]["round_s"] > 0 and np.isfinite(mode["reward_gain"]["raw"])
+    for s in report["sets"].values():
+        assert 0.0 <= s["judge"]["fidelity"] <= 1.0 and np.isfinite(s["reward"]["raw"])
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(
+        ["rl_modes_quick.json", "rl_modes_quick.md", "rl_modes_quick.png"]
+        + [f"rl_modes_quick_curves_{m}.png" for m in ("dpok", "windowed", "draft")]
+    )
+    assert "| windowed DPOK |" in (out / "rl_modes_quick.md").read_text()

@@ -18,7 +18,7 @@ def test_running_mean_hand_case():
 
 def test_reward_curves_plot_only_the_logged_keys(tmp_path):
     history = [
-        {"rollout": i, "train/reward_total": 0.1 * i, "train/reward_cov_group": 0.2, "train/kl": 1e-3 * i}
+        {"rollout": i, "train/reward_raw": 0.1 * i, "train/reward_cov_group": 0.2, "train/kl": 1e-3 * i}
         for i in range(1, 13)
     ]
     path = plot_reward_curves(history, tmp_path / "curves.png")
@@ -26,3 +26,9 @@ def test_reward_curves_plot_only_the_logged_keys(tmp_path):
     assert path.is_file() and width > 2.5 * height  # three panels side by side
     narrow = Image.open(plot_reward_curves(history[:1], tmp_path / "one.png")).size
     assert narrow == (width, height)  # same keys -> same layout, even with a single rollout
+    # the diversity panels join: seven panels wrap into two rows of four
+    for h in history:
+        h.update({"train/spread_ratio": 1.0, "train/coverage": 0.5, "train/precision": 0.5})
+        h.update({"train/reward_sem": 0.6, "train/reward_total": 0.0})  # total: not a panel
+    w2, h2 = Image.open(plot_reward_curves(history, tmp_path / "all.png")).size
+    assert w2 > width and 1.5 * height < h2 < 2.5 * height

@@ -9,6 +9,8 @@ block           dataclass                      used by
 ``lora:``       :class:`LoRAConfig`            RewardDPOK
 ``objective:``  :class:`PolicyGradientConfig`  RewardDPOK
 ``update:``     :class:`UpdateConfig`          RewardDPOK
+``window:``     :class:`WindowConfig`          RewardDPOK (``mode="windowed"``)
+``draft:``      :class:`DraftConfig`           RewardDPOK (``mode="draft"``)
 ``net:``        :class:`EmbeddingNetConfig`    LookaheadReID, CosFaceRecognizer
 ==============  =============================  =======================================================
 
@@ -203,7 +205,10 @@ class PolicyGradientConfig:
         ratio_clip: c of the importance-ratio clamp [1 - c, 1 + c] (DPOK: 1e-4).
         value_baseline: learn V(x_t, y, step) and use r - V as the advantage (DPOK).
         logprob_reduction: "mean" (DPOK/DDPO) or "sum" of the Gaussian log-density over elements.
-        ratio_check_tol: max |log p_new - log p_old| allowed on the first micro-batch of an update window.
+        ratio_check_tol: max |log p_update - log p_rollout| allowed between the rollout's log-probs and the
+            update's own forward of the same transitions (a sanity check: label dropout, a changed model).
+            Without ``update.recompute_logprob`` this drift enters the ratio, so keep it below ``ratio_clip``;
+            with it the ratio is exactly 1 on-policy whatever the drift, and a loose bound (1e-2) suits bf16.
     """
 
     reward_weight: float = 10.0
@@ -237,7 +242,12 @@ class UpdateConfig:
         policy_steps: optimizer steps per rollout (DPOK: 5).
         micro_batch: transitions per micro-batch.
         grad_accum: micro-batches accumulated per optimizer step.
-        grad_clip: max grad norm of the policy parameters per optimizer step (DPOK: 0.1).
+        grad_clip: max grad norm per optimizer step, of the policy and (separately) of the value baseline
+            (DPOK: 0.1); applied by Lightning after mixed precision unscales the gradients.
+        recompute_logprob: at the start of every update window, recompute the fresh rollout's old
+            log-probs with the update's own forward, so the importance ratio is exactly 1 on-policy (bf16
+            drift between the sampler's and the update's batch shapes, 1e-4..1e-3 on GPU, would otherwise
+            push every ratio outside a 1e-4 clip and zero the policy gradient).
     """
 
     timestep_fraction: float = 1.0
@@ -247,6 +257,7 @@ class UpdateConfig:
     micro_batch: int = 4
     grad_accum: int = 12
     grad_clip: float = 0.1
+    recompute_logprob: bool = True
 
     def __post_init__(self) -> None:
         _check(
@@ -257,6 +268,71 @@ class UpdateConfig:
         for field in ("micro_batch", "grad_accum"):
             value = getattr(self, field)
             _check(value >= 1, f"update.{field} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """``mode="windowed"``: a window of a few stochastic steps per trajectory (Flow-GRPO-Fast, MixGRPO).
+
+    Rollouts draw noise (``sampler.eta``) only on ``size`` consecutive steps of the schedule and run
+    deterministic DDIM (η = 0) elsewhere; only the window's steps become transitions, so each round's
+    update trains on the few steps that carry the policy gradient. The window is the same for every
+    trajectory of a rollout and lies within ``span`` (fractions of the schedule, high noise first).
+
+    Attributes:
+        size: stochastic steps per trajectory.
+        placement: "random" (a new uniform start every rollout) or "sliding" (MixGRPO: starts at the
+            beginning of ``span`` and moves one step towards low noise every ``shift_every`` rollouts,
+            wrapping around).
+        span: (start, end) of the region where windows may lie, as fractions of the sampling steps.
+        shift_every: rollouts between moves of a sliding window.
+    """
+
+    size: int = 2
+    placement: Literal["random", "sliding"] = "random"
+    span: tuple[float, float] = (0.0, 1.0)
+    shift_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.size >= 1, f"window.size must be >= 1, got {self.size}")
+        _check(
+            self.placement in ("random", "sliding"),
+            f"window.placement must be 'random' or 'sliding', got {self.placement!r}",
+        )
+        span = tuple(float(v) for v in self.span)
+        _check(
+            len(span) == 2 and 0.0 <= span[0] < span[1] <= 1.0,
+            f"window.span must be (start, end) with 0 <= start < end <= 1, got {list(span)}",
+        )
+        object.__setattr__(self, "span", span)
+        _check(self.shift_every >= 1, f"window.shift_every must be >= 1, got {self.shift_every}")
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """``mode="draft"``: DRaFT-K, back-propagating the differentiable reward through the last K steps.
+
+    Every round samples P x K images, the first ``steps - k`` denoising steps without gradient and the last
+    ``k`` with gradient through the policy (LoRA), then the frozen reward extractor; the loss is
+    ``-reward_weight * R + kl_weight * KL``, R the un-standardised composite (λ-weighted raw semantic
+    consistency and group values of coverage and expansion) and KL DPOK's ε-MSE to the reference policy
+    on the K differentiable steps. One optimizer step per rollout.
+
+    Attributes:
+        k: differentiable denoising steps at the end of the chain (DRaFT-K; DRaFT-1 is often best).
+        reward_weight: weight of the reward in the loss.
+        kl_weight: weight of the ε-MSE to the reference (adapters off) on the differentiable steps.
+        checkpoint: recompute the differentiable steps' activations in the backward pass (saves memory).
+    """
+
+    k: int = 1
+    reward_weight: float = 1.0
+    kl_weight: float = 0.1
+    checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.k >= 1, f"draft.k must be >= 1, got {self.k}")
+        _check(self.kl_weight >= 0, f"draft.kl_weight must be >= 0, got {self.kl_weight}")
 
 
 @dataclass(frozen=True)

@@ -118,18 +118,38 @@ class ReplayBuffer:
                 self.data = self.data.index(torch.arange(len(self.data) - self.capacity, len(self.data)))
         self.latest = min(len(new), len(self.data))
 
-    def sample(self, n: int, generator: torch.Generator, latest_only: bool = False) -> Transitions:
-        """n transitions drawn uniformly (without replacement if possible), from all or the latest push."""
+    def sample_indices(self, n: int, generator: torch.Generator, latest_only: bool = False) -> torch.Tensor:
+        """Indices of n transitions drawn uniformly (without replacement if possible), from all or the latest
+        push."""
         if self.data is None or len(self.data) == 0:
             raise RuntimeError("the replay buffer is empty: push a rollout first")
         size = len(self.data)
         lo = size - self.latest if latest_only else 0
         pool = size - lo
         if n <= pool:
-            idx = torch.randperm(pool, generator=generator)[:n] + lo
-        else:
-            idx = torch.randint(0, pool, (n,), generator=generator) + lo
+            return torch.randperm(pool, generator=generator)[:n] + lo
+        return torch.randint(0, pool, (n,), generator=generator) + lo
+
+    def sample(self, n: int, generator: torch.Generator, latest_only: bool = False) -> Transitions:
+        """n transitions drawn uniformly (without replacement if possible), from all or the latest push."""
+        idx = self.sample_indices(n, generator, latest_only)
         return self.data.index(idx.to(self.data.state.device))
+
+    def get(self, idx: torch.Tensor) -> Transitions:
+        """The transitions at ``idx``."""
+        if self.data is None:
+            raise RuntimeError("the replay buffer is empty: push a rollout first")
+        return self.data.index(idx.to(self.data.state.device))
+
+    def latest_indices(self) -> torch.Tensor:
+        """Indices of the transitions of the most recent push (the on-policy ones)."""
+        return torch.arange(len(self) - self.latest, len(self))
+
+    def set_log_prob(self, idx: torch.Tensor, log_prob: torch.Tensor) -> None:
+        """Overwrite the stored (old) log-probs at ``idx`` (recomputed with the update's own forward)."""
+        if self.data is None:
+            raise RuntimeError("the replay buffer is empty: push a rollout first")
+        self.data.log_prob[idx.to(self.data.log_prob.device)] = log_prob.detach().to(self.data.log_prob)
 
     def state_dict(self) -> dict:
         data = None if self.data is None else {f: getattr(self.data, f).cpu() for f in _FIELDS}

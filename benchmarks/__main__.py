@@ -2,7 +2,10 @@
 
 * ``speed``   - speed and memory (``benchmarks.speed``; ``--gpu-scale`` is the CUDA run of ``gpu.sh``);
 * ``utility`` - the real-data utility study (``benchmarks.utility``, imported only when asked for);
-* ``init_rows`` - cold start with zero vs null label rows (``benchmarks.init_rows``).
+* ``init_rows`` - cold start with zero vs null label rows (``benchmarks.init_rows``);
+* ``fast_sampling`` - images/s at matched quality: fast solvers vs ``DiTPipeline``
+  (``benchmarks.fast_sampling``);
+* ``selection_scope`` - head- vs full-scope lookahead selection picks (``benchmarks.selection_scope``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ COMMANDS = {
     "speed": "benchmarks.speed:main",
     "utility": "benchmarks.utility:main",
     "init_rows": "benchmarks.init_rows:main",
+    "fast_sampling": "benchmarks.fast_sampling:main",
+    "selection_scope": "benchmarks.selection_scope:main",
 }
 
 

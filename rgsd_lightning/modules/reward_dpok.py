@@ -121,9 +121,10 @@ class RewardDPOK(GeneratorModule):
         self.save_hyperparameters(ignore=[*GROUPS, *RL_GROUPS])  # this __init__'s other arguments
         self.save_hyperparameters({**self.group_hparams(), **plain({g: getattr(self, g) for g in RL_GROUPS})})
         self.automatic_optimization = False
-        if self.sampler.method == "ddim" and self.sampler.eta <= 0:
+        if self.sampler.method == "dpmsolver" or (self.sampler.method == "ddim" and self.sampler.eta <= 0):
             raise ValueError(
-                "RL needs stochastic rollouts: set sampler.eta > 0 (DPOK: 1.0) or sampler.method='ddpm'"
+                "RL needs stochastic rollouts: set sampler.eta > 0 (DPOK: 1.0) or sampler.method='ddpm' "
+                f"(sampler.method={self.sampler.method!r}, eta={self.sampler.eta} draws no noise per step)"
             )
         self.generator = DiTGenerator.from_pretrained(generator).eval()
         if self.generator.num_identities != num_identities:

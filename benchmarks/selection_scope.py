@@ -230,11 +230,18 @@ def _means(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> dict[str, flo
 
 
 # ============================================================================================== the run
-def _spec(work: Path, quick: bool) -> dict[str, Any]:
+SEEDS = (0, 1, 2, 3, 4, 5, 6, 7)
+"""Downstream seeds per variant (``--quick``: the quick demo's)."""
+
+
+def _spec(work: Path, quick: bool, seeds: Sequence[int] | None) -> dict[str, Any]:
     from rgsd_lightning.demo import demo_file
     from rgsd_lightning.pipeline import read_spec
 
-    spec = read_spec(demo_file(quick), [f"output={work}"])
+    overrides = [f"output={work}"]
+    if seeds is not None:
+        overrides.append(f"vars.seeds=[{','.join(str(int(s)) for s in seeds)}]")
+    spec = read_spec(demo_file(quick), overrides)
     return {**spec, "stages": spec["stages"] + read_spec(STAGES)["stages"], "report": None}
 
 
@@ -273,15 +280,25 @@ def _find(folder: Path, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def run(out: Path, *, quick: bool = False, work: Path | None = None, name: str | None = None) -> dict:
-    """Run (or resume) the stages, analyse them, write ``<name>.json/.md``; returns the report."""
+def run(
+    out: Path,
+    *,
+    quick: bool = False,
+    work: Path | None = None,
+    name: str | None = None,
+    seeds: Sequence[int] | None = None,
+) -> dict:
+    """Run (or resume) the stages, analyse them, write ``<name>.json/.md``; returns the report.
+
+    ``seeds``: downstream seeds per variant (default :data:`SEEDS`, the quick demo's with ``quick``).
+    """
     from rgsd_lightning.evaluation.quality import selection_precision
     from rgsd_lightning.pipeline import expand, resolve_vars, run_pipeline
 
     name = name or ("selection_scope_quick" if quick else "selection_scope")
     work = Path(work) if work is not None else Path("runs") / name
     started = time.perf_counter()
-    spec = _spec(work, quick)
+    spec = _spec(work, quick, seeds if seeds is not None or quick else SEEDS)
     variables = resolve_vars(spec)
     output, stages = expand(spec)
     ours = [s.name for s in stages if s.name.startswith("scope_")]
@@ -450,7 +467,7 @@ def markdown(report: dict[str, Any]) -> str:
             md_table(
                 [
                     "training part",
-                    "batches",
+                    "batches per seed",
                     "top-k agreement",
                     "Jaccard",
                     "Spearman ρ",

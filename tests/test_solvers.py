@@ -79,7 +79,9 @@ def test_sample_equals_diffusers_scheduler_step_by_step(gen, steps, w, clip_x0):
         decode=False,
     )
     # the reference: diffusers' scheduler driven step by step with the same model, CFG rule and noise
-    x = torch.stack([torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x = torch.stack(
+        [torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
     sched = _diffusers_dpm(clip_x0)
     sched.set_timesteps(steps)
     y = torch.tensor(labels)
@@ -118,10 +120,14 @@ def test_first_order_equals_ddim_eta_zero(gen):
     labels, seeds = [1, 0, 2], [3, 4, 5]
     ddim = sample(gen, labels, seeds=seeds, num_steps=8, guidance_scale=2.0, eta=0.0, decode=False)
     timesteps, prev = make_timesteps(1000, 8, "leading")
-    x = torch.stack([torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x = torch.stack(
+        [torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
     y = torch.tensor(labels)
     with torch.no_grad():
-        out = solve(lambda x_t, t: guided_eps(gen, x_t, t, y, guidance_scale=2.0), x, timesteps, prev, AC, order=1)
+        out = solve(
+            lambda x_t, t: guided_eps(gen, x_t, t, y, guidance_scale=2.0), x, timesteps, prev, AC, order=1
+        )
     assert _close(out, ddim.latents)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -287,6 +288,7 @@ def run(
     work: Path | None = None,
     name: str | None = None,
     seeds: Sequence[int] | None = None,
+    command: str | None = None,
 ) -> dict:
     """Run (or resume) the stages, analyse them, write ``<name>.json/.md``; returns the report.
 
@@ -331,7 +333,7 @@ def run(
     report = {
         "benchmark": "selection_scope",
         "quick": quick,
-        "command": "python -m benchmarks selection_scope" + (" --quick" if quick else ""),
+        "command": command or "python -m benchmarks selection_scope" + (" --quick" if quick else ""),
         "environment": environment(),
         "threads": torch.get_num_threads(),
         "settings": {
@@ -525,7 +527,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(Path(args.out), quick=args.quick, work=args.work, name=args.name)
+    command = " ".join(
+        ["python -m benchmarks selection_scope", *(argv if argv is not None else sys.argv[1:])]
+    )
+    report = run(Path(args.out), quick=args.quick, work=args.work, name=args.name, command=command)
     print(markdown(report))
     return 0
 

@@ -188,9 +188,9 @@ QUICK: dict[str, Any] = {
 }
 
 # =============================================================================================== GPU scale
-FAST_STEPS = 10
-"""DPM-Solver++ steps of the generation recipes (``experiments/*/generate.yaml``): the fastest setting within
-5 % of DiTPipeline-default FID in ``benchmarks/results/fast_sampling.md``."""
+FAST_STEPS = 20
+"""DPM-Solver++ steps of the paper generation recipes (``experiments/<dataset>/generate.yaml``, w=4): the
+fastest setting within 5 % of DiTPipeline-default FID and fidelity in ``fast_sampling_w4.md``."""
 GPU_PAPER: dict[str, Any] = {
     "sampler": {
         "preset": "xl2",

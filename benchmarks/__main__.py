@@ -6,6 +6,9 @@
 * ``paper_shapes`` - every stage of the paper's recipes at DiT-XL/2 shapes on CPU, one step each, with
   peak memory per stage (``benchmarks.paper_shapes``);
 * ``rl_modes`` - DPOK vs windowed DPOK vs DRaFT-K on the toy demo (``benchmarks.rl_modes``).
+* ``fast_sampling`` - images/s at matched quality: fast solvers vs ``DiTPipeline``
+  (``benchmarks.fast_sampling``);
+* ``selection_scope`` - head- vs full-scope lookahead selection picks (``benchmarks.selection_scope``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ COMMANDS = {
     "init_rows": "benchmarks.init_rows:main",
     "paper_shapes": "benchmarks.paper_shapes:main",
     "rl_modes": "benchmarks.rl_modes:main",
+    "fast_sampling": "benchmarks.fast_sampling:main",
+    "selection_scope": "benchmarks.selection_scope:main",
 }
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from benchmarks.common import cuda_sync, interleaved_times, make_meter, md_table, median, mib
 from benchmarks.speed_dpok import bench_dpok_preset, build_dpok, make_generator_export, md_dpok
 from benchmarks.speed_models import _autocast, sd_vae_shaped, small_vae
-from benchmarks.speed_sampler import bench_sampler_pair, sampler_callables, sampler_models
+from benchmarks.speed_sampler import bench_fast_pair, bench_sampler_pair, sampler_callables, sampler_models
 
 DIT_XL2_GMACS = 119.0
 """DiT-XL/2 at 256²: the DiT paper's "119 Gflops" per forward, counted as multiply-accumulates (fvcore)."""
@@ -84,7 +84,22 @@ def gpu_sampler(
             )
         rows.append(row)
     meter.stop()
+    fast = None
+    if cfg.get("fast"):  # DiTPipeline defaults vs the generation recipes' fast solver (fast_sampling.md)
+        fast = bench_fast_pair(
+            gen,
+            pipe,
+            batch=cfg["batch"],
+            steps=cfg["steps"],
+            fast=cfg["fast"],
+            guidance_scale=max(cfg["guidance_scales"]),
+            warmup=cfg["warmup"],
+            repeats=cfg["repeats"],
+            amp_dtype=amp,
+        )
+        fast["mfu_counted"] = _mfu(2 * fast["fast_steps"] * counted, fast["fast_images_per_s"], peak_tflops)
     return {
+        "fast": fast,
         "preset": cfg["preset"],
         "image_size": gen.image_size,
         "latent_shape": list(gen.latent_shape),
@@ -214,6 +229,31 @@ def md_gpu_sampler(result: dict[str, Any]) -> str:
                 "MFU (paper figure)",
             ],
             rows,
+        )
+        + md_gpu_fast(result.get("fast"))
+    )
+
+
+def md_gpu_fast(fast: dict[str, Any] | None) -> str:
+    """Markdown of the DiTPipeline-default vs fast-solver pair (empty without it)."""
+    if not fast:
+        return ""
+    return (
+        f"\nDiTPipeline defaults ({fast['pipeline_steps']} DDIM steps) vs ours `{fast['fast_method']}` "
+        f"with {fast['fast_steps']} steps (the generation recipes' setting, quality-matched in "
+        f"`fast_sampling.md`), w={fast['guidance_scale']:g}, batch {fast['batch']}, interleaved:\n\n"
+        + md_table(
+            ["sampler", "steps", "img/s", "ratio", "MFU (counted)"],
+            [
+                ["DiTPipeline", fast["pipeline_steps"], f"{fast['pipeline_images_per_s']:.2f}", "1.00", "-"],
+                [
+                    f"ours {fast['fast_method']}",
+                    fast["fast_steps"],
+                    f"{fast['fast_images_per_s']:.2f}",
+                    f"**{fast['ratio_fast_over_pipeline']:.2f}**",
+                    _pct(fast["mfu_counted"]),
+                ],
+            ],
         )
     )
 

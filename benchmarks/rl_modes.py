@@ -45,7 +45,8 @@ from rgsd_lightning.report.sections import RunContext
 from rgsd_lightning.rl.curves import plot_reward_curves, running_mean
 
 STAGES = Path(__file__).resolve().parent / "configs" / "rl_modes.yaml"
-BASE_STAGES = ("prior", "baseline", "judge", "cold_start")
+BASE_STAGES = ("prior", "down_real", "judge", "cold_start")
+BASELINE = "down_real_s0"  # the demo's seed-0 real-only recognizer: the reward's feature space
 MODES = {"dpok": "DPOK (paper)", "windowed": "windowed DPOK", "draft": "DRaFT-K"}
 SETS = {"cold": "cold start", **MODES}
 QUICK_VARS = {"dpok_rollouts": 2, "windowed_rollouts": 4, "draft_rollouts": 3, "fast_steps": 4}
@@ -59,7 +60,10 @@ def build_spec(work: Path, quick: bool, overrides: Sequence[str] = ()) -> dict[s
     extra = dict(ours.get("vars") or {})
     if quick:
         extra.update(QUICK_VARS)
-    base = [s for s in demo["stages"] if s.get("name") in BASE_STAGES]
+    base = [dict(s) for s in demo["stages"] if s.get("name") in BASE_STAGES]
+    for stage in base:
+        if stage["name"] == "down_real":
+            stage["seeds"] = [0]  # only the baseline copy
     spec = {**demo, "vars": {**demo["vars"], **extra}, "stages": base + ours["stages"], "report": None}
     for item in overrides:
         key, _, text = item.partition("=")
@@ -77,7 +81,7 @@ def reward_scores(ctx: RunContext, rl_stage: str, set_stage: str) -> dict[str, f
     from rgsd_lightning.rl.draft import raw_reward
 
     dm = ctx.datamodule(rl_stage)
-    extractor = ctx.extractor("baseline")
+    extractor = ctx.extractor(BASELINE)
     bank = MemoryBank.from_extractor(extractor, dm.reference_dataloader(), dm.num_identities)
     lambdas = _lambdas(ctx, rl_stage)
     reward = CompositeReward(bank, lambdas=lambdas)

@@ -187,3 +187,57 @@ def md_sampler(result: dict[str, Any]) -> str:
         "'max diff' = largest pixel difference between the two outputs in [0, 1].\n\n"
         + md_table(head + ["decode s", "max diff"], rows)
     )
+
+
+def bench_fast_pair(
+    gen: Any,
+    pipe: Any,
+    *,
+    batch: int,
+    steps: int,
+    fast: dict[str, Any],
+    guidance_scale: float,
+    warmup: int,
+    repeats: int,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """``DiTPipeline`` at ``steps`` (its default 50) vs our fast setting (``fast``: ``method``, ``steps``),
+    interleaved on the same model, labels and initial noise: images/s and their ratio.
+
+    The quality side of this pair is measured on a trained model by ``benchmarks.fast_sampling``; here it is
+    the speed at paper scale.
+    """
+    from rgsd_lightning.diffusion import sample
+
+    fns = sampler_callables(
+        gen, pipe, batch=batch, steps=steps, guidance_scale=guidance_scale, amp_dtype=amp_dtype
+    )
+    labels = torch.randint(0, 1000, (batch,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def ours_fast() -> torch.Tensor:
+        with _autocast(gen.device, amp_dtype):
+            out = sample(
+                gen,
+                labels,
+                generator=torch.Generator().manual_seed(0),
+                num_steps=int(fast["steps"]),
+                guidance_scale=guidance_scale,
+                method=str(fast["method"]),
+            )
+        return out.images.float() * 0.5 + 0.5
+
+    calls = {"pipeline": fns["pipeline"], "ours_fast": ours_fast}
+    times, first = interleaved_times(calls, repeats, warmup=warmup, sync=cuda_sync)
+    t_pipe, t_fast = median(times["pipeline"]), median(times["ours_fast"])
+    return {
+        "batch": batch,
+        "guidance_scale": guidance_scale,
+        "pipeline_steps": steps,
+        "fast_method": str(fast["method"]),
+        "fast_steps": int(fast["steps"]),
+        "pipeline_images_per_s": batch / t_pipe,
+        "fast_images_per_s": batch / t_fast,
+        "ratio_fast_over_pipeline": t_pipe / t_fast,
+        "image_shape": list(first["ours_fast"].shape[1:]),
+        "times_s": times,
+    }

@@ -220,6 +220,8 @@ def test_gpu_scale_code_path_runs_at_toy_size_on_cpu(tmp_path):
     assert sampler["forward_flops_counted"] > 0 and "AttnProcessor2_0" in sampler["attention_processors"]
     for row in sampler["rows"]:
         assert row["ours_mfu_counted"] > 0 and row["max_abs_pixel_diff"] < 0.05  # bf16 autocast on both
+    fast = sampler["fast"]
+    assert fast["fast_method"] == "dpmsolver" and fast["ratio_fast_over_pipeline"] > 0
     assert report["results"]["recognizer"]["step_flops_counted"] > 0
     assert report["results"]["dpok"]["rows"][0]["census"]["no_second_copy"]
     md = (tmp_path / "speed_gpu.md").read_text()
@@ -263,3 +265,58 @@ def test_rl_modes_quick_scores_every_mode(tmp_path):
         + [f"rl_modes_quick_curves_{m}.png" for m in ("dpok", "windowed", "draft")]
     )
     assert "| windowed DPOK |" in (out / "rl_modes_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_fast_sampling_quick_measures_the_curve_against_the_pipeline(tmp_path):
+    from benchmarks import fast_sampling
+
+    with speed.torch_threads(1):
+        report = fast_sampling.run(tmp_path / "out", quick=True, work=tmp_path / "work")
+    rows = report["rows"]
+    assert rows[0]["kind"] == "pipeline" and rows[0]["speed_ratio"] == 1.0
+    assert {r["method"] for r in rows[1:]} == {"dpmsolver", "ddim"}
+    assert report["pipeline_vs_ours_ddim_max_abs_pixel_diff"] < 1e-4  # the shimmed pipeline is our DDIM
+    for row in rows:
+        assert row["quality"]["num_images"] == report["settings"]["num_images"] and row["quality"]["fid"] >= 0
+    chosen = report["chosen"]
+    if chosen is not None:
+        match = next(r for r in rows if r["name"] == chosen["name"])
+        assert match["quality"]["fid"] <= report["fid_limit"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["fast_sampling_quick.json", "fast_sampling_quick.md", "fast_sampling_quick.png"]
+
+
+@pytest.mark.slow
+def test_selection_scope_quick_probes_both_scopes_and_decides(tmp_path):
+    from benchmarks import selection_scope
+
+    with speed.torch_threads(1):
+        report = selection_scope.run(tmp_path / "out", quick=True, work=tmp_path / "work")
+    agree = report["agreement"]["summary"]["all"]
+    assert 0.0 <= agree["jaccard"] <= 1.0 and -1.0 <= agree["spearman"] <= 1.0
+    assert report["rows"]["full"]["runs"][0]["agreement"]["batches"] > 0
+    assert "test/mAP" in report["rows"]["head"] and report["decision"]["scope"] in ("full", "head")
+    assert "Default: `selection.scope:" in (tmp_path / "out" / "selection_scope_quick.md").read_text()
+
+
+def test_selection_scope_agreement_maths_on_a_hand_case():
+    from benchmarks.selection_scope import agreement, chance_overlap, jaccard, spearman
+
+    assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert chance_overlap(16, 8) == {"topk_agreement": 0.5, "jaccard": pytest.approx(1 / 3)}
+    entry = {
+        "step": 0,
+        "index": [10, 11, 12, 13],
+        "delta_full": [-2.0, -1.0, 1.0, 2.0],
+        "delta_head": [-1.0, 1.0, -2.0, 2.0],
+        "keep_full": [True, True, False, False],
+        "keep_head": [True, False, True, False],
+    }
+    out = agreement([entry], correct={10: True, 11: True, 12: False, 13: False})
+    row = out["summary"]["all"]
+    assert row["topk_agreement"] == 0.5 and row["jaccard"] == pytest.approx(1 / 3)
+    assert row["spearman"] == pytest.approx(0.4)  # ranks (0,1,2,3) vs (1,2,0,3): 1 - 6*6/(4*15)
+    assert row["precision_full"] == 1.0 and row["precision_head"] == 0.5 and row["precision_all"] == 0.5

@@ -102,6 +102,30 @@ def test_predict_writes_exactly_the_requests(trained, toy_market, tmp_path):
     assert not list(out.glob("manifest.rank*.jsonl"))
 
 
+def test_predict_with_the_fast_solver_records_it_and_can_compile(trained, toy_market, tmp_path):
+    dm = _dm(toy_market, generate_per_identity=1)
+    fast = SamplerConfig(method="dpmsolver", steps=3)
+    model = SyntheticGenerator(dm.num_identities, export=str(trained["export"]), sampler=fast)
+    out = tmp_path / "synthetic"
+    quiet_trainer(tmp_path, callbacks=[SyntheticSetWriter(str(out))]).predict(
+        model, dm, return_predictions=False
+    )
+    records = read_manifest(out / "manifest.jsonl")
+    assert len(records) == dm.num_identities
+    assert {(r.extra["sampler"], r.extra["num_steps"], r.extra["eta"]) for r in records} == {
+        ("dpmsolver", 3, 0.0)
+    }
+    compiled = SyntheticGenerator(
+        dm.num_identities, export=str(trained["export"]), sampler=fast, compile=True
+    )
+    assert compiled.generator.transformer._compiled_call_impl is None
+    compiled.setup("predict")  # compiles lazily: nothing runs until the first forward
+    assert compiled.generator.transformer._compiled_call_impl is not None
+    assert (
+        compiled.generator.transformer.state_dict().keys() == model.generator.transformer.state_dict().keys()
+    )
+
+
 class _Crash(RuntimeError):
     pass
 

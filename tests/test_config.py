@@ -95,16 +95,16 @@ def test_partial_yaml_mapping_keeps_the_module_defaults(capsys):
             "predict",
             "--config",
             str(EXPERIMENTS / "toy" / "generate.yaml"),
-            "--model.init_args.sampler.eta",
-            "0.5",
+            "--model.init_args.sampler.steps",
+            "7",
         ],
         capsys,
     )
     assert gen["model"]["init_args"]["sampler"] == {
-        "method": "ddim",
-        "steps": 20,
+        "method": "dpmsolver",
+        "steps": 7,
         "guidance_scale": 2.0,
-        "eta": 0.5,
+        "eta": 0.0,
     }
     assert gen["model"]["init_args"]["grid"]["identities"] == 0  # SyntheticGenerator's default: no grid
 

@@ -38,7 +38,9 @@ def _is_pipeline(path: Path) -> bool:
 
 YAMLS = sorted([*EXPERIMENTS.glob("*/*.yaml"), *BENCH_CONFIGS.rglob("*.yaml")])
 STAGE_FILES = [p for p in YAMLS if not _is_pipeline(p)]
-PIPELINES = [p for p in YAMLS if _is_pipeline(p) and p != INIT_ROWS]
+# stages only, appended to the demo's by their benchmark (tested below through it)
+APPENDICES = (INIT_ROWS, BENCH_CONFIGS / "rl_modes.yaml", BENCH_CONFIGS / "selection_scope.yaml")
+PIPELINES = [p for p in YAMLS if _is_pipeline(p) and p not in APPENDICES]
 
 
 def _id(path: Path) -> str:
@@ -140,3 +142,23 @@ def test_init_rows_stages_expand_with_the_demo_vars(tmp_path):
     for stage, rows in zip(stages[2:], ("zero", "null"), strict=True):
         assert stage.config["model"]["init_args"]["init_rows"] == rows
         assert stage.config["trainer"]["max_steps"] == 3
+
+
+def _appended_specs(work: Path, quick: bool) -> dict[str, dict]:
+    from benchmarks.rl_modes import build_spec
+    from benchmarks.selection_scope import _spec
+
+    return {"rl_modes": build_spec(work, quick), "selection_scope": _spec(work, quick, None)}
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_benchmark_stages_expand_after_the_demo_stages_they_use(quick, tmp_path):
+    for name, spec in _appended_specs(tmp_path, quick).items():
+        _, stages = expand(spec)
+        seen: set[str] = set()
+        for stage in stages:
+            refs = {ref.split(".")[0] for ref in json.dumps(stage.config).split("${")[1:]}
+            assert refs <= seen, f"{name}: {stage.name} refers to a later stage: {refs - seen}"
+            seen.add(stage.name)
+    _, stages = expand(_appended_specs(tmp_path, quick)["rl_modes"])
+    assert [s.name for s in stages][:4] == ["prior", "down_real_s0", "judge", "cold_start"]

@@ -127,3 +127,28 @@ def test_selection_precision_hand_case():
         selection_precision([1], [2], [True])
     with pytest.raises(ValueError, match="differ in length"):
         selection_precision([1, 2], [1], [True])
+
+
+def test_judge_scores_images_in_memory_like_files(tmp_path):
+    from PIL import Image
+
+    from rgsd_lightning.data.records import IdentityRecord
+    from rgsd_lightning.evaluation.quality import Judge, load_images
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(8):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+        records.append(IdentityRecord(str(path), f"id{i % 2}"))
+    torch.manual_seed(0)
+    extractor = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
+    judge = Judge(extractor, records[:6], 8, 3, kid_subset_size=2)
+    fakes = records[4:]
+    from_files = judge.score(fakes)
+    in_memory = judge.score_images(load_images(fakes, 8, 3), [r.identity for r in fakes])
+    assert from_files == in_memory and from_files["num_images"] == 4
+    with pytest.raises(ValueError, match="unknown to the judge"):
+        judge.score_images(load_images(fakes, 8, 3), ["id0", "id1", "id9", "id0"])
+    with pytest.raises(ValueError, match="identity labels"):
+        judge.score_images(load_images(fakes, 8, 3), ["id0"])

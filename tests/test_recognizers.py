@@ -208,16 +208,17 @@ def test_selection_keep_ratio_one_matches_training_without_selection(market_root
     assert all(Path(i["path"]).is_relative_to(synthetic_set) for i in images)
     assert log["rule"]["keep_ratio"] == 0.5 and log["rule"]["rule"] == "smallest"
 
-    head = short_fit(
+    assert half.model.selection.scope == "head"  # the YAML's (and the default) scope
+    full = short_fit(
         REID_SELECTION,
         market_root,
-        tmp_path / "head",
+        tmp_path / "full",
         *syn,
         "--model.init_args.selection.scope",
-        "head",
+        "full",
         steps=2,
     )
-    assert float(head.trainer.callback_metrics["train/kept_fraction"]) == 0.5
+    assert float(full.trainer.callback_metrics["train/kept_fraction"]) == 0.5
 
 
 def test_unknown_synthetic_identity_is_a_clear_error(market_root, tmp_path):

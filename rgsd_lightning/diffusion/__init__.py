@@ -1,4 +1,5 @@
-"""The generator core: DiT loading with one shared label table, noise schedule, our sampler with log-probs."""
+"""The generator core: DiT loading with one shared label table, noise schedule, our sampler with log-probs,
+and a fast deterministic solver (DPM-Solver++) for generation."""
 
 from rgsd_lightning.diffusion.dit import (
     PRESETS,
@@ -29,6 +30,7 @@ from rgsd_lightning.diffusion.schedule import (
     denoising_loss,
     make_timesteps,
 )
+from rgsd_lightning.diffusion.solvers import dpmsolver_timesteps, solve
 
 __all__ = [
     "DEFAULT_SCHEDULER_CONFIG",
@@ -42,6 +44,7 @@ __all__ = [
     "check_identities_match",
     "denoising_loss",
     "dit_initialize_",
+    "dpmsolver_timesteps",
     "drop_labels",
     "guided_eps",
     "load_vae",
@@ -49,6 +52,7 @@ __all__ = [
     "sample",
     "set_trainable",
     "share_label_table",
+    "solve",
     "step_with_logprob",
     "swap_label_space",
     "tie_timestep_embedders",

@@ -17,6 +17,10 @@ import torch
 
 from rgsd_lightning.diffusion.generator import as_labels
 from rgsd_lightning.diffusion.schedule import SIGMA_MIN, alpha_bar, make_timesteps, posterior_variance
+from rgsd_lightning.diffusion.solvers import SOLVERS, dpmsolver_timesteps, solve
+
+METHODS = ("ddim", "ddpm", *SOLVERS)
+"""Sampler methods of :func:`sample`: the stochastic-capable steps with log-probs, then the fast solvers."""
 
 
 def check_eta(eta: float) -> float:
@@ -202,10 +206,18 @@ def sample(
     ``seeds`` (one int per sample) give sample i its own CPU ``torch.Generator`` for the initial noise and
     every step's noise, so an image does not depend on the batch it is in; otherwise ``generator`` (or the
     global RNG) draws batch noise. Runs on the model's device/dtype; the chain is kept in fp32.
+
+    ``method``: "ddim" (with ``eta``; ``spacing`` of its grid), "ddpm", or "dpmsolver" - DPM-Solver++(2M),
+    deterministic (``eta`` must be 0, no log-probs: zeros), on diffusers' "linspace" grid
+    (:mod:`rgsd_lightning.diffusion.solvers`), for fast generation at few steps.
     """
     if seeds is not None and generator is not None:
         raise ValueError("give either `seeds` or `generator`, not both")
     eta = check_eta(eta)
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
+    if method in SOLVERS and eta != 0:
+        raise ValueError(f"method={method!r} is deterministic: eta must be 0, got {eta}")
     device = model.device
     labels = as_labels(labels).reshape(-1).to(device)
     model.check_labels(labels)
@@ -215,13 +227,20 @@ def sample(
         if len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds for {batch} labels: give one seed per sample")
         rngs = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    timesteps, prev_timesteps = make_timesteps(model.num_train_timesteps, num_steps, spacing)
+    if method in SOLVERS:
+        timesteps, prev_timesteps = dpmsolver_timesteps(model.num_train_timesteps, num_steps)
+    else:
+        timesteps, prev_timesteps = make_timesteps(model.num_train_timesteps, num_steps, spacing)
     alphas = model.alphas_cumprod.to(device)
     shape = model.latent_shape
     stochastic = method == "ddpm" or eta > 0
     sample_shape = tuple(shape) if rngs is not None else (batch, *shape)
 
     x = _noise(sample_shape, rngs, generator, device).float()
+    if method in SOLVERS:  # deterministic: the initial noise is all the randomness
+        return _solver_sample(
+            model, x, labels, timesteps, prev_timesteps, guidance_scale, clip_x0, record_trajectory, decode
+        )
     states = [x] if record_trajectory else None
     log_probs = []
     trusted = model.trusted_labels() if hasattr(model, "trusted_labels") else contextlib.nullcontext()
@@ -251,6 +270,45 @@ def sample(
         latents=x,
         trajectory=torch.stack(states, 1) if states is not None else None,
         log_probs=torch.stack(log_probs, 1),
+        timesteps=timesteps,
+        prev_timesteps=prev_timesteps,
+    )
+
+
+def _solver_sample(
+    model: Any,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: torch.Tensor,
+    prev_timesteps: torch.Tensor,
+    guidance_scale: float,
+    clip_x0: bool,
+    record_trajectory: bool,
+    decode: bool,
+) -> SampleOutput:
+    """The fast-solver branch of :func:`sample` (labels checked, initial noise drawn): guided ε, one batched
+    forward per step, into :func:`rgsd_lightning.diffusion.solvers.solve`; log-probs are zeros."""
+
+    def eps_fn(x_t: torch.Tensor, t: int) -> torch.Tensor:
+        return guided_eps(model, x_t, t, labels, guidance_scale=guidance_scale, null_label=model.null_label)
+
+    states = [x] if record_trajectory else None
+    trusted = model.trusted_labels() if hasattr(model, "trusted_labels") else contextlib.nullcontext()
+    with trusted:
+        x = solve(
+            eps_fn,
+            x,
+            timesteps,
+            prev_timesteps,
+            model.alphas_cumprod.to(x.device),
+            clip_x0=clip_x0,
+            on_step=states.append if states is not None else None,
+        )
+    return SampleOutput(
+        images=model.decode(x) if decode else None,
+        latents=x,
+        trajectory=torch.stack(states, 1) if states is not None else None,
+        log_probs=torch.zeros(x.shape[0], len(timesteps), device=x.device),
         timesteps=timesteps,
         prev_timesteps=prev_timesteps,
     )

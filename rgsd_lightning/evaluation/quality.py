@@ -220,15 +220,27 @@ class Judge:
             raise ValueError(
                 f"a synthetic set needs >= 2 images of the judge's identities, got {len(records)}"
             )
-        labels = [r.identity for r in records]
-        images = load_images(records, self.image_size, self.channels)
+        return self.score_images(
+            load_images(records, self.image_size, self.channels), [r.identity for r in records]
+        )
+
+    def score_images(self, images: torch.Tensor, labels: Sequence[str]) -> dict[str, Any]:
+        """:meth:`score` of images already in memory: (N, C, size, size) in [-1, 1] and their identities."""
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} identity labels")
+        unknown = sorted(set(labels) - set(self.proto_names))
+        if unknown:
+            raise ValueError(f"identities unknown to the judge: {unknown[:5]}")
+        if len(images) < 2:
+            raise ValueError(f"scoring needs >= 2 images, got {len(images)}")
+        labels = list(labels)
         feats = embed(self.extractor, images)
         diversity = intra_identity_distance(feats, labels)
         ratio = None
         if diversity is not None and self.real_diversity:
             ratio = diversity / self.real_diversity
         out: dict[str, Any] = {
-            "num_images": len(records),
+            "num_images": len(labels),
             "num_identities": len(set(labels)),
             "fidelity": identity_fidelity(feats, labels, self.protos, self.proto_names),
             "diversity": diversity,

@@ -200,6 +200,11 @@ class RewardDPOK(GeneratorModule):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
         self.mode = mode
+        if self.sampler.method not in ("ddim", "ddpm"):
+            raise ValueError(
+                f"RL rollouts need per-step DDIM/DDPM maths (log-probs, differentiable steps); "
+                f"sampler.method={self.sampler.method!r} is a generation-only solver"
+            )
         stochastic = self.sampler.method == "ddpm" or self.sampler.eta > 0
         if mode != "draft" and not stochastic:
             raise ValueError(

@@ -8,7 +8,8 @@
 * ``rl_modes`` - DPOK vs windowed DPOK vs DRaFT-K on the toy demo (``benchmarks.rl_modes``).
 * ``fast_sampling`` - images/s at matched quality: fast solvers vs ``DiTPipeline``
   (``benchmarks.fast_sampling``);
-* ``selection_scope`` - head- vs full-scope lookahead selection picks (``benchmarks.selection_scope``).
+* ``selection_scope`` - head- vs full-scope lookahead selection picks (``benchmarks.selection_scope``);
+* ``selection_variants`` - selection variants against wrong labels (``benchmarks.selection_variants``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ COMMANDS = {
     "rl_modes": "benchmarks.rl_modes:main",
     "fast_sampling": "benchmarks.fast_sampling:main",
     "selection_scope": "benchmarks.selection_scope:main",
+    "selection_variants": "benchmarks.selection_variants:main",
 }
 
 

@@ -160,9 +160,7 @@ class ScopeProbe(L.Callback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self.enabled:
             return
-        from rgsd_lightning.callbacks.images import run_dir
-
-        from rgsd_lightning.data.records import atomic_write_json
+        from rgsd_lightning.io import atomic_write_json, run_dir
 
         directory = run_dir(trainer)
         if trainer.is_global_zero:

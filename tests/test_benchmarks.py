@@ -320,3 +320,47 @@ def test_selection_scope_agreement_maths_on_a_hand_case():
     assert row["topk_agreement"] == 0.5 and row["jaccard"] == pytest.approx(1 / 3)
     assert row["spearman"] == pytest.approx(0.4)  # ranks (0,1,2,3) vs (1,2,0,3): 1 - 6*6/(4*15)
     assert row["precision_full"] == 1.0 and row["precision_head"] == 0.5 and row["precision_all"] == 0.5
+
+
+def test_selection_variants_ground_truth_and_decision_on_a_hand_case(tmp_path):
+    from benchmarks.selection_variants import decide, is_correct, mislabel_map, write_noisy_set
+
+    assert mislabel_map([1, 2, 3, 4, 5, 6, 7, 8]) == {1: 2, 5: 6}
+    assert mislabel_map([1, 2, 3, 4]) == {1: 2} and mislabel_map([1, 2, 3, 4, 5], every=2)[5] == 1  # cyclic
+    folder = write_noisy_set(tmp_path / "set", [1, 2], per_id=2, wrong={1: 2})
+    rows = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert [r["identity"] for r in rows] == ["0002"] * 4  # identity 1 drawn under identity 2's label
+    assert [is_correct(str(folder / r["path"])) for r in rows] == [False, False, True, True]
+
+    def row(mean, std, kept):
+        return {"test/mAP": {"mean": mean, "std": std}, "selection_precision": {"precision_kept": kept}}
+
+    rows = {"a": row(0.50, 0.02, 0.80), "b": row(0.49, 0.02, 0.95), "c": row(0.40, 0.02, 0.99)}
+    decision = decide(rows, ["a", "b", "c"])
+    # c has the best precision but its mAP is far below the best; b is within the pooled std of a
+    assert decision["variant"] == "b" and decision["candidates"] == ["a", "b"]
+    assert decision["pooled_std"] == pytest.approx(0.02)
+
+
+@pytest.mark.slow
+def test_selection_variants_quick_runs_every_variant(tmp_path):
+    from benchmarks import selection_variants
+
+    report = selection_variants.run(tmp_path / "out", quick=True, work=tmp_path / "work")
+    rows = report["rows"]
+    assert list(rows) == [
+        "real_only",
+        "no_selection",
+        "batch_smallest",
+        "real_smallest",
+        "batch_negative",
+        "real_negative",
+    ]
+    for name, entry in rows.items():
+        assert 0.0 <= entry["test/mAP"]["mean"] <= 1.0
+        prec = entry.get("selection_precision")
+        assert (prec is None) == (name in ("real_only", "no_selection"))
+        if prec is not None:
+            assert 0.0 < prec["precision_seen"] < 1.0 and 0.0 < prec["kept_share"] <= 0.5 + 1e-9
+    assert report["decision"]["variant"] in rows
+    assert "**Chosen:" in (tmp_path / "out" / "selection_variants_quick.md").read_text()

@@ -83,6 +83,23 @@ def test_stages_expand_foreach_seeds_defaults_and_set(folder: Path):
     assert last.config["data"]["shots"] == 3 and last.test and last.command == "fit"
 
 
+def test_when_leaves_a_stage_out_and_a_var_can_name_a_stage_artifact(folder: Path):
+    spec = {
+        "vars": {"train": False, "prior": "builtin:toy"},
+        "stages": [
+            {"name": "prior", "config": "stage.yaml", "when": "${train}"},
+            {"name": "cold", "config": "stage.yaml", "set": {"model.pretrained": "${prior}"}},
+        ],
+    }
+    path = _write(folder / "p.yaml", spec)
+    _, stages = load_pipeline(path)
+    assert [s.name for s in stages] == ["cold"] and stages[0].config["model"]["pretrained"] == "builtin:toy"
+    assert stage_names(read_spec(path)) == ["cold"]
+    _, stages = load_pipeline(path, ["vars.train=true", "vars.prior=${prior.export}"])
+    assert [s.name for s in stages] == ["prior", "cold"]
+    assert stages[1].config["model"]["pretrained"] == "${prior.export}"  # resolved when the stage runs
+
+
 def test_extends_merges_mappings_and_overrides_apply_last(folder: Path):
     _write(
         folder / "base.yaml",
@@ -112,6 +129,7 @@ def test_extends_merges_mappings_and_overrides_apply_last(folder: Path):
         ({"stages": [{"foreach": {"k": 1}, "stages": []}]}, "expected a list of values"),
         ({"stages": [{"name": "s", "config": "stage.yaml", "command": "test"}]}, "'fit' or 'predict'"),
         ({"stages": [], "colour": 1}, "unknown keys \\['colour'\\]"),
+        ({"stages": [{"name": "s", "config": "stage.yaml", "when": "yes"}]}, "when: expected true or false"),
     ],
 )
 def test_bad_pipelines_fail_naming_the_problem(folder: Path, spec: dict, message: str):

@@ -20,6 +20,9 @@ with which overrides, and what the report shows::
         config: reid.yaml
         test: true                # after ``fit``, run ``test``; metrics into <stage>/metrics.json
         seeds: ${seeds}           # one stage per seed: down_real_s0, ... (``seed_everything`` and ${seed})
+      - name: prior
+        config: prior.yaml
+        when: ${train_prior}      # optional: a boolean var; false leaves the stage out of the run
       - foreach: {shot: [1, 3]}   # or a list of mappings [{shot: 1, label: k1}, ...]; each item's keys
         stages: [...]             # become vars of the nested entries (names must stay unique)
     report: {...}                 # sections of ``rgsd report`` (rgsd_lightning.report.sections)
@@ -42,7 +45,7 @@ import yaml
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _REF = re.compile(r"\$\{([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\}")
-_STAGE_KEYS = {"name", "config", "set", "describe", "command", "test", "seeds"}
+_STAGE_KEYS = {"name", "config", "set", "describe", "command", "test", "seeds", "when"}
 _TOP_KEYS = {"extends", "output", "vars", "defaults", "stages", "report"}
 
 
@@ -275,6 +278,11 @@ def _leaves(spec: dict[str, Any]) -> Iterable[tuple[dict[str, Any], dict[str, An
         missing = [k for k in ("name", "config") if k not in entry]
         if missing:
             raise ValueError(f"{where}: stage {entry!r} lacks {missing}")
+        when = substitute_vars(entry.get("when", True), local, f"{where}.when")
+        if not isinstance(when, bool):
+            raise ValueError(f"{where}.when: expected true or false, got {when!r}")
+        if not when:
+            continue
         seeds = substitute_vars(entry.get("seeds"), local, f"{where}.seeds")
         if seeds is not None and not (isinstance(seeds, list) and all(isinstance(s, int) for s in seeds)):
             raise ValueError(f"{where}.seeds: expected a list of ints, got {seeds!r}")

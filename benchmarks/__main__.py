@@ -1,4 +1,4 @@
-"""``python -m benchmarks {speed,utility,init_rows,paper_shapes,rl_modes} ...``: run one benchmark's CLI.
+"""``python -m benchmarks <command> ...``: run one benchmark's CLI.
 
 * ``speed``   - speed and memory (``benchmarks.speed``; ``--gpu-scale`` is the CUDA run of ``gpu.sh``);
 * ``utility`` - the real-data utility study (``benchmarks.utility``, imported only when asked for);
@@ -9,7 +9,9 @@
 * ``fast_sampling`` - images/s at matched quality: fast solvers vs ``DiTPipeline``
   (``benchmarks.fast_sampling``);
 * ``selection_scope`` - head- vs full-scope lookahead selection picks (``benchmarks.selection_scope``);
-* ``selection_variants`` - selection variants against wrong labels (``benchmarks.selection_variants``).
+* ``selection_variants`` - selection variants against wrong labels (``benchmarks.selection_variants``);
+* ``prior_recipe`` - what makes a small from-scratch pixel DiT sample toy persons: schedule, min-SNR,
+  x0 clipping, samplers, training steps, cold starts from the prior (``benchmarks.prior_recipe``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ COMMANDS = {
     "fast_sampling": "benchmarks.fast_sampling:main",
     "selection_scope": "benchmarks.selection_scope:main",
     "selection_variants": "benchmarks.selection_variants:main",
+    "prior_recipe": "benchmarks.prior_recipe:main",
 }
 
 

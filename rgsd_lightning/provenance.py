@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from rgsd_lightning.assets import resolve_builtin
+
 _EDGE = 1 << 20  # bytes read from each end of a large file
 
 
@@ -51,10 +53,11 @@ def tensor_fingerprint(tensors: Iterable[tuple[str, torch.Tensor]]) -> str:
 
 
 def parent_record(source: str | os.PathLike | None) -> dict[str, Any]:
-    """``{"parent": source, "parent_fingerprint": ...}`` for a local folder; hub ids are named only."""
+    """``{"parent": source, "parent_fingerprint": ...}`` for a local folder or a ``builtin:<name>`` export
+    (named as given, fingerprinted from its shipped folder); hub ids are named only."""
     if source is None:
         return {"parent": None, "parent_fingerprint": None}
-    path = Path(source)
+    path = Path(resolve_builtin(source))
     return {"parent": str(source), "parent_fingerprint": folder_fingerprint(path) if path.exists() else None}
 
 

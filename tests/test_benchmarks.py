@@ -364,3 +364,61 @@ def test_selection_variants_quick_runs_every_variant(tmp_path):
             assert 0.0 < prec["precision_seen"] < 1.0 and 0.0 < prec["kept_share"] <= 0.5 + 1e-9
     assert report["decision"]["variant"] in rows
     assert "**Chosen:" in (tmp_path / "out" / "selection_variants_quick.md").read_text()
+
+
+def test_prior_recipe_reads_checkpoints_of_the_flat_and_the_grouped_config():
+    from benchmarks.prior_recipe import cold_start_arguments
+
+    flat = {"num_identities": 4, "sampler": "ddpm", "sample_steps": 7, "clip_x0": True, "grid_identities": 0}
+    args = cold_start_arguments({**flat, "gone_option": 1})
+    assert args == {
+        "num_identities": 4,
+        "sampler": {"method": "ddpm", "steps": 7, "clip_x0": True},
+        "grid": {"identities": 0},
+    }
+    grouped = {"num_identities": 4, "sampler": {"method": "ddim", "steps": 5}, "grid": {"identities": 2}}
+    assert cold_start_arguments(grouped) == grouped
+
+
+@pytest.mark.slow  # several small trainings and judges
+def test_prior_recipe_quick_runs_every_section(tmp_path):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from benchmarks.prior_recipe import _Flipped
+    from rgsd_lightning import ColdStartDiT
+    from rgsd_lightning.diffusion import DiTGenerator
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    # a training run with one checkpoint, for the checkpoints section
+    run = tmp_path / "prior_run"
+    model = ColdStartDiT(3, preset="tiny", image_size=32, trainable="all", grid={"identities": 0})
+    images, labels = torch.rand(6, 3, 32, 32) * 2 - 1, torch.tensor([0, 0, 1, 1, 2, 2])
+    trainer = L.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu"
+    )
+    trainer.fit(model, DataLoader(_Flipped(images, labels), batch_size=3))
+    trainer.save_checkpoint(run / "checkpoints" / "epoch=0-step=2.ckpt")
+    prior = work / "priors" / "recipe_1500" / "export"
+    argv = ["prior_recipe", "--quick", "--sections", "overfit,ingredients,samplers,cold,checkpoints"]
+    argv += ["--variants", "recipe_1500", "--cold", "table_1e-2_600", "--prior", str(prior)]
+    argv += ["--run", str(run), "--work", str(work), "--out", str(out)]
+    assert bench_main.main(argv) == 0
+    report = json.loads((out / "prior_recipe_quick.json").read_text())
+    results = report["results"]
+    assert set(results) == {"overfit", "ingredients", "samplers", "cold", "checkpoints"}
+    recipe = results["ingredients"]["recipe_1500"]
+    assert recipe["train"]["steps"] == 10 and set(recipe["samplers"]) == {"ddim50_w2", "ddim50_w2_noclip"}
+    for scores in recipe["samplers"].values():
+        assert 0.0 <= scores["fidelity"] <= 1.0 and scores["fid"] >= 0
+        assert (out / "prior_recipe_quick" / scores["grid"]).is_file()
+    # the recipe's options reached the trained prior: cosine schedule in its export
+    assert DiTGenerator.from_pretrained(prior).scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
+    assert results["overfit"]["recipe_1500"]["train"]["steps"] == 10
+    cold = next(iter(results["cold"].values()))
+    assert 0.0 <= cold["guidance"]["2"]["near_copy_fraction"] <= 1.0
+    (entry,) = results["checkpoints"].values()
+    assert entry["step"] == 2
+    md = (out / "prior_recipe_quick.md").read_text()
+    for title in ("Overfit check", "Ingredients", "Samplers on prior", "Cold start", "Steps: checkpoints"):
+        assert title in md

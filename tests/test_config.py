@@ -87,7 +87,13 @@ def test_partial_yaml_mapping_keeps_the_module_defaults(capsys):
     rl = _print_config(["fit", "--config", str(EXPERIMENTS / "toy" / "reward_dpok.yaml")], capsys)
     args = rl["model"]["init_args"]
     # the YAML names steps, eta and guidance_scale; the method is RewardDPOK's default
-    assert args["sampler"] == {"method": "ddim", "steps": 20, "guidance_scale": 2.0, "eta": 1.0}
+    assert args["sampler"] == {
+        "method": "ddim",
+        "steps": 20,
+        "guidance_scale": 2.0,
+        "eta": 1.0,
+        "clip_x0": None,
+    }
     assert args["objective"]["ratio_clip"] == 0.05 and args["objective"]["ratio_check_tol"] == 1e-4
     assert args["grid"] == {"identities": 8, "samples": 4, "seed": 0, "every_n_steps": 10}
     gen = _print_config(
@@ -105,6 +111,7 @@ def test_partial_yaml_mapping_keeps_the_module_defaults(capsys):
         "steps": 7,
         "guidance_scale": 2.0,
         "eta": 0.0,
+        "clip_x0": None,
     }
     assert gen["model"]["init_args"]["grid"]["identities"] == 0  # SyntheticGenerator's default: no grid
 

@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "rgsd_lightning"
 LAYERS = (
-    ("", "io", "provenance"),
+    ("", "io", "provenance", "assets"),
     ("data",),
     ("backbones",),
     ("diffusion", "rewards", "rl", "selection", "evaluation"),

@@ -22,6 +22,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from torch import nn
 
+from rgsd_lightning.assets import resolve_builtin
 from rgsd_lightning.diffusion.generator import (
     DiTGenerator,
     check_identities_match,
@@ -286,6 +287,7 @@ def build_dit(
     image_size: int | None = None,
     channels: int | None = None,
     local_files_only: bool | None = None,
+    scheduler_config: dict[str, Any] | None = None,
 ) -> DiTGenerator:
     """Build the generator of a stage (returned in eval mode, frozen except ``trainable``).
 
@@ -293,7 +295,8 @@ def build_dit(
         num_identities: N, number of identity labels (null label = N).
         identities: identity names (default "0".."N-1"); their count must be N.
         pretrained: local folder or hub id of a diffusers DiT (pipeline layout with ``transformer/`` or a
-            bare transformer folder) or one of our exports; None builds from ``preset``.
+            bare transformer folder), one of our exports, or ``builtin:<name>`` (an export shipped in the
+            package, :mod:`rgsd_lightning.assets`); None builds from ``preset``.
         vae: None (pixel mode; an export brings its own VAE), "pretrained" (the ``vae/`` of ``pretrained``),
             a local folder / hub id, "tiny" (random ``AutoencoderKL()`` with ``channels`` in/out) or an
             ``AutoencoderKL`` instance.
@@ -306,6 +309,9 @@ def build_dit(
         image_size: pixel side (default: the transformer's sample size times the VAE factor).
         channels: pixel channels (default 3; an export's own value when loading one of our exports).
         local_files_only: passed to diffusers for hub ids (None = diffusers' default).
+        scheduler_config: noise schedule of a model built from ``preset`` (``DDPMScheduler`` keys, e.g.
+            ``{"beta_schedule": "squaredcos_cap_v2"}``; default: DiT's linear schedule). A pretrained model
+            keeps the schedule it was trained with, so giving one with ``pretrained`` is a ValueError.
     """
     if identities is None:
         identities = [str(i) for i in range(num_identities)]
@@ -316,6 +322,13 @@ def build_dit(
         raise ValueError(f"label_space={label_space!r}: expected one of {LABEL_SPACES}")
     if (pretrained is None) == (preset is None):
         raise ValueError("give exactly one of `pretrained` (folder or hub id) and `preset`")
+    if pretrained is not None and scheduler_config is not None:
+        raise ValueError(
+            f"scheduler_config is only for models built from a preset: pretrained={str(pretrained)!r} keeps "
+            "the noise schedule it was trained with"
+        )
+    if pretrained is not None:
+        pretrained = resolve_builtin(pretrained)
 
     if channels is None and not (pretrained is not None and _is_export(pretrained)):
         channels = 3
@@ -339,6 +352,7 @@ def build_dit(
             preset=preset,
             vae_source=vae_source,
             tied_timestep_embedder=True,
+            scheduler_config=scheduler_config,
         )
     elif _is_export(pretrained):
         base = DiTGenerator.from_pretrained(pretrained)

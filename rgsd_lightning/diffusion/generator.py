@@ -23,6 +23,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 from torch import nn
 
+from rgsd_lightning.assets import resolve_builtin
 from rgsd_lightning.diffusion.schedule import alphas_cumprod as _alphas_cumprod
 from rgsd_lightning.diffusion.schedule import clean_scheduler_config
 from rgsd_lightning.io import atomic_folder
@@ -458,12 +459,13 @@ class DiTGenerator(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> DiTGenerator:
-        """Load an export written by :meth:`save_pretrained` (shared modules are tied again).
+        """Load an export written by :meth:`save_pretrained` (shared modules are tied again);
+        ``directory`` may be ``builtin:<name>``, an export shipped in the package.
 
         ``identities`` (when given) must equal the export's labels, else ValueError: an export is never
         silently re-initialised for another label space.
         """
-        root = Path(directory).expanduser()
+        root = Path(resolve_builtin(directory)).expanduser()
         labels = _read_json(root / "labels.json")
         facts = _read_json(root / "generator.json")
         names = [str(n) for n in labels["identities"]]

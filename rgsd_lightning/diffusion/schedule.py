@@ -28,6 +28,9 @@ DEFAULT_SCHEDULER_CONFIG: dict[str, Any] = {
 """The DiT training schedule: 1000 steps, linear betas 1e-4..0.02, ε-prediction."""
 
 _BETA_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+"""diffusers beta schedules a model built from scratch may use (``squaredcos_cap_v2``: the cosine schedule
+of Nichol & Dhariwal 2021, suited to small pixel-space models; a pretrained DiT keeps its own linear one)."""
 
 
 def clean_scheduler_config(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -124,6 +127,25 @@ def add_noise(
     return x_t.to(x0.dtype)
 
 
+def snr(alphas_cumprod: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) at the timesteps ``t`` (fp32, shaped like ``t``)."""
+    a = alphas_cumprod.to(torch.float32)[torch.as_tensor(t, dtype=torch.long, device=alphas_cumprod.device)]
+    return a / (1.0 - a)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor | int, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ weights of the ε-MSE (Hang et al. 2023): min(SNR_t, γ) / SNR_t (fp32, shaped like ``t``).
+
+    The ε-loss of a timestep is the x0-loss times SNR_t; capping that factor at γ keeps the nearly noise-free
+    timesteps (huge SNR, trivial ε) from dominating the gradient. The weight is 1 where SNR_t <= γ, also
+    where SNR_t = 0 (ᾱ = 0 at the end of a cosine schedule). ValueError unless γ > 0.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}")
+    s = snr(alphas_cumprod, t)
+    return torch.where(s > gamma, gamma / s.clamp(min=1e-20), torch.ones_like(s))
+
+
 def make_timesteps(
     num_train_timesteps: int, num_steps: int, spacing: str = "leading", *, steps_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,13 +184,16 @@ def denoising_loss(
     noise: torch.Tensor | None = None,
     timesteps: torch.Tensor | None = None,
     generator_rng: torch.Generator | None = None,
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """ε-MSE of DiT: mean over all elements of (ε̂(x_t, t, y) - ε)².
+    """ε-MSE of DiT: mean over all elements of (ε̂(x_t, t, y) - ε)², optionally min-SNR-γ weighted.
 
     ``generator`` is a :class:`~rgsd_lightning.diffusion.generator.DiTGenerator` (anything with
     ``alphas_cumprod``, ``num_train_timesteps`` and ``__call__(x_t, t, labels) -> eps``); ``x0`` is already
     in the transformer's space (latents when a VAE is used). ``timesteps`` are drawn uniformly from
-    [0, T) and ``noise`` from N(0, I) with ``generator_rng`` when not given. Returns a scalar fp32 tensor.
+    [0, T) and ``noise`` from N(0, I) with ``generator_rng`` when not given. With ``min_snr_gamma`` each
+    sample's mean squared error is weighted by :func:`min_snr_weights` before the batch mean. Returns a
+    scalar fp32 tensor.
     """
     batch = x0.shape[0]
     rng_device = generator_rng.device if generator_rng is not None else x0.device
@@ -182,4 +207,8 @@ def denoising_loss(
     noise = noise.to(x0.device)
     x_t = add_noise(x0, noise, timesteps, generator.alphas_cumprod)
     eps = generator(x_t, timesteps, labels)
-    return F.mse_loss(eps.float(), noise.float())
+    if min_snr_gamma is None:
+        return F.mse_loss(eps.float(), noise.float())
+    per_sample = (eps.float() - noise.float()).pow(2).flatten(1).mean(1)
+    weights = min_snr_weights(generator.alphas_cumprod.to(per_sample.device), timesteps, min_snr_gamma)
+    return (weights * per_sample).mean()

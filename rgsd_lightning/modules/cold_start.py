@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from rgsd_lightning.diffusion import build_dit, drop_labels
-from rgsd_lightning.diffusion.schedule import denoising_loss
+from rgsd_lightning.diffusion.schedule import BETA_SCHEDULES, denoising_loss
 from rgsd_lightning.modules.config import GridConfig, RewardConfig, SamplerConfig
 from rgsd_lightning.modules.ema import ParameterEMA
 from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
@@ -32,8 +32,9 @@ class ColdStartDiT(GeneratorModule):
 
     Args:
         num_identities: number of target identities (linked from the datamodule by the CLI).
-        pretrained: local folder or hub id of a pretrained DiT (diffusers layout) or a generator export;
-            None builds ``preset`` from scratch with the DiT initialisation.
+        pretrained: local folder or hub id of a pretrained DiT (diffusers layout), a generator export, or
+            ``builtin:<name>`` (an export shipped in the package, e.g. ``builtin:toy_prior``); None builds
+            ``preset`` from scratch with the DiT initialisation.
         vae: VAE for latent mode: "pretrained" (the ``vae/`` of ``pretrained``), a folder / hub id, "tiny", or
             None (pixel mode, or the export's own VAE).
         preset: "tiny", "small" or "xl2" when ``pretrained`` is None.
@@ -43,6 +44,12 @@ class ColdStartDiT(GeneratorModule):
         image_size: pixel side of the generated images (must equal the datamodule's image_size).
         channels: image channels (must equal the datamodule's).
         label_dropout: probability of replacing a label by null during training (classifier-free guidance).
+        beta_schedule: noise schedule of a model built from ``preset``: "linear" (DiT's), "scaled_linear"
+            or "squaredcos_cap_v2" (cosine, suited to small pixel models trained from scratch); None = DiT's
+            linear one. A pretrained model keeps its own schedule (setting one with ``pretrained`` is an
+            error).
+        min_snr_gamma: weight each sample's ε-MSE by min(SNR_t, γ)/SNR_t (min-SNR-γ, Hang et al. 2023; 5 is
+            usual), so nearly noise-free timesteps do not dominate; None = plain ε-MSE (DiT).
         lr: AdamW learning rate (paper: 1e-5).
         table_lr: learning rate of the label table (None: ``lr``).
         weight_decay: AdamW weight decay.
@@ -68,6 +75,8 @@ class ColdStartDiT(GeneratorModule):
         image_size: int = 32,
         channels: int = 3,
         label_dropout: float = 0.1,
+        beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None,
+        min_snr_gamma: float | None = None,
         lr: float = 1e-5,
         table_lr: float | None = None,
         weight_decay: float = 0.0,
@@ -83,6 +92,15 @@ class ColdStartDiT(GeneratorModule):
         self.save_hyperparameters(self.group_hparams())
         if pretrained is not None:
             preset = None
+            if beta_schedule is not None:
+                raise ValueError(
+                    f"beta_schedule={beta_schedule!r} is only for a model built from a preset: "
+                    f"pretrained={pretrained!r} keeps the schedule it was trained with"
+                )
+        if beta_schedule is not None and beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule={beta_schedule!r}: expected one of {list(BETA_SCHEDULES)}")
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be > 0 (or null for plain ε-MSE), got {min_snr_gamma}")
         self.generator = build_dit(
             num_identities=num_identities,
             pretrained=pretrained,
@@ -94,6 +112,7 @@ class ColdStartDiT(GeneratorModule):
             trainable=trainable,
             image_size=image_size,
             channels=channels,
+            scheduler_config=None if beta_schedule is None else {"beta_schedule": beta_schedule},
         )
         if self.generator.image_size != image_size or self.generator.channels != channels:
             raise ValueError(
@@ -142,7 +161,7 @@ class ColdStartDiT(GeneratorModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = self._to_model_space(batch["image"])
         labels = drop_labels(batch["label"], self.hparams.label_dropout, self.generator.null_label)
-        loss = denoising_loss(self.generator, x0, labels)
+        loss = denoising_loss(self.generator, x0, labels, min_snr_gamma=self.hparams.min_snr_gamma)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite denoising loss at step {self.global_step}")
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x0))

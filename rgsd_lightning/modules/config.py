@@ -90,12 +90,17 @@ class SamplerConfig:
         steps: denoising steps.
         guidance_scale: classifier-free guidance scale w (1 = no guidance).
         eta: DDIM η (0 deterministic, 1 ancestral).
+        clip_x0: clip the predicted x0 to [-1, 1] at every step (every method: DDIM/DDPM steps, RL rollouts
+            and their log-probs, DPM-Solver++'s data predictions, like diffusers' ``clip_sample`` /
+            ``thresholding`` at 1); standard for pixel-space models, whose images live in [-1, 1]. None:
+            on in pixel mode, off in latent mode (latents are not bounded), see :meth:`clips`.
     """
 
     method: Literal["ddim", "ddpm", "dpmsolver"] = "ddim"
     steps: int = 50
     guidance_scale: float = 2.0
     eta: float = 0.0
+    clip_x0: bool | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -115,14 +120,25 @@ class SamplerConfig:
             f"sampler.guidance_scale must be finite, got {self.guidance_scale}",
         )
         _check(math.isfinite(self.eta) and self.eta >= 0, f"sampler.eta must be >= 0, got {self.eta}")
+        _check(
+            self.clip_x0 is None or isinstance(self.clip_x0, bool),
+            f"sampler.clip_x0 must be true, false or null, got {self.clip_x0!r}",
+        )
 
-    def record(self) -> dict[str, Any]:
-        """The settings as recorded in a synthetic set's manifest rows and card."""
+    def clips(self, latent: bool) -> bool:
+        """Whether x0 is clipped for a generator in latent (True) or pixel space: ``clip_x0``, or when it is
+        None, pixel space only."""
+        return (not latent) if self.clip_x0 is None else bool(self.clip_x0)
+
+    def record(self, latent: bool = False) -> dict[str, Any]:
+        """The settings as recorded in a synthetic set's manifest rows and card (``clip_x0`` resolved for a
+        generator in latent or pixel space)."""
         return {
             "sampler": self.method,
             "num_steps": int(self.steps),
             "guidance_scale": float(self.guidance_scale),
             "eta": float(self.eta),
+            "clip_x0": self.clips(latent),
         }
 
 

@@ -97,9 +97,14 @@ class GeneratorModule(L.LightningModule):
         """The weights generation uses (default: the current ones)."""
         yield
 
+    @property
+    def clip_x0(self) -> bool:
+        """Whether sampling clips x0 to [-1, 1] (``sampler.clip_x0``; None: in pixel mode only)."""
+        return self.sampler.clips(latent=self.generator.vae is not None)
+
     def sampler_settings(self) -> dict[str, Any]:
         """Sampler settings recorded with every generated image."""
-        return self.sampler.record()
+        return self.sampler.record(latent=self.generator.vae is not None)
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
@@ -117,6 +122,7 @@ class GeneratorModule(L.LightningModule):
                     guidance_scale=s.guidance_scale,
                     eta=s.eta,
                     method=s.method,
+                    clip_x0=self.clip_x0,
                 )
         finally:
             self.generator.train(was_training)

@@ -392,6 +392,7 @@ class RewardDPOK(GeneratorModule):
                 guidance_scale=s.guidance_scale,
                 etas=etas,
                 method=s.method,
+                clip_x0=self.clip_x0,
             ), torch.tensor([e > 0 for e in etas])
         out = sample(
             self.generator,
@@ -401,6 +402,7 @@ class RewardDPOK(GeneratorModule):
             guidance_scale=s.guidance_scale,
             eta=s.eta,
             method=s.method,
+            clip_x0=self.clip_x0,
             record_trajectory=True,
         )
         return out, torch.ones(s.steps, dtype=torch.bool)
@@ -448,6 +450,7 @@ class RewardDPOK(GeneratorModule):
             prev_sample=mb.next_state,
             eta=s.eta,
             method=s.method,
+            clip_x0=self.clip_x0,
             reduction=self.objective.logprob_reduction,
         )
         return eps, step
@@ -522,6 +525,7 @@ class RewardDPOK(GeneratorModule):
                     prev_sample=mb.next_state,
                     eta=s.eta,
                     method=s.method,
+                    clip_x0=self.clip_x0,
                     reduction=obj.logprob_reduction,
                 ).mean
                 kl = exact_gaussian_kl(step.mean, ref_mean, step.std)
@@ -618,6 +622,7 @@ class RewardDPOK(GeneratorModule):
             k=d.k,
             reference=self.reference if d.kl_weight > 0 else None,
             use_checkpoint=d.checkpoint,
+            clip_x0=self.clip_x0,
         )
         images = decode_with_grad(self.generator, x0)
         sampled = time.perf_counter()

@@ -255,3 +255,28 @@ def test_a_finished_stage_leaves_no_model_alive(tmp_path: Path):
     run_stage(stages[0], output, {})
     gc.collect()
     assert not [o for o in gc.get_objects() if isinstance(o, ColdStartDiT)]
+
+
+def test_the_demo_starts_from_the_shipped_prior_unless_asked_to_train_it():
+    from rgsd_lightning.demo import TRAIN_PRIOR, demo_file
+
+    _, stages = load_pipeline(demo_file())
+    names = [s.name for s in stages]
+    cold = stages[names.index("cold_start")]
+    assert "prior" not in names and cold.config["model"]["init_args"]["pretrained"] == "builtin:toy_prior"
+    _, stages = load_pipeline(demo_file(), TRAIN_PRIOR)
+    names = [s.name for s in stages]
+    cold = stages[names.index("cold_start")]
+    assert names[0] == "prior" and cold.config["model"]["init_args"]["pretrained"] == "${prior.export}"
+    recipe = yaml.safe_load((demo_file().parent / "prior.yaml").read_text())
+    prior = stages[0].config  # --train-prior re-creates the shipped prior: the recipe's data and steps
+    assert prior["trainer"]["max_steps"] == recipe["trainer"]["max_steps"]
+    assert prior["data"]["init_args"]["toy"] == recipe["data"]["init_args"]["toy"]
+    assert prior["model"]["init_args"] == {
+        **recipe["model"]["init_args"],
+        "preset": "small",
+        "image_size": 32,
+        "warmup_steps": recipe["model"]["init_args"]["warmup_steps"],
+    }
+    _, quick = load_pipeline(demo_file(quick=True))  # the quick demo trains its own tiny prior
+    assert quick[0].name == "prior" and quick[0].config["model"]["init_args"]["preset"] == "tiny"

@@ -62,16 +62,36 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
     assert main(args) == 0
     report = json.loads((tmp_path / "results" / "tiny.json").read_text())
     tables = [s for s in report["sections"] if "rows" in s]
-    results, ablation = tables[0], tables[1]
+    results, ablation, variants = tables[0], tables[1], tables[2]
     assert [r["stage"] for r in results["rows"]] == [
         "k2_real",
         "k2_erasing",
         "k2_cold",
         "k2_rl",
         "k2_rl_selection",
+        "k2_erasing_rl_selection",
     ]
     assert len(ablation["rows"]) == 5
-    for row in results["rows"] + ablation["rows"]:
+    assert [r["stage"] for r in variants["rows"]] == [
+        "k2_rl",
+        "k2_rl_selection",
+        "k2_rl_selection_paper",
+        "k2_rl_selection_negative",
+        "k2_rl_selection_share",
+    ]
+    configs = {
+        row: yaml.safe_load((tmp_path / "work" / f"k2_{row}_s0" / "config.yaml").read_text())
+        for row in ("rl_selection", "rl_selection_paper", "rl_selection_negative", "rl_selection_share")
+    }
+    chosen = {row: c["model"]["init_args"]["selection"] for row, c in configs.items()}
+    assert chosen["rl_selection"]["step_on"] == "real" and chosen["rl_selection_paper"]["step_on"] == "batch"
+    assert chosen["rl_selection_negative"]["rule"] == "negative"
+    assert chosen["rl_selection"]["rule"] == "smallest"
+    shares = {row: c["data"]["init_args"]["synthetic_fraction"] for row, c in configs.items()}
+    assert shares["rl_selection_share"] == 0.5 and shares["rl_selection"] == 0.25
+    erasing = yaml.safe_load((tmp_path / "work" / "k2_erasing_rl_selection_s0" / "config.yaml").read_text())
+    assert erasing["data"]["init_args"]["random_erasing"] == 0.5
+    for row in results["rows"] + ablation["rows"] + variants["rows"]:
         for metric in ("test/id_acc", "test/heldout/accuracy"):
             assert len(row["runs"]) == 1 and 0.0 <= row["mean"][metric] <= 1.0, (row["stage"], metric)
     quality = next(s for s in report["sections"] if "judge" in s)

@@ -35,7 +35,7 @@ ADAMW = spec("torch.optim.AdamW", lr=1e-5, weight_decay=0.0)
 
 
 def parameter_ema(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
-    """diffusers ``EMAModel`` of the parameters with decay ``min(decay, (1 + n) / (10 + n))`` at the n-th update.
+    """diffusers ``EMAModel`` of the parameters, decay ``min(decay, (1 + n) / (10 + n))`` at update n.
 
     ``update_after_step=-1`` makes diffusers' warm-up count from the first update (its default, 0, starts one
     update later with a plain copy: decay 0 at n = 1).

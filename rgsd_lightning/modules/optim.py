@@ -58,7 +58,7 @@ class WarmupMultiStepLR(ChainedScheduler):
 
     Args:
         optimizer: the wrapped optimizer.
-        warmup_epochs: warm-up length in scheduler steps (epochs or steps, per the module's interval); 0: none.
+        warmup_epochs: warm-up length in scheduler steps (epochs or steps: the module's interval); 0: none.
         warmup_factor: learning-rate multiplier at the start of the warm-up.
         milestones: scheduler steps at which the learning rate is multiplied by ``gamma``.
         gamma: multiplier at each milestone.
@@ -74,7 +74,8 @@ class WarmupMultiStepLR(ChainedScheduler):
     ) -> None:
         if warmup_epochs < 0 or not 0.0 < warmup_factor <= 1.0:
             raise ValueError(
-                f"warmup_epochs must be >= 0 and warmup_factor in (0, 1], got {warmup_epochs}, {warmup_factor}"
+                f"warmup_epochs must be >= 0 and warmup_factor in (0, 1], "
+                f"got {warmup_epochs} and {warmup_factor}"
             )
         start = warmup_factor if warmup_epochs > 0 else 1.0
         warm = LinearLR(optimizer, start_factor=start, end_factor=1.0, total_iters=warmup_epochs)

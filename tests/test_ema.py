@@ -78,19 +78,23 @@ def _fit(root, data, epochs: int, ckpt_path: str | None = None) -> tuple[ColdSta
         callbacks=[record, ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, save_top_k=0)],
         enable_checkpointing=True,
         check_val_every_n_epoch=1000,
-        reload_dataloaders_every_n_epochs=1,  # a resumed run rebuilds its loader (and shuffling generator) too
+        reload_dataloaders_every_n_epochs=1,  # as a resumed run: a new loader (and shuffling generator)
     )
     trainer.fit(model, dm, ckpt_path=ckpt_path)
     return model, record
 
 
 def _hand_ema(shadow: list[torch.Tensor], steps: list[list[torch.Tensor]], first: int) -> list[torch.Tensor]:
-    """The EMA continued by hand from ``shadow`` over parameter snapshots, the first being update ``first``."""
+    """The EMA continued by hand from ``shadow`` over parameter snapshots (the first is update ``first``)."""
     out = [s.double() for s in shadow]
     for n, params in enumerate(steps, start=first):
         d = min(0.9, (1 + n) / (10 + n))
         out = [d * s + (1 - d) * p.double() for s, p in zip(out, params, strict=True)]
     return out
+
+
+def _gap(a, b) -> float:
+    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(list(a), list(b), strict=True))
 
 
 def test_resume_continues_the_same_ema(toy_market, tmp_path):
@@ -114,11 +118,9 @@ def test_resume_continues_the_same_ema(toy_market, tmp_path):
         assert_close_to_scale(s.double(), e, rtol=1e-5)
     # and ends where the uninterrupted run's EMA ends, within the resumed training's own difference
     # (Lightning resumes the weights, optimizer and RNG-free data order exactly, but not bit for bit)
-    weight_gap = max(float((a - b).abs().max()) for a, b in zip(resumed.parameters(), straight.parameters()))
-    ema_gap = max(
-        float((a - b).abs().max()) for a, b in zip(resumed.ema.shadow_params, straight.ema.shadow_params)
-    )
+    weight_gap = _gap(resumed.parameters(), straight.parameters())
+    ema_gap = _gap(resumed.ema.shadow_params, straight.ema.shadow_params)
     assert ema_gap <= weight_gap + 1e-6, (ema_gap, weight_gap)
     fresh = _hand_ema(resumed_steps.initial, resumed_steps.params, first=1)  # a restarted EMA
-    fresh_gap = max(float((a - b).abs().max()) for a, b in zip(fresh, resumed.ema.shadow_params))
+    fresh_gap = _gap(fresh, resumed.ema.shadow_params)
     assert fresh_gap > 1e-4, fresh_gap  # 20x the continuation check's tolerance: it tells the two apart

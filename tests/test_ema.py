@@ -94,7 +94,10 @@ def _hand_ema(shadow: list[torch.Tensor], steps: list[list[torch.Tensor]], first
 
 
 def _gap(a, b) -> float:
-    return max(float((x.double() - y.double()).abs().max()) for x, y in zip(list(a), list(b), strict=True))
+    return max(
+        float((x.detach().double() - y.detach().double()).abs().max())
+        for x, y in zip(list(a), list(b), strict=True)
+    )
 
 
 def test_resume_continues_the_same_ema(toy_market, tmp_path):

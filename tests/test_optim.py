@@ -91,29 +91,31 @@ def _same_updates(module, configured, hand_optimizer, hand_scheduler, steps: int
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_reid_default_is_bot_adam_and_schedule():
-    model = LookaheadReID(4, net=NET)
+@pytest.mark.parametrize(
+    "cls, hand, schedule",
+    [
+        (
+            LookaheadReID,
+            functools.partial(torch.optim.Adam, lr=3.5e-4, weight_decay=5e-4),
+            (10, 0.01, [40, 70]),
+        ),
+        (
+            CosFaceRecognizer,
+            functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=5e-4),
+            (1, 0.1, [20, 28]),
+        ),
+    ],
+)
+def test_recognizer_defaults_are_the_former_optimizer_and_schedule(cls, hand, schedule):
+    model = cls(4, net=NET)
+    configured = model.configure_optimizers()
+    assert configured["lr_scheduler"]["interval"] == "epoch"
     _same_updates(
         model,
-        model.configure_optimizers(),
-        lambda m: torch.optim.Adam(
-            [p for p in m.parameters() if p.requires_grad], lr=3.5e-4, weight_decay=5e-4
-        ),
-        lambda o: LambdaLR(o, lambda e: bot_factor(e, 10, 0.01, [40, 70], 0.1)),
+        configured,
+        lambda m: hand([p for p in m.parameters() if p.requires_grad]),
+        lambda o: LambdaLR(o, lambda e: bot_factor(e, *schedule, 0.1)),
         steps=12,
-    )
-    assert model.configure_optimizers()["lr_scheduler"]["interval"] == "epoch"
-
-
-def test_cosface_default_is_sgd_momentum_and_schedule():
-    model = CosFaceRecognizer(4, net=NET)
-    _same_updates(
-        model,
-        model.configure_optimizers(),
-        lambda m: torch.optim.SGD(
-            [p for p in m.parameters() if p.requires_grad], lr=0.1, momentum=0.9, weight_decay=5e-4
-        ),
-        lambda o: LambdaLR(o, lambda e: bot_factor(e, 1, 0.1, [20, 28], 0.1)),
     )
 
 

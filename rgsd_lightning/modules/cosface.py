@@ -40,18 +40,12 @@ from torchmetrics import MeanMetric
 from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.evaluation import VerificationMetric, flip_fuse, group_report
 from rgsd_lightning.modules.config import EmbeddingNetConfig
-from rgsd_lightning.modules.optim import spec
+from rgsd_lightning.modules.optim import spec, warmup_multistep
 from rgsd_lightning.modules.recognizer import GROUPS, Recognizer
 from rgsd_lightning.selection import SelectionConfig
 
 SGD = spec("torch.optim.SGD", lr=0.1, momentum=0.9, weight_decay=5e-4)
-STEP_SCHEDULE = spec(
-    "rgsd_lightning.modules.optim.WarmupMultiStepLR",
-    warmup_epochs=1,
-    warmup_factor=0.1,
-    milestones=[20, 28],
-    gamma=0.1,
-)
+STEP_SCHEDULE = warmup_multistep(1, 0.1, [20, 28])
 """The defaults: SGD with momentum and a warm-up then step decay."""
 
 

@@ -27,18 +27,12 @@ from torch import Tensor, nn
 
 from rgsd_lightning.evaluation import ReIDMetric
 from rgsd_lightning.modules.config import EmbeddingNetConfig
-from rgsd_lightning.modules.optim import spec
+from rgsd_lightning.modules.optim import spec, warmup_multistep
 from rgsd_lightning.modules.recognizer import GROUPS, Recognizer
 from rgsd_lightning.selection import SelectionConfig
 
 ADAM = spec("torch.optim.Adam", lr=3.5e-4, weight_decay=5e-4)
-BOT_SCHEDULE = spec(
-    "rgsd_lightning.modules.optim.WarmupMultiStepLR",
-    warmup_epochs=10,
-    warmup_factor=0.01,
-    milestones=[40, 70],
-    gamma=0.1,
-)
+BOT_SCHEDULE = warmup_multistep(10, 0.01, [40, 70])
 """The defaults: BoT's Adam and schedule."""
 
 

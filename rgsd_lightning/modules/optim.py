@@ -34,6 +34,19 @@ def spec(class_path: str, **init_args: Any) -> dict[str, Any]:
     return {"class_path": class_path, "init_args": dict(init_args)}
 
 
+def warmup_multistep(
+    warmup_epochs: int, warmup_factor: float, milestones: list[int], gamma: float = 0.1
+) -> dict:
+    """The mapping of a :class:`WarmupMultiStepLR` with these arguments (a module's default schedule)."""
+    return spec(
+        f"{__name__}.WarmupMultiStepLR",
+        warmup_epochs=warmup_epochs,
+        warmup_factor=warmup_factor,
+        milestones=milestones,
+        gamma=gamma,
+    )
+
+
 def resolve(value: Callable | Mapping[str, Any], field: str) -> Callable:
     """The callable behind ``value``: itself, or the class of a ``class_path`` mapping bound to its
     ``init_args`` (ValueError naming ``field`` otherwise)."""

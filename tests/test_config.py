@@ -137,8 +137,7 @@ model:
   init_args:
     net: {architecture: test_resnet, embedding_dim: 16}
     lr: 1.0e-3
-    warmup_epochs: 0
-    milestones: [100]
+    lr_scheduler: null
     selection: {enabled: false}
 data:
   class_path: rgsd_lightning.data.datamodule.IdentityDataModule

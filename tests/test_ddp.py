@@ -90,8 +90,7 @@ def test_downstream_reid_trains_in_two_processes(toy_market, tmp_path):
         dm.num_identities,
         net=EmbeddingNetConfig(architecture="test_resnet"),
         lr=3.5e-3,
-        warmup_epochs=0,
-        milestones=[100],
+        lr_scheduler=None,
         selection={"enabled": True, "keep_ratio": 0.5, "lr": 0.01},
     )
     _trainer(tmp_path, max_epochs=2, callbacks=[_SaveMetrics()]).fit(model, dm)

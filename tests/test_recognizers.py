@@ -22,7 +22,6 @@ from rgsd_lightning.data.transforms import to_recognizer_input
 from rgsd_lightning.modules.config import EmbeddingNetConfig
 from rgsd_lightning.modules.cosface import CosFaceRecognizer
 from rgsd_lightning.modules.lookahead_reid import LookaheadReID
-from rgsd_lightning.modules.recognizer import warmup_multistep_factor
 from rgsd_lightning.selection import SelectionConfig
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -326,12 +325,6 @@ def test_cosface_with_selection_runs_under_the_cli(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def test_warmup_multistep_factor_hand_worked():
-    f = [warmup_multistep_factor(e, 10, 0.01, [40, 70], 0.1) for e in (0, 5, 10, 39, 40, 69, 70, 119)]
-    assert f == pytest.approx([0.01, 0.505, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01])
-    assert warmup_multistep_factor(3, 0, 0.01, [100], 0.1) == 1.0
-
-
 def test_recognizers_reject_bad_configuration():
     with pytest.raises(ValueError, match="num_identities"):
         LookaheadReID(1, net=TEST_NET)

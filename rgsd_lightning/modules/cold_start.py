@@ -6,7 +6,9 @@ on the real images while its backbone stays frozen (``trainable="label_table"``,
 module pre-trains a small prior from scratch (``preset=...``, ``trainable="all"``) in the CPU demo.
 
 Training: ε-MSE on the ε channels, labels dropped to null once per sample with ``label_dropout`` (CFG),
-AdamW, optional EMA of the trainable parameters. Validation: held-out denoising loss with fixed noise
+AdamW by default (``optimizer``; the label table may have its own ``table_lr``), optional linear warm-up or
+any ``lr_scheduler`` (stepped every optimizer step), optional EMA of the trainable parameters (diffusers
+``EMAModel``, kept in the Lightning checkpoint). Validation: held-out denoising loss with fixed noise
 and a grid real | generated per identity written to ``<log_dir>/samples``. Predict: seeded generation
 for (identity, seed) requests, written by ``SyntheticSetWriter``. The export (``ExportArtifact``) is the
 generator folder the RL stage and generation load by path.
@@ -19,12 +21,28 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
+from diffusers.training_utils import EMAModel
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from rgsd_lightning.diffusion import build_dit, drop_labels
 from rgsd_lightning.diffusion.schedule import BETA_SCHEDULES, denoising_loss
 from rgsd_lightning.modules.config import GridConfig, RewardConfig, SamplerConfig
-from rgsd_lightning.modules.ema import ParameterEMA
 from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
+from rgsd_lightning.modules.optim import linear_warmup, resolve, spec, with_lr
+
+ADAMW = spec("torch.optim.AdamW", lr=1e-5, weight_decay=0.0)
+"""The default optimizer (paper: 1e-5)."""
+
+
+def parameter_ema(parameters: list[torch.nn.Parameter], decay: float) -> EMAModel:
+    """diffusers ``EMAModel`` of the parameters, decay ``min(decay, (1 + n) / (10 + n))`` at update n.
+
+    ``update_after_step=-1`` makes diffusers' warm-up count from the first update (its default, 0, starts one
+    update later with a plain copy: decay 0 at n = 1).
+    """
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {decay}")
+    return EMAModel(parameters, decay=decay, update_after_step=-1, use_ema_warmup=False)
 
 
 class ColdStartDiT(GeneratorModule):
@@ -50,10 +68,11 @@ class ColdStartDiT(GeneratorModule):
             error).
         min_snr_gamma: weight each sample's ε-MSE by min(SNR_t, γ)/SNR_t (min-SNR-γ, Hang et al. 2023; 5 is
             usual), so nearly noise-free timesteps do not dominate; None = plain ε-MSE (DiT).
-        lr: AdamW learning rate (paper: 1e-5).
-        table_lr: learning rate of the label table (None: ``lr``).
-        weight_decay: AdamW weight decay.
-        warmup_steps: linear learning-rate warm-up steps.
+        optimizer: the optimizer (class_path / init_args; default AdamW, lr 1e-5, no weight decay).
+        lr: learning rate of the trainable parameters (None: the optimizer's ``lr``).
+        table_lr: learning rate of the label table (None: as the other parameters).
+        warmup_steps: linear learning-rate warm-up steps when ``lr_scheduler`` is None (0: constant).
+        lr_scheduler: a learning-rate schedule stepped every optimizer step (None: ``warmup_steps``).
         ema_decay: EMA decay of the trainable parameters (None: no EMA); EMA weights sample and export.
         sampler: sampler of validation grids and generation (method, steps, guidance_scale, eta).
         grid: validation grids (``identities`` 0 = none, ``samples``, ``seed``); drawn at every validation.
@@ -77,10 +96,11 @@ class ColdStartDiT(GeneratorModule):
         label_dropout: float = 0.1,
         beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] | None = None,
         min_snr_gamma: float | None = None,
-        lr: float = 1e-5,
+        optimizer: OptimizerCallable = ADAMW,
+        lr: float | None = None,
         table_lr: float | None = None,
-        weight_decay: float = 0.0,
         warmup_steps: int = 0,
+        lr_scheduler: LRSchedulerCallable | None = None,
         ema_decay: float | None = None,
         sampler: SamplerConfig = SamplerConfig(),
         grid: GridConfig = GridConfig(),
@@ -121,7 +141,11 @@ class ColdStartDiT(GeneratorModule):
             )
         self.generator.train()  # trainable part in train mode from the start (the VAE stays in eval)
         self.trainable_names = [n for n, p in self.named_parameters() if p.requires_grad]
-        self.ema = ParameterEMA(self._trainable(), ema_decay) if ema_decay else None
+        if lr_scheduler is not None and warmup_steps > 0:
+            raise ValueError("warmup_steps and lr_scheduler are both set: put the warm-up in lr_scheduler")
+        self.optimizer_factory = resolve(optimizer, "optimizer")
+        self.scheduler_factory = None if lr_scheduler is None else resolve(lr_scheduler, "lr_scheduler")
+        self.ema = parameter_ema(list(self._trainable().values()), ema_decay) if ema_decay else None
         # frozen pretrained weights are reloaded from `pretrained`; weights built from a preset are saved
         self._save_frozen = pretrained is None
         self.strict_loading = False
@@ -142,14 +166,18 @@ class ColdStartDiT(GeneratorModule):
         rest = [p for p in self._trainable().values() if p is not table]
         groups = []
         if table.requires_grad:
-            groups.append({"params": [table], "lr": hp.table_lr or hp.lr, "name": "label_table"})
+            table_group = {"params": [table], "name": "label_table"}
+            groups.append(table_group if hp.table_lr is None else {**table_group, "lr": hp.table_lr})
         if rest:
-            groups.append({"params": rest, "lr": hp.lr, "name": "backbone"})
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.warmup_steps <= 0:
+            groups.append({"params": rest, "name": "backbone"})
+        optimizer = self.optimizer_factory(with_lr(groups, hp.lr))
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        elif hp.warmup_steps > 0:
+            scheduler = linear_warmup(optimizer, hp.warmup_steps)
+        else:
             return optimizer
-        warm = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / hp.warmup_steps))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warm, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ train / val
     def on_fit_start(self) -> None:
@@ -169,7 +197,10 @@ class ColdStartDiT(GeneratorModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if self.ema is not None:
-            self.ema.update()
+            params = list(self._trainable().values())
+            if self.ema.shadow_params and self.ema.shadow_params[0].device != params[0].device:
+                self.ema.to(device=params[0].device)
+            self.ema.step(params)
 
     def validation_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x0 = self._to_model_space(batch["image"])
@@ -195,9 +226,14 @@ class ColdStartDiT(GeneratorModule):
     def sampling_weights(self) -> Iterator[None]:
         if self.ema is None:
             yield
-        else:
-            with self.ema.swapped():
-                yield
+            return
+        params = list(self._trainable().values())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
 
     # ------------------------------------------------------------------ checkpoints: trainable part only
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -205,11 +241,24 @@ class ColdStartDiT(GeneratorModule):
             keep = set(self.trainable_names)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         if self.ema is not None:
-            checkpoint["ema"] = self.ema.state_dict()
+            checkpoint["ema"] = {**self.ema.state_dict(), "names": list(self.trainable_names)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.ema is not None and "ema" in checkpoint:
-            self.ema.load_state_dict(checkpoint["ema"])
+        if self.ema is None or "ema" not in checkpoint:
+            return
+        state = dict(checkpoint["ema"])
+        if "shadow" in state:  # written by the former ParameterEMA: shadows by name, num_updates
+            shadow = state.pop("shadow")
+            state.update(names=list(shadow), shadow_params=list(shadow.values()))
+            state["optimization_step"] = int(state.pop("num_updates"))
+        names = state.pop("names", None)
+        if names != self.trainable_names:
+            raise ValueError(
+                "checkpoint EMA does not match this ColdStartDiT's trainable parameters "
+                f"({len(names or [])} vs {len(self.trainable_names)}; different trainable setting?)"
+            )
+        self.ema.load_state_dict(state)
+        self.ema.to(device=self.device)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         missing = [n for n in self.trainable_names if n not in state_dict]

@@ -27,11 +27,11 @@ Embeddings are flip-fused (sum with the mirror image's embedding, L2-normalised)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_metric_learning.losses import CosFaceLoss
 from pytorch_metric_learning.reducers import DoNothingReducer
 from torch import Tensor, nn
@@ -40,8 +40,13 @@ from torchmetrics import MeanMetric
 from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.evaluation import VerificationMetric, flip_fuse, group_report
 from rgsd_lightning.modules.config import EmbeddingNetConfig
+from rgsd_lightning.modules.optim import spec, warmup_multistep
 from rgsd_lightning.modules.recognizer import GROUPS, Recognizer
 from rgsd_lightning.selection import SelectionConfig
+
+SGD = spec("torch.optim.SGD", lr=0.1, momentum=0.9, weight_decay=5e-4)
+STEP_SCHEDULE = warmup_multistep(1, 0.1, [20, 28])
+"""The defaults: SGD with momentum and a warm-up then step decay."""
 
 
 def cosface_losses(loss: CosFaceLoss, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -69,14 +74,11 @@ class CosFaceRecognizer(Recognizer):
             ``embedding_dim``, ``timm_kwargs``).
         margin: CosFace additive cosine margin m.
         scale: CosFace logit scale s.
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: SGD weight decay.
-        warmup_epochs: linear warm-up length (in units of ``schedule_interval``).
-        warmup_factor: learning-rate multiplier at the start of the warm-up.
-        milestones: learning-rate decay points (in units of ``schedule_interval``).
-        gamma: learning-rate multiplier at each milestone.
-        schedule_interval: "epoch" or "step".
+        optimizer: the optimizer (class_path / init_args; default SGD, lr 0.1, momentum 0.9, wd 5e-4).
+        lr: learning rate replacing the optimizer's (None: the optimizer's ``lr``).
+        lr_scheduler: the schedule (default ``WarmupMultiStepLR``: 1 epoch from 0.1, x0.1 at 20 and 28;
+            None: constant).
+        schedule_interval: "epoch" or "step" (the unit of the scheduler's steps, milestones included).
         selection: lookahead selection options (``enabled``, ``keep_ratio`` or ``k``, ``lr``, ``scope``).
         flip_test: fuse each evaluation embedding with the mirror image's (sum, then L2-normalise).
         n_folds: folds of the verification protocol.
@@ -90,21 +92,17 @@ class CosFaceRecognizer(Recognizer):
         net: EmbeddingNetConfig = EmbeddingNetConfig(embedding_dim=512),
         margin: float = 0.35,
         scale: float = 64.0,
-        lr: float = 0.1,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_factor: float = 0.1,
-        milestones: Sequence[int] = (20, 28),
-        gamma: float = 0.1,
+        optimizer: OptimizerCallable = SGD,
+        lr: float | None = None,
+        lr_scheduler: LRSchedulerCallable | None = STEP_SCHEDULE,
         schedule_interval: Literal["epoch", "step"] = "epoch",
         selection: SelectionConfig | None = None,
         flip_test: bool = False,
         n_folds: int = 10,
     ) -> None:
-        super().__init__(num_identities, net, selection, flip_test)
-        self.save_hyperparameters(ignore=[*GROUPS, "milestones"])  # this __init__'s other arguments
-        self.save_hyperparameters({**self.group_hparams(), "milestones": [int(m) for m in milestones]})
+        super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
+        self.save_hyperparameters(self.group_hparams())
         self.cosface = CosFaceLoss(
             num_identities, self.net.feature_dim, margin=margin, scale=scale, reducer=DoNothingReducer()
         )
@@ -198,9 +196,3 @@ class CosFaceRecognizer(Recognizer):
             logs[f"{stage}/group_std"] = report["std"]
             logs[f"{stage}/group_error_ratio"] = report["max_min_error_ratio"]
         self.log_dict(logs)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        return self._schedule(optimizer, hp)

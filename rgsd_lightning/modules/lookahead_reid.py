@@ -14,11 +14,11 @@ loss of selection is the label-smoothed CE). Evaluation: Market-1501 mAP / CMC w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning.losses import TripletMarginLoss
 from pytorch_metric_learning.miners import BatchHardMiner
@@ -27,8 +27,13 @@ from torch import Tensor, nn
 
 from rgsd_lightning.evaluation import ReIDMetric
 from rgsd_lightning.modules.config import EmbeddingNetConfig
+from rgsd_lightning.modules.optim import spec, warmup_multistep
 from rgsd_lightning.modules.recognizer import GROUPS, Recognizer
 from rgsd_lightning.selection import SelectionConfig
+
+ADAM = spec("torch.optim.Adam", lr=3.5e-4, weight_decay=5e-4)
+BOT_SCHEDULE = warmup_multistep(10, 0.01, [40, 70])
+"""The defaults: BoT's Adam and schedule."""
 
 
 class LookaheadReID(Recognizer):
@@ -42,13 +47,11 @@ class LookaheadReID(Recognizer):
         triplet_margin: margin of the batch-hard triplet loss.
         id_loss_weight: weight of the ID loss in the total loss.
         triplet_loss_weight: weight of the triplet loss in the total loss.
-        lr: Adam learning rate.
-        weight_decay: Adam weight decay.
-        warmup_epochs: linear warm-up length (in units of ``schedule_interval``).
-        warmup_factor: learning-rate multiplier at the start of the warm-up.
-        milestones: learning-rate decay points (in units of ``schedule_interval``).
-        gamma: learning-rate multiplier at each milestone.
-        schedule_interval: "epoch" or "step".
+        optimizer: the optimizer (class_path / init_args; default Adam, lr 3.5e-4, weight decay 5e-4).
+        lr: learning rate replacing the optimizer's (None: the optimizer's ``lr``).
+        lr_scheduler: the schedule (default ``WarmupMultiStepLR``: 10 epochs from 0.01, x0.1 at 40 and 70;
+            None: constant).
+        schedule_interval: "epoch" or "step" (the unit of the scheduler's steps, milestones included).
         selection: lookahead selection options (``enabled``, ``keep_ratio`` or ``k``, ``lr``, ``scope``).
         flip_test: average each evaluation embedding with the mirror image's.
         metric: evaluation distance, "euclidean" (squared Euclidean) or "cosine".
@@ -66,21 +69,18 @@ class LookaheadReID(Recognizer):
         triplet_margin: float = 0.3,
         id_loss_weight: float = 1.0,
         triplet_loss_weight: float = 1.0,
-        lr: float = 3.5e-4,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 10,
-        warmup_factor: float = 0.01,
-        milestones: Sequence[int] = (40, 70),
-        gamma: float = 0.1,
+        optimizer: OptimizerCallable = ADAM,
+        lr: float | None = None,
+        lr_scheduler: LRSchedulerCallable | None = BOT_SCHEDULE,
         schedule_interval: Literal["epoch", "step"] = "epoch",
         selection: SelectionConfig | None = None,
         flip_test: bool = False,
         metric: Literal["euclidean", "cosine"] = "euclidean",
         test_sources: dict[str, list[int]] | None = None,
     ) -> None:
-        super().__init__(num_identities, net, selection, flip_test)
-        self.save_hyperparameters(ignore=[*GROUPS, "milestones"])  # this __init__'s other arguments
-        self.save_hyperparameters({**self.group_hparams(), "milestones": [int(m) for m in milestones]})
+        super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler)
+        self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
+        self.save_hyperparameters(self.group_hparams())
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.classifier = nn.Linear(self.net.feature_dim, num_identities, bias=False)
@@ -134,9 +134,3 @@ class LookaheadReID(Recognizer):
         result = metric.compute()
         metric.reset()
         self.log_dict({f"{stage}/{k}": v for k, v in result.items()}, prog_bar=False)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        return self._schedule(optimizer, hp)

@@ -11,7 +11,8 @@ base owns what both share:
   ``scope="head"`` (projection + neck + identity head only, on detached backbone features);
 * evaluation embeddings (post-neck, optionally fused with the mirrored image's) and the export of the
   backbone for the reward / audit stages;
-* the BoT-style learning-rate schedule (linear warm-up, then step decay);
+* the optimizer and learning-rate schedule (``optimizer`` / ``lr_scheduler`` callables, chosen in YAML;
+  default: the subclass's optimizer with BoT's linear warm-up then step decay, ``WarmupMultiStepLR``);
 * the validation / test hooks, which call the subclass's ``_eval_step`` / ``_eval_end`` with the stage.
 
 The real update backpropagates the losses of the *kept* samples of the same forward. BatchNorm in that
@@ -21,31 +22,18 @@ price of not running a second forward, and l(w) / l(w') are computed under the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
 from rgsd_lightning.modules.config import EmbeddingNetConfig, as_config, plain
+from rgsd_lightning.modules.optim import resolve, with_lr
 from rgsd_lightning.selection import SelectionConfig, SelectionResult, lookahead_select, selection_stats
-
-
-def warmup_multistep_factor(
-    epoch: int, warmup_epochs: int, warmup_factor: float, milestones: Sequence[int], gamma: float
-) -> float:
-    """Learning-rate multiplier: linear warm-up from ``warmup_factor`` to 1 over ``warmup_epochs``, then
-    ``gamma`` to the power of the number of milestones reached (BoT: 10 epochs from 0.01, x0.1 at 40, 70)."""
-    if epoch < warmup_epochs:
-        alpha = epoch / warmup_epochs
-        warm = warmup_factor * (1 - alpha) + alpha
-    else:
-        warm = 1.0
-    return warm * gamma ** sum(1 for m in milestones if epoch >= m)
-
 
 GROUPS = ("net", "selection")
 """The constructor arguments of every recognizer that are config groups (saved as plain dicts)."""
@@ -75,6 +63,8 @@ class Recognizer(L.LightningModule):
         selection: lookahead selection options (a :class:`SelectionConfig`, a mapping of its fields, or
             None: disabled).
         flip_test: fuse the embeddings of each evaluation image and its mirror image.
+        optimizer: parameters -> optimizer (a callable or a class_path mapping).
+        lr_scheduler: optimizer -> learning-rate scheduler (None: constant learning rate).
     """
 
     export_name = "backbone"
@@ -86,6 +76,8 @@ class Recognizer(L.LightningModule):
         net: EmbeddingNetConfig | dict[str, Any],
         selection: SelectionConfig | dict[str, Any] | None,
         flip_test: bool,
+        optimizer: OptimizerCallable,
+        lr_scheduler: LRSchedulerCallable | None,
     ) -> None:
         super().__init__()
         if isinstance(num_identities, bool) or not isinstance(num_identities, int) or num_identities < 2:
@@ -95,6 +87,8 @@ class Recognizer(L.LightningModule):
         self.selection = SelectionConfig.coerce(selection)
         self.flip_test = flip_test
         self.net = EmbeddingNet(**self.net_config.kwargs())
+        self.optimizer_factory = resolve(optimizer, "optimizer")
+        self.scheduler_factory = None if lr_scheduler is None else resolve(lr_scheduler, "lr_scheduler")
 
     def group_hparams(self) -> dict[str, Any]:
         """The config groups as plain dicts, for ``save_hyperparameters`` (see :mod:`..config`)."""
@@ -247,14 +241,15 @@ class Recognizer(L.LightningModule):
         extra = {"task": self.task, "num_identities": self.num_identities, "source": type(self).__name__}
         return save_embedding_net(self.net, directory, **preprocessing, extra=extra)
 
-    def _schedule(self, optimizer: torch.optim.Optimizer, hp: Any) -> dict[str, Any]:
-        """The warm-up + step LambdaLR configuration for ``configure_optimizers``."""
-        milestones = [int(m) for m in hp.milestones]
-
-        def factor(step: int) -> float:
-            return warmup_multistep_factor(step, hp.warmup_epochs, hp.warmup_factor, milestones, hp.gamma)
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def configure_optimizers(self) -> Any:
+        """The optimizer over every trainable parameter (``lr`` replacing the optimizer's when set) and the
+        scheduler, stepped every ``schedule_interval``."""
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(with_lr([{"params": params}], hp.lr))
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": hp.schedule_interval},

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.cli import OptimizerCallable
 
 from rgsd_lightning.diffusion.dit import set_trainable
 from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
@@ -68,6 +69,7 @@ from rgsd_lightning.modules.config import (
     plain,
 )
 from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
+from rgsd_lightning.modules.optim import resolve, spec, with_lr
 from rgsd_lightning.provenance import folder_fingerprint
 from rgsd_lightning.rewards.diversity import knn_precision_coverage, spread_ratio
 from rgsd_lightning.rewards.functional import semantic_consistency
@@ -93,6 +95,8 @@ from rgsd_lightning.rl.rollout import (
     window_start,
 )
 
+ADAMW = spec("torch.optim.AdamW", lr=1e-5, weight_decay=0.0)
+"""The default optimizer (paper: 1e-5)."""
 RL_GROUPS = ("lora", "objective", "update", "window", "draft")
 """RewardDPOK's own config groups (beside the generator stages' ``sampler``, ``grid``, ``reward``)."""
 MODES = ("dpok", "windowed", "draft")
@@ -151,9 +155,10 @@ class RewardDPOK(GeneratorModule):
         trainable: "lora" (adapters on attention; default), "label_table", or "all" (full fine-tuning; the
             KL reference is then a frozen copy of the generator).
         lora: the LoRA adapters (``rank``, ``alpha``, ``targets``) when ``trainable="lora"``.
-        lr: policy learning rate (paper: 1e-5).
+        optimizer: the optimizer of the policy and, with its own learning rate and no weight decay, of the
+            value baseline (class_path / init_args; default AdamW, lr 1e-5 as the paper, no weight decay).
+        lr: policy learning rate replacing the optimizer's (None: the optimizer's ``lr``).
         value_lr: learning rate of the value baseline.
-        weight_decay: AdamW weight decay of the policy.
         samples_per_identity: K samples per identity in a rollout (groups for coverage/expansion).
         sampler: the rollout sampler; stochastic (``eta`` > 0 or ``method="ddpm"``) for non-degenerate
             log-probs in the policy-gradient modes (DRaFT may run η = 0). The same guidance scale is used in
@@ -175,9 +180,9 @@ class RewardDPOK(GeneratorModule):
         mode: Literal["dpok", "windowed", "draft"] = "dpok",
         trainable: Literal["lora", "label_table", "all"] = "lora",
         lora: LoRAConfig = LoRAConfig(),
-        lr: float = 1e-5,
+        optimizer: OptimizerCallable = ADAMW,
+        lr: float | None = None,
         value_lr: float = 1e-4,
-        weight_decay: float = 0.0,
         samples_per_identity: int = 4,
         sampler: SamplerConfig = SamplerConfig(guidance_scale=4.0, eta=1.0),
         reward: RewardConfig = RewardConfig(),
@@ -197,6 +202,7 @@ class RewardDPOK(GeneratorModule):
         self.save_hyperparameters(ignore=[*GROUPS, *RL_GROUPS])  # this __init__'s other arguments
         self.save_hyperparameters({**self.group_hparams(), **plain({g: getattr(self, g) for g in RL_GROUPS})})
         self.automatic_optimization = False
+        self.optimizer_factory = resolve(optimizer, "optimizer")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
         self.mode = mode
@@ -268,21 +274,14 @@ class RewardDPOK(GeneratorModule):
             self.reward = self.build_reward(hp.reward_extractor)
 
     def configure_optimizers(self):
-        """AdamW of the policy and a second AdamW of the value baseline (each clipped on its own, as DPOK)."""
+        """The optimizer of the policy and a second one of the value baseline (each clipped on its own, as
+        DPOK; the value's has ``value_lr`` and no weight decay)."""
         hp = self.hparams
         policy = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("value.")]
-        groups = [{"params": policy, "lr": hp.lr, "weight_decay": hp.weight_decay, "name": "policy"}]
-        optimizers = [torch.optim.AdamW(groups)]
+        optimizers = [self.optimizer_factory(with_lr([{"params": policy, "name": "policy"}], hp.lr))]
         if self.value is not None:
-            value = [
-                {
-                    "params": list(self.value.parameters()),
-                    "lr": hp.value_lr,
-                    "weight_decay": 0.0,
-                    "name": "value",
-                }
-            ]
-            optimizers.append(torch.optim.AdamW(value))
+            value = {"params": list(self.value.parameters()), "lr": hp.value_lr, "weight_decay": 0.0}
+            optimizers.append(self.optimizer_factory([{**value, "name": "value"}]))
         return optimizers
 
     def on_fit_start(self) -> None:

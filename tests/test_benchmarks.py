@@ -340,6 +340,10 @@ def test_selection_variants_ground_truth_and_decision_on_a_hand_case(tmp_path):
     # c has the best precision but its mAP is far below the best; b is within the pooled std of a
     assert decision["variant"] == "b" and decision["candidates"] == ["a", "b"]
     assert decision["pooled_std"] == pytest.approx(0.02)
+    rows["d"] = row(0.50, 0.02, 0.955)  # listed later, better by less than the margin: the earlier one stays
+    assert decide(rows, ["a", "b", "c", "d"])["variant"] == "b"
+    rows["d"] = row(0.50, 0.02, 0.97)
+    assert decide(rows, ["a", "b", "c", "d"])["variant"] == "d"
 
 
 @pytest.mark.slow

@@ -262,3 +262,23 @@ def test_shipped_export_files_are_package_data(shipped):
     wanted = {p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()}
     assert any(re.search(r"\.safetensors$", w) for w in wanted)
     assert wanted <= matched, sorted(wanted - matched)
+
+
+def test_the_shipped_toy_prior_loads_samples_and_is_documented():
+    """The demo starts from builtin:toy_prior: it must be in the package, small, and sample toy persons'
+    shapes (finite, in range, not constant) with the cosine schedule it was trained with."""
+    assert "toy_prior" in builtin_names()
+    folder = Path(resolve_builtin("builtin:toy_prior"))
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20, size
+    assert "## Training" in (folder / "PROVENANCE.md").read_text()
+    gen = DiTGenerator.from_pretrained("builtin:toy_prior").eval()
+    assert gen.num_identities == 128 and gen.image_size == 32 and gen.channels == 3 and gen.vae is None
+    betas = DDPMScheduler(beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    torch.testing.assert_close(gen.alphas_cumprod.double(), betas.double(), rtol=1e-5, atol=1e-8)
+    with torch.no_grad():
+        settings = dict(num_steps=4, guidance_scale=2.0, method="dpmsolver", clip_x0=True)
+        out = sample(gen, [0, 64], seeds=[0, 1], **settings)
+    images = out.images
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert images.min() >= -1 - 1e-6 and images.max() <= 1 + 1e-6 and images.std() > 0.1

@@ -252,6 +252,18 @@ def environment() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ reports
+def report_header(name: str, quick: bool, command: str | None, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The first keys of a benchmark report: its name, size, command line, machine, threads and settings."""
+    return {
+        "benchmark": name,
+        "quick": quick,
+        "command": command or f"python -m benchmarks {name}" + (" --quick" if quick else ""),
+        "environment": environment(),
+        "threads": torch.get_num_threads(),
+        "settings": dict(settings),
+    }
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table (first column left-aligned, the others right-aligned)."""
     align = ["---"] + ["---:"] * (len(headers) - 1)

@@ -35,9 +35,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import environment, md_environment, md_table
+from benchmarks.common import md_environment, md_table, report_header
 
 STAGES = Path(__file__).resolve().parent / "configs" / "selection_scope.yaml"
+SETTINGS = ("seeds", "recognizer_epochs", "batches_per_epoch", "p", "per_identity")  # recorded vars
 DEMO_STAGES = ("prior", "down_real_s0", "judge", "cold_start", "generate_cold")
 ROWS = ("full", "head", "none")
 PROBE_FILE = "scope_probe.json"
@@ -331,14 +332,7 @@ def run(
         rows[row] = {"runs": runs, **_spread(runs)}
     probes = [r["agreement"] for r in rows["full"]["runs"] if "agreement" in r]
     report = {
-        "benchmark": "selection_scope",
-        "quick": quick,
-        "command": command or "python -m benchmarks selection_scope" + (" --quick" if quick else ""),
-        "environment": environment(),
-        "threads": torch.get_num_threads(),
-        "settings": {
-            k: variables[k] for k in ("seeds", "recognizer_epochs", "batches_per_epoch", "p", "per_identity")
-        },
+        **report_header("selection_scope", quick, command, {k: variables[k] for k in SETTINGS}),
         "rows": rows,
         "agreement": _pool(probes),
         "seconds": time.perf_counter() - started,

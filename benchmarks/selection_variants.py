@@ -25,12 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from benchmarks.common import environment, md_environment, md_table
+from benchmarks.common import md_environment, md_table, report_header
 
 STAGES = Path(__file__).resolve().parent / "configs" / "selection_variants.yaml"
+SETTINGS = ("seeds", "epochs", "batches", "synthetic_fraction", "variants")  # the vars a report records
 TRAIN_IDS = 48  # the demo's target identities (experiments/toy/reid_*.yaml: toy seed 0)
 QUICK_VARS = {"seeds": [0], "epochs": 2, "batches": 4}
 
@@ -42,28 +42,13 @@ def mislabel_map(pids: Sequence[int], every: int = 4) -> dict[int, int]:
 
 
 def write_noisy_set(folder: Path, pids: Sequence[int], per_id: int, wrong: dict[int, int]) -> Path:
-    """A synthetic set (``images/<label>/<pid>_<n>.png`` + ``manifest.jsonl``) of new toy views; the file
-    name keeps the true identity. Written once (an existing manifest is kept)."""
-    from PIL import Image
-
-    from rgsd_lightning.data import toy
-    from rgsd_lightning.data.records import IdentityRecord, write_manifest
+    """The benchmark's synthetic set (``toy.write_toy_synthetic_set``, stream 4242); an existing one stays."""
+    from rgsd_lightning.data.toy import write_toy_synthetic_set
 
     folder = Path(folder)
     if (folder / "manifest.jsonl").is_file():
         return folder
-    records = []
-    for pid in pids:
-        look = toy.person_identity(0, pid)
-        label = f"{wrong.get(pid, pid):04d}"
-        for n in range(per_id):
-            image = toy.render_person(look, np.random.default_rng([4242, pid, n]), n % 4, 64, 32)
-            path = folder / "images" / label / f"{pid:04d}_{n}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
-            records.append(IdentityRecord(str(path.resolve()), label, n % 4, "synthetic", "train"))
-    write_manifest(folder / "manifest.jsonl", records)
-    return folder
+    return write_toy_synthetic_set(folder.resolve(), pids, per_id, wrong_label=wrong, seed=4242)
 
 
 def is_correct(path: str) -> bool:
@@ -162,14 +147,7 @@ def run(out: Path, *, quick: bool = False, work: Path | None = None, command: st
     variants = [v["row"] for v in variables["variants"]]
     rows = summarise(results, ["real_only", "no_selection", *variants], variables["seeds"])
     report = {
-        "benchmark": "selection_variants",
-        "quick": quick,
-        "command": command or "python -m benchmarks selection_variants" + (" --quick" if quick else ""),
-        "environment": environment(),
-        "threads": torch.get_num_threads(),
-        "settings": {
-            k: variables[k] for k in ("seeds", "epochs", "batches", "synthetic_fraction", "variants")
-        },
+        **report_header("selection_variants", quick, command, {k: variables[k] for k in SETTINGS}),
         "mislabelled_share": len(wrong) / len(pids),
         "rows": rows,
         "decision": decide(rows, variants),

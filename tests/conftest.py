@@ -63,6 +63,30 @@ def assert_close_to_scale(actual: Any, expected: Any, rtol: float = 1e-5, scale:
     torch.testing.assert_close(a, e, rtol=rtol, atol=rtol * max(scale, 1e-30))
 
 
+def random_tiny_generator(vae: Any = None, seed: int = 0):
+    """A tiny-preset DiT generator (3 identities) with every transformer parameter drawn from N(0, 0.3²): the
+    DiT init would make ε ≡ 0 and label-independent, useless for testing samplers."""
+    from rgsd_lightning.diffusion import build_dit
+
+    torch.manual_seed(seed)
+    gen = build_dit(num_identities=3, preset="tiny", vae=vae)
+    with torch.no_grad():
+        for p in gen.transformer.parameters():
+            p.normal_(0.0, 0.3)
+    return gen
+
+
+def pooled_colour_extractor():
+    """A fixed 'recognizer' for RL tests: the mean colour of the four image quadrants (12-d features)."""
+    from rgsd_lightning.backbones import FeatureExtractor
+
+    class PooledColour(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
+
+    return FeatureExtractor(PooledColour(), (8, 8), [0.5] * 3, [0.5] * 3)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for gloo process groups in tests)."""
     with socket.socket() as s:

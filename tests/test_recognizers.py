@@ -68,19 +68,7 @@ def write_synthetic_set(folder, pids, per_id=3, wrong_label=None):
     """Toy "generated" persons (new random views of training identities) as a synthetic set with a manifest.
 
     ``wrong_label`` maps a pid to the identity its images are labelled with (a broken generator)."""
-    folder = Path(folder)
-    records = []
-    for pid in pids:
-        look = toy.person_identity(0, pid)  # the toy market's identity pid (dataset seed 0)
-        label = f"{(wrong_label or {}).get(pid, pid):04d}"
-        for n in range(per_id):
-            image = toy.render_person(look, np.random.default_rng([777, pid, n]), n % 4, 64, 32)
-            path = folder / "images" / label / f"{pid}_{n}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
-            records.append(IdentityRecord(str(path), label, n % 4, "synthetic", "train"))
-    write_manifest(folder / "manifest.jsonl", records)
-    return folder
+    return toy.write_toy_synthetic_set(folder, pids, per_id, wrong_label=wrong_label)
 
 
 @pytest.fixture(scope="module", autouse=True)

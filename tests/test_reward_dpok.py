@@ -7,7 +7,7 @@ import json
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import pooled_colour_extractor, quiet_trainer
 from torch import nn
 
 from rgsd_lightning import IdentityDataModule, RewardDPOK
@@ -17,18 +17,6 @@ from rgsd_lightning.modules.config import GridConfig, PolicyGradientConfig, Samp
 from rgsd_lightning.rewards import MemoryBank
 from rgsd_lightning.rewards import functional as RF
 from rgsd_lightning.rl.lora import lora_parameters
-
-
-class PooledColour(nn.Module):
-    """A fixed 'recognizer': the mean colour of the four image quadrants (12-d)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
-
-
-def _extractor() -> FeatureExtractor:
-    return FeatureExtractor(PooledColour(), (8, 8), [0.5] * 3, [0.5] * 3)
-
 
 FAST = dict(
     samples_per_identity=4,
@@ -49,7 +37,7 @@ def _model(export, **kw) -> RewardDPOK:
     args = dict(FAST)
     args.update(kw)
     model = RewardDPOK(6, generator=export, **args)
-    model.set_reward_extractor(_extractor())
+    model.set_reward_extractor(pooled_colour_extractor())
     return model
 
 
@@ -95,7 +83,7 @@ def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, t
     def evaluate(directory):
         gen = DiTGenerator.from_pretrained(directory)
         images = sample(gen, labels, seeds=seeds, num_steps=10, eta=1.0).images
-        feats = _extractor()(images)
+        feats = pooled_colour_extractor()(images)
         return RF.composite_reward(feats, labels, bank.features, bank.identities)
 
     cold, tuned = evaluate(tiny_generator_export), evaluate(export)

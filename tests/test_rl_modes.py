@@ -8,11 +8,9 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import quiet_trainer
-from torch import nn
+from conftest import pooled_colour_extractor, quiet_trainer
 
 from rgsd_lightning import IdentityDataModule, RewardDPOK
-from rgsd_lightning.backbones import FeatureExtractor
 from rgsd_lightning.diffusion import DiTGenerator
 from rgsd_lightning.diffusion.sampling import guided_eps
 from rgsd_lightning.modules.config import (
@@ -27,18 +25,6 @@ from rgsd_lightning.rewards import CompositeReward, MemoryBank
 from rgsd_lightning.rl.lora import lora_parameters
 from rgsd_lightning.rl.rollout import sample_windowed, step_etas, window_start
 
-
-class PooledColour(nn.Module):
-    """A fixed 'recognizer': the mean colour of the four image quadrants (12-d)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
-
-
-def _extractor() -> FeatureExtractor:
-    return FeatureExtractor(PooledColour(), (8, 8), [0.5] * 3, [0.5] * 3)
-
-
 BASE = dict(
     samples_per_identity=4,
     sampler=SamplerConfig(steps=10, guidance_scale=2.0, eta=1.0),
@@ -50,7 +36,7 @@ BASE = dict(
 
 def _model(export: str, **kw) -> RewardDPOK:
     model = RewardDPOK(6, generator=export, **{**BASE, **kw})
-    model.set_reward_extractor(_extractor())
+    model.set_reward_extractor(pooled_colour_extractor())
     return model
 
 

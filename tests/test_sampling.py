@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import assert_close_to_scale
+from conftest import assert_close_to_scale, random_tiny_generator
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from rgsd_lightning.diffusion import (
     add_noise,
     alphas_cumprod,
-    build_dit,
     denoising_loss,
     guided_eps,
     make_timesteps,
@@ -22,19 +21,9 @@ from rgsd_lightning.diffusion.schedule import SIGMA_MIN, alpha_bar, step_sigmas
 AC = alphas_cumprod()  # DiT schedule: 1000 steps, linear betas 1e-4..0.02
 
 
-def _random_tiny(vae=None, seed: int = 0):
-    """Tiny preset with all parameters randomised (DiT init would make ε ≡ 0 and label-independent)."""
-    torch.manual_seed(seed)
-    gen = build_dit(num_identities=3, preset="tiny", vae=vae)
-    with torch.no_grad():
-        for p in gen.transformer.parameters():
-            p.normal_(0.0, 0.3)
-    return gen
-
-
 @pytest.fixture(scope="module")
 def gen():
-    return _random_tiny()
+    return random_tiny_generator()
 
 
 def _dit_ddim():
@@ -251,7 +240,7 @@ def test_rescoring_recorded_trajectory_gives_ratio_one(gen):
 
 @pytest.mark.parametrize("vae", [None, "tiny"])
 def test_pixel_and_latent_sampling_shapes(vae):
-    gen = _random_tiny(vae=vae)
+    gen = random_tiny_generator(vae=vae)
     out = sample(gen, [0, 1], generator=torch.Generator().manual_seed(0), num_steps=3, guidance_scale=2.0)
     assert out.images.shape == (2, 3, 8, 8) and out.images.abs().max() <= 1.0
     assert out.latents.shape == (2, *gen.latent_shape)

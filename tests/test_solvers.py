@@ -5,28 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_tiny_generator
 from diffusers import DPMSolverMultistepScheduler
 
-from rgsd_lightning.diffusion import alphas_cumprod, build_dit, guided_eps, make_timesteps, sample
+from rgsd_lightning.diffusion import alphas_cumprod, guided_eps, make_timesteps, sample
 from rgsd_lightning.diffusion.solvers import dpmsolver_step, dpmsolver_timesteps, solve
 from rgsd_lightning.modules.config import SamplerConfig
 
 AC = alphas_cumprod()  # DiT schedule: 1000 steps, linear betas 1e-4..0.02
 
 
-def _random_tiny(vae=None, seed: int = 0):
-    """Tiny preset with all parameters randomised (DiT init would make ε ≡ 0 and label-independent)."""
-    torch.manual_seed(seed)
-    gen = build_dit(num_identities=3, preset="tiny", vae=vae)
-    with torch.no_grad():
-        for p in gen.transformer.parameters():
-            p.normal_(0.0, 0.3)
-    return gen
-
-
 @pytest.fixture(scope="module")
 def gen():
-    return _random_tiny()
+    return random_tiny_generator()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
@@ -181,7 +172,7 @@ def test_seeds_batch_independence_labels_and_shapes(gen):
 
 
 def test_latent_mode_shapes():
-    gen = _random_tiny(vae="tiny")
+    gen = random_tiny_generator(vae="tiny")
     out = sample(gen, [0, 1], seeds=[0, 1], num_steps=3, guidance_scale=2.0, method="dpmsolver")
     assert out.latents.shape == (2, 4, 8, 8) and out.images.shape == (2, 3, 8, 8)
 

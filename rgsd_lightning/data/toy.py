@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -509,3 +509,39 @@ def make_toy_faces(
     params = dict(num_ids=num_ids, images_per_id=images_per_id, size=size, seed=seed)
     _check_ints(params, _FACE_LIMITS)
     return _build(root, "faces", params, overwrite, _write_faces)
+
+
+def write_toy_synthetic_set(
+    folder: str | os.PathLike,
+    pids: Collection[int],
+    per_id: int,
+    *,
+    wrong_label: dict[int, int] | None = None,
+    seed: int = 777,
+    dataset_seed: int = 0,
+    height: int = 64,
+    width: int = 32,
+) -> Path:
+    """A stand-in for a generator's output: new views of toy_market persons as a synthetic set.
+
+    Writes ``images/<label>/<pid>_<n>.png`` (the file name keeps the true identity) and ``manifest.jsonl``
+    (source "synthetic"). Person ``pid`` of the toy market with ``dataset_seed`` is drawn ``per_id`` times
+    from the random stream ``seed`` (other views than the dataset's own images), on cameras 0-3 in turn.
+    ``wrong_label`` maps a pid to the identity its images are labelled with: a generator that draws one
+    person under another's label, with known ground truth. Returns the folder.
+    """
+    from rgsd_lightning.data.records import IdentityRecord, write_manifest
+
+    folder = Path(folder)
+    records = []
+    for pid in pids:
+        look = person_identity(dataset_seed, pid)
+        label = f"{(wrong_label or {}).get(pid, pid):04d}"
+        for n in range(per_id):
+            image = render_person(look, np.random.default_rng([seed, pid, n]), n % 4, height, width)
+            path = folder / "images" / label / f"{pid:04d}_{n}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(path)
+            records.append(IdentityRecord(str(path), label, n % 4, "synthetic", "train"))
+    write_manifest(folder / "manifest.jsonl", records)
+    return folder

@@ -93,3 +93,13 @@ def test_a_run_without_rounds_writes_nothing(tmp_path):
     trainer = L.Trainer(default_root_dir=str(tmp_path), logger=False, enable_checkpointing=False)
     RewardCurves().on_train_end(trainer, None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_from_before_the_callback_keeps_its_rounds():
+    """RewardDPOK checkpoints written before RewardCurves carried the history in ``rgsd_rl``."""
+    old = [{"rollout": 1, "elapsed_s": 2.0, "train/kl": 0.1}]
+    curves = RewardCurves()
+    curves.on_load_checkpoint(None, None, {"rgsd_rl": {"history": old, "rollout_index": 1}})
+    assert curves.history == old
+    curves.load_state_dict({"history": [*old, {"rollout": 2, "elapsed_s": 3.0}]})  # its own state wins
+    assert [r["rollout"] for r in curves.history] == [1, 2]

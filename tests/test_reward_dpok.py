@@ -192,8 +192,11 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_generator_export, toy_market
     dm = IdentityDataModule(
         root=toy_market, format="toy_market", task="rl", image_size=8, p=3, batches_per_epoch=2
     )
-    trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, callbacks=[_SaveParams(str(tmp_path))])
+    callbacks = [_SaveParams(str(tmp_path)), RewardCurves(plot=False)]
+    trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, callbacks=callbacks)
     trainer.fit(model, dm)
+    history = json.loads((tmp_path / "reward_history.json").read_text())  # rank 0 wrote it, no rank hung
+    assert [r["rollout"] for r in history] == [1, 2] and history[1]["train/kl"] > 0
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for name in a:

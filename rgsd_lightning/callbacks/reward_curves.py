@@ -64,6 +64,11 @@ class RewardCurves(Callback):
         if self.plot:
             plot_reward_curves(self.history, folder / CURVES_FILE)
 
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # a RewardDPOK checkpoint from before this callback kept the history itself; this callback's own
+        # state (load_state_dict, called after this hook) replaces it when present
+        self.history = [dict(r) for r in checkpoint.get("rgsd_rl", {}).get("history", [])]
+
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(r) for r in self.history]}
 

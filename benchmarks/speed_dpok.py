@@ -131,8 +131,9 @@ def build_dpok(
     """A RewardDPOK on ``export`` with a random recognizer as reward extractor and a random memory bank.
 
     The module runs without a Trainer: ``optimizers``, ``manual_backward`` and ``log_dict`` are replaced on
-    the instance by plain-PyTorch equivalents, so ``training_step`` itself (rollout, reward, store, update)
-    is what runs and is timed.
+    the instance by plain-PyTorch equivalents (``log_dict`` keeps the last round's values in
+    ``model.last_logged``), so ``training_step`` itself (rollout, reward, store, update) is what runs and is
+    timed.
     """
     from rgsd_lightning import RewardDPOK
     from rgsd_lightning.backbones import EmbeddingNet, FeatureExtractor
@@ -163,7 +164,10 @@ def build_dpok(
     model.optimizers = lambda use_pl_optimizer=True: optimizers
     model.manual_backward = lambda loss, *args, **kwargs: loss.backward()
     model.clip_gradients = _clip_by_norm
-    model.log_dict = lambda *args, **kwargs: None
+    model.last_logged = {}
+    model.log_dict = lambda values, *args, **kwargs: model.last_logged.update(
+        {k: float(v) for k, v in values.items()}
+    )
     return model
 
 
@@ -224,8 +228,8 @@ def time_dpok_round(
             record["update_peak_bytes"] = meter.peak()
     finally:
         del model.rollout, model.rewards, model.micro_batch_loss  # back to the class methods
-    if model.history:  # the drift the old log-prob recompute absorbed (rollout vs update forward)
-        record["logp_drift"] = model.history[-1].get("train/logp_drift", float("nan"))
+    if model.last_logged:  # the drift the old log-prob recompute absorbed (rollout vs update forward)
+        record["logp_drift"] = model.last_logged.get("train/logp_drift", float("nan"))
     record["total_s"] = total
     record["sampling_s"] = record["rollout_s"] - record["reward_s"]
     record["update_s"] = total - record["rollout_s"]

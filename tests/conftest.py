@@ -76,13 +76,16 @@ def random_tiny_generator(vae: Any = None, seed: int = 0):
     return gen
 
 
+class PooledColour(torch.nn.Module):
+    """The mean colour of the four image quadrants (12-d); at module level so ddp_spawn can pickle it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
+
+
 def pooled_colour_extractor():
     """A fixed 'recognizer' for RL tests: the mean colour of the four image quadrants (12-d features)."""
     from rgsd_lightning.backbones import FeatureExtractor
-
-    class PooledColour(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
 
     return FeatureExtractor(PooledColour(), (8, 8), [0.5] * 3, [0.5] * 3)
 

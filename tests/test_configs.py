@@ -97,6 +97,10 @@ def test_pipeline_expands_into_stages_wired_in_order(pipeline, monkeypatch, tmp_
         assert names[0] == "baseline"
         for stage in stages:
             assert stage.config["data"]["init_args"]["root"] == spec["vars"]["data_root"]
+    for stage in stages:  # RL stages keep their curves (reward_history.json feeds the report's RL sections)
+        if stage.config["model"]["class_path"].endswith("RewardDPOK"):
+            callbacks = [c["class_path"] for c in stage.config["trainer"].get("callbacks") or []]
+            assert "rgsd_lightning.callbacks.reward_curves.RewardCurves" in callbacks, stage.name
     seen: set[str] = set()
     for stage in stages:
         refs = {ref.split(".")[0] for ref in json.dumps(stage.config).split("${")[1:]}

@@ -12,6 +12,7 @@ from torch import nn
 
 from rgsd_lightning import IdentityDataModule, RewardDPOK
 from rgsd_lightning.backbones import FeatureExtractor
+from rgsd_lightning.callbacks.reward_curves import RewardCurves
 from rgsd_lightning.diffusion import DiTGenerator, sample
 from rgsd_lightning.modules.config import GridConfig, PolicyGradientConfig, SamplerConfig, UpdateConfig
 from rgsd_lightning.rewards import MemoryBank
@@ -47,9 +48,9 @@ def _trainer(tmp_path, **kw):
 
 def test_ratio_is_one_and_kl_zero_before_the_first_update(tiny_generator_export, toy_market, tmp_path):
     L.seed_everything(0)
-    model = _model(tiny_generator_export, lr=1e-2)
-    _trainer(tmp_path).fit(model, _dm(toy_market, 2))
-    first, second = model.history
+    model, curves = _model(tiny_generator_export, lr=1e-2), RewardCurves(plot=False)
+    _trainer(tmp_path, callbacks=[curves]).fit(model, _dm(toy_market, 2))
+    first, second = curves.history
     assert first["train/logp_check"] < 1e-5
     assert first["train/kl_first"] == 0.0  # LoRA B starts at zero: policy == reference exactly
     assert second["train/kl"] > 0.0  # after an update the policy has moved away from the reference
@@ -74,7 +75,8 @@ def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, t
     model = _model(
         tiny_generator_export, lr=1e-2, objective=PolicyGradientConfig(kl_weight=0.01, ratio_clip=0.2)
     )
-    _trainer(tmp_path).fit(model, _dm(toy_market, 40))
+    curves = RewardCurves(plot=False)
+    _trainer(tmp_path, callbacks=[curves]).fit(model, _dm(toy_market, 40))
     export = model.export(tmp_path / "rl_export")
     bank: MemoryBank = model.reward.bank
     labels = torch.arange(6).repeat_interleave(8)
@@ -90,10 +92,10 @@ def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, t
     before, after = _fixed_norm_composite(cold, tuned)
     gains = (tuned["sem"].mean() - cold["sem"].mean(), after - before)
     assert gains[0] > 0.025 and gains[1] > 0.08, gains  # measured: +0.042 and +0.14 (deterministic)
-    kls = [h["train/kl"] for h in model.history]
+    kls = [h["train/kl"] for h in curves.history]
     assert max(kls) < 0.5  # the KL term keeps the policy near the cold start
     # logged group values are set values R(G_y) (LOO credits of a group sum to ~0; these do not)
-    first = model.history[0]
+    first = curves.history[0]
     assert first["train/reward_exp_group"] < 0 and abs(first["train/reward_exp"]) < abs(
         first["train/reward_exp_group"]
     )
@@ -105,6 +107,7 @@ def test_export_merges_the_adapters(tiny_generator_export, toy_market, tmp_path)
     L.seed_everything(0)
     model = _model(tiny_generator_export, lr=1e-2)
     _trainer(tmp_path).fit(model, _dm(toy_market, 1))
+    assert not list(tmp_path.rglob("reward_history.json"))  # no RewardCurves callback: the run just logs
     assert any(p.abs().sum() > 0 for n, p in lora_parameters(model.generator).items() if "lora_B" in n)
     labels, seeds = torch.tensor([0, 1, 2]), [1, 2, 3]
     ours = sample(model.generator, labels, seeds=seeds, num_steps=5, eta=1.0).images
@@ -120,23 +123,25 @@ def test_resume_gives_the_identical_next_update(tiny_generator_export, toy_marke
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(0)
-    straight = _model(tiny_generator_export, lr=1e-2)
-    _trainer(tmp_path / "a", max_epochs=2).fit(straight, _dm(toy_market, 2))
+    straight, straight_curves = _model(tiny_generator_export, lr=1e-2), RewardCurves(plot=False)
+    _trainer(tmp_path / "a", max_epochs=2, callbacks=[straight_curves]).fit(straight, _dm(toy_market, 2))
 
     L.seed_everything(0)
     first = _model(tiny_generator_export, lr=1e-2)
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    _trainer(tmp_path / "b", max_epochs=1, enable_checkpointing=True, callbacks=[ckpt]).fit(
+    callbacks = [ckpt, RewardCurves(plot=False)]
+    _trainer(tmp_path / "b", max_epochs=1, enable_checkpointing=True, callbacks=callbacks).fit(
         first, _dm(toy_market, 2)
     )
-    resumed = _model(tiny_generator_export, lr=1e-2)
-    _trainer(tmp_path / "c", max_epochs=2).fit(
+    resumed, resumed_curves = _model(tiny_generator_export, lr=1e-2), RewardCurves(plot=False)
+    _trainer(tmp_path / "c", max_epochs=2, callbacks=[resumed_curves]).fit(
         resumed, _dm(toy_market, 2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
     )
 
-    assert len(resumed.history) == len(straight.history) == 4
+    assert len(resumed_curves.history) == len(straight_curves.history) == 4
     for key in ("train/pg_loss", "train/value_loss", "train/kl", "train/reward_total"):
-        assert resumed.history[2][key] == pytest.approx(straight.history[2][key], rel=1e-6, abs=1e-9), key
+        after, reference = resumed_curves.history[2][key], straight_curves.history[2][key]
+        assert after == pytest.approx(reference, rel=1e-6, abs=1e-9), key
     for (name, a), b in zip(
         lora_parameters(straight.generator).items(), lora_parameters(resumed.generator).values(), strict=True
     ):
@@ -187,8 +192,11 @@ def test_two_process_ddp_keeps_ranks_identical(tiny_generator_export, toy_market
     dm = IdentityDataModule(
         root=toy_market, format="toy_market", task="rl", image_size=8, p=3, batches_per_epoch=2
     )
-    trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, callbacks=[_SaveParams(str(tmp_path))])
+    callbacks = [_SaveParams(str(tmp_path)), RewardCurves(plot=False)]
+    trainer = _trainer(tmp_path, strategy="ddp_spawn", devices=2, callbacks=callbacks)
     trainer.fit(model, dm)
+    history = json.loads((tmp_path / "reward_history.json").read_text())  # rank 0 wrote it, no rank hung
+    assert [r["rollout"] for r in history] == [1, 2] and history[1]["train/kl"] > 0
     a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert a.keys() == b.keys() and any("lora_B" in k for k in a)
     for name in a:

@@ -11,6 +11,7 @@ import torch
 from conftest import pooled_colour_extractor, quiet_trainer
 
 from rgsd_lightning import IdentityDataModule, RewardDPOK
+from rgsd_lightning.callbacks.reward_curves import RewardCurves
 from rgsd_lightning.diffusion import DiTGenerator
 from rgsd_lightning.diffusion.sampling import guided_eps
 from rgsd_lightning.modules.config import (
@@ -120,15 +121,16 @@ def test_windowed_mode_stores_only_the_window_and_its_ratio_is_one(
         window=WindowConfig(size=2, placement="sliding"),
         update=UpdateConfig(policy_steps=2, micro_batch=8, grad_accum=2, on_policy=True),
     )
-    quiet_trainer(tmp_path, max_epochs=1).fit(model, _dm(toy_market, 3))
+    curves = RewardCurves(plot=False)
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[curves]).fit(model, _dm(toy_market, 3))
     # on-policy: the buffer holds the last rollout, 3 identities x 4 samples x the 2 window steps
     assert len(model.buffer) == 3 * 4 * 2
     assert sorted(set(model.buffer.data.step.tolist())) == [2, 3]  # sliding window of the 3rd rollout
-    for record in model.history:
+    for record in curves.history:
         assert record["train/logp_check"] == 0.0  # the ratio is exactly 1 before the first update
         assert record["train/logp_drift"] < 1e-5  # fp32 on the CPU: the sampler and the update agree
-    assert model.history[-1]["train/kl"] > 0  # and the policy moved
-    assert all(v == v for r in model.history for v in r.values())  # no NaN
+    assert curves.history[-1]["train/kl"] > 0  # and the policy moved
+    assert all(v == v for r in curves.history for v in r.values())  # no NaN
 
 
 # ------------------------------------------------------------------------- fix 1: old log-prob recompute
@@ -210,13 +212,13 @@ def test_gradients_are_clipped_after_fp16_unscaling(tiny_generator_export, toy_m
         update=UpdateConfig(policy_steps=2, micro_batch=8, grad_accum=1, grad_clip=clip),
         objective=PolicyGradientConfig(kl_weight=0.01, ratio_check_tol=1.0),
     )
-    recorder = _RecordStepNorms()
+    recorder, curves = _RecordStepNorms(), RewardCurves(plot=False)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     trainer = quiet_trainer(
         tmp_path,
         max_epochs=1,
         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
-        callbacks=[recorder],
+        callbacks=[recorder, curves],
     )
     trainer.fit(model, _dm(toy_market, 2))
     assert recorder.norms, "no optimizer step was taken"
@@ -224,7 +226,7 @@ def test_gradients_are_clipped_after_fp16_unscaling(tiny_generator_export, toy_m
     # scaled gradients would leave clip / 4096 after the unscale)
     for norm in recorder.norms:
         assert norm == pytest.approx(clip, rel=1e-2)
-    logged = [r["train/grad_norm"] for r in model.history]
+    logged = [r["train/grad_norm"] for r in curves.history]
     assert all(clip < n < 1e3 for n in logged)  # the unscaled norm before clipping is logged
 
 
@@ -287,11 +289,12 @@ def test_draft_training_raises_the_raw_reward(tiny_generator_export, toy_market,
         draft=DraftConfig(k=2, kl_weight=0.01),
         sampler=SamplerConfig(steps=10, guidance_scale=2.0, eta=0.0),
     )
-    quiet_trainer(tmp_path, max_epochs=1).fit(model, _dm(toy_market, 12, p=6))
-    raw = [r["train/reward_raw"] for r in model.history]
+    curves = RewardCurves(plot=False)
+    quiet_trainer(tmp_path, max_epochs=1, callbacks=[curves]).fit(model, _dm(toy_market, 12, p=6))
+    raw = [r["train/reward_raw"] for r in curves.history]
     assert sum(raw[-3:]) / 3 > sum(raw[:3]) / 3 + 0.02, raw
     for key in ("train/spread_ratio", "train/coverage", "train/precision", "train/time_update_s"):
-        assert all(math.isfinite(r[key]) for r in model.history), key
+        assert all(math.isfinite(r[key]) for r in curves.history), key
 
 
 def test_mode_settings_are_checked(tiny_generator_export):

@@ -1,1 +1,2 @@
-"""Lightning callbacks of the stages: ExportArtifact (``export.py``), SyntheticSetWriter (``writer.py``)."""
+"""Lightning callbacks of the stages: ExportArtifact (``export.py``), SyntheticSetWriter (``writer.py``),
+RewardCurves (``reward_curves.py``)."""

@@ -29,7 +29,9 @@ stays in eval mode throughout (no label dropout inside the RL loss).
 Every round logs the reward components, the λ-weighted raw composite (``reward_raw``), and diversity in
 the reward extractor's space (:mod:`rgsd_lightning.rewards.diversity`): the intra-identity spread of the
 samples relative to the real bank (``spread_ratio``: -> 0 collapse, >> 1 noise), k-NN ``precision`` and
-``coverage``; plus the wall seconds of rollout, reward and update.
+``coverage``; plus the wall seconds of rollout, reward and update. The module only logs (the logger is
+the record); the ``RewardCurves`` callback (``callbacks/reward_curves.py``, in every shipped RL stage file)
+turns the logged rounds into ``reward_history.json`` and ``reward_curves.png``.
 
 Configuration is grouped (:mod:`rgsd_lightning.modules.config`): ``sampler`` (rollouts), ``reward``
 (the composite reward), ``lora`` (adapters), ``objective`` (the policy-gradient loss: α, β, KL form,
@@ -41,7 +43,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import time
 import zlib
 from collections.abc import Iterator
@@ -55,7 +56,6 @@ from rgsd_lightning.diffusion.dit import set_trainable
 from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
 from rgsd_lightning.diffusion.sampling import guided_eps, sample, step_with_logprob
 from rgsd_lightning.diffusion.schedule import SIGMA_MIN, make_timesteps, step_sigmas
-from rgsd_lightning.io import run_dir
 from rgsd_lightning.modules.config import (
     DraftConfig,
     GridConfig,
@@ -251,12 +251,9 @@ class RewardDPOK(GeneratorModule):
         self.value = ValueNet(state_dim, num_identities + 1, steps) if use_value else None
         self.buffer = ReplayBuffer(0 if self.update.on_policy else self.update.buffer_size)
         self.rollout_index = 0
-        self.history: list[dict[str, float]] = []
         self.reward = None
         self.strict_loading = False
         self._grad_norms: dict[str, list[torch.Tensor]] = {}
-        self._clock: float | None = None
-        self._elapsed = 0.0  # wall seconds of the rounds before this fit (resumed runs)
         self._timing = {"rollout_s": 0.0, "reward_s": 0.0, "update_s": 0.0}
 
     # ------------------------------------------------------------------ setup
@@ -288,7 +285,6 @@ class RewardDPOK(GeneratorModule):
         self.generator.eval()  # policy in eval mode during rollout and update (no label dropout)
         for model in self._reference_model:
             model.to(self.device)
-        self._clock = time.perf_counter()
 
     def on_train_epoch_start(self) -> None:
         self.generator.eval()
@@ -674,23 +670,6 @@ class RewardDPOK(GeneratorModule):
         for k, v in self._timing.items():
             values[f"train/time_{k}"] = torch.tensor(v)
         self.log_dict(values, on_step=True, on_epoch=False, sync_dist=True, batch_size=1)
-        now = time.perf_counter()
-        elapsed = self._elapsed + (now - self._clock if self._clock is not None else 0.0)
-        record = {"rollout": self.rollout_index, "elapsed_s": elapsed}
-        record.update({k: float(v) for k, v in values.items()})
-        self.history.append(record)
-
-    def on_train_end(self) -> None:
-        if self._trainer is None:
-            return
-        log_dir = run_dir(self.trainer)  # every rank: log_dir is a collective under DDP
-        if not self.trainer.is_global_zero or not self.history:
-            return
-        from rgsd_lightning.rl.curves import plot_reward_curves
-
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "reward_history.json").write_text(json.dumps(self.history, indent=1))
-        plot_reward_curves(self.history, log_dir / "reward_curves.png")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -703,7 +682,6 @@ class RewardDPOK(GeneratorModule):
         checkpoint["rgsd_rl"] = {
             "buffer": self.buffer.state_dict(),
             "rollout_index": self.rollout_index,
-            "history": self.history,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -712,8 +690,6 @@ class RewardDPOK(GeneratorModule):
             raise ValueError("not a RewardDPOK checkpoint (no replay buffer / rollout state)")
         self.buffer.load_state_dict(state["buffer"])
         self.rollout_index = int(state["rollout_index"])
-        self.history = list(state["history"])
-        self._elapsed = float(self.history[-1].get("elapsed_s", 0.0)) if self.history else 0.0
         missing = [n for n in self.policy_names if n not in checkpoint["state_dict"]]
         if missing:
             raise ValueError(

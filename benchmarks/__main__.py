@@ -29,6 +29,7 @@ COMMANDS = {
     "fast_sampling": "benchmarks.fast_sampling:main",
     "selection_scope": "benchmarks.selection_scope:main",
     "selection_variants": "benchmarks.selection_variants:main",
+    "verdict": "benchmarks.verdict:main",
     "prior_recipe": "benchmarks.prior_recipe:main",
 }
 

@@ -426,3 +426,30 @@ def test_prior_recipe_quick_runs_every_section(tmp_path):
     md = (out / "prior_recipe_quick.md").read_text()
     for title in ("Overfit check", "Ingredients", "Samplers on prior", "Cold start", "Steps: checkpoints"):
         assert title in md
+
+
+def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
+    from benchmarks.verdict import markdown, verdict
+
+    def row(stage, mean, std=0.01, metric="test/id_acc"):
+        return {"stage": stage, "mean": {metric: mean}, "std": {metric: std}}
+
+    faces = {
+        "sections": [
+            {"rows": [row("k1_real", 0.60), row("k1_erasing", 0.70), row("k1_cold", 0.55)]},
+            {"rows": [row("k1_rl", 0.58)]},
+            {"rows": [row("k1_rl_selection", 0.61), row("k1_erasing_rl_selection", 0.715)]},
+            {"rows": [row("k3_real", 0.80), row("k3_rl_selection", 0.79)]},  # k3 is missing rows: not met
+        ]
+    }
+    (tmp_path / "utility_faces.json").write_text(json.dumps(faces))
+    table = verdict(tmp_path)  # no utility_reid.json: every cell "-", nothing met
+    k1 = table["ORL 1-shot, identification %"]
+    assert k1["cells"]["real only"] == pytest.approx((60.0, 1.0))
+    assert k1["floor"] is True and k1["goal"] is True  # 61 >= 60 and 71.5 >= 70 + 1 (by 0.5 point)
+    k3 = table["ORL 3-shot, identification %"]
+    assert k3["floor"] is False and k3["goal"] is False  # 79 < 80; no Random Erasing rows
+    reid = table["4-dataset ReID, mAP %"]
+    assert all(c is None for c in reid["cells"].values()) and not reid["floor"] and not reid["goal"]
+    text = markdown(table)
+    assert "| ORL 1-shot, identification % | 60.0 ± 1.0 | 70.0 ± 1.0 |" in text and "**71.5 ± 1.0**" in text

@@ -1,0 +1,94 @@
+"""``python -m benchmarks verdict``: the README's utility table and the issue's checks, from study results.
+
+Reads ``benchmarks/results/utility_faces.json`` and ``utility_reid.json`` (written by ``python -m benchmarks
+utility``) and prints, as markdown, the headline table (mean ± std over seeds, in %) and the two checks of
+the downstream issue: the floor (every row with selection at or above "real only") and the goal ("+ Random
+Erasing + RL synthetic + selection" at least one point above "+ Random Erasing"). A row a study has not run
+yet shows "-" and counts as not met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = {  # column -> stage suffix of the studies' downstream rows
+    "real only": "real",
+    "+ Random Erasing": "erasing",
+    "+ cold-start synthetic": "cold",
+    "+ RL synthetic": "rl",
+    "+ RL synthetic + selection": "rl_selection",
+    "+ Random Erasing + RL synthetic + selection": "erasing_rl_selection",
+}
+SETTINGS = (  # (row label, study, stage prefix, metric)
+    ("ORL 1-shot, identification %", "utility_faces", "k1", "test/id_acc"),
+    ("ORL 3-shot, identification %", "utility_faces", "k3", "test/id_acc"),
+    ("4-dataset ReID, mAP %", "utility_reid", "all", "test/mAP"),
+)
+
+
+def stage_stats(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every table row of a study report by stage: {stage: {"mean": {...}, "std": {...}}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in report.get("sections", []):
+        for row in section.get("rows", []) or []:
+            if "stage" in row and "mean" in row:
+                out[row["stage"]] = row
+    return out
+
+
+def cell(stats: dict[str, dict[str, Any]], stage: str, metric: str) -> tuple[float, float] | None:
+    row = stats.get(stage)
+    if row is None or metric not in (row.get("mean") or {}):
+        return None
+    return 100 * float(row["mean"][metric]), 100 * float((row.get("std") or {}).get(metric, 0.0))
+
+
+def verdict(results: Path) -> dict[str, Any]:
+    """The table cells and the checks, per setting."""
+    out: dict[str, Any] = {}
+    for label, study, prefix, metric in SETTINGS:
+        path = results / f"{study}.json"
+        stats = stage_stats(json.loads(path.read_text())) if path.is_file() else {}
+        cells = {col: cell(stats, f"{prefix}_{suffix}", metric) for col, suffix in COLUMNS.items()}
+        real, erasing = cells["real only"], cells["+ Random Erasing"]
+        selection = [c for col, c in cells.items() if col.endswith("selection")]
+        floor = real is not None and all(c is not None and c[0] >= real[0] for c in selection)
+        both = cells["+ Random Erasing + RL synthetic + selection"]
+        goal = erasing is not None and both is not None and both[0] >= erasing[0] + 1.0
+        out[label] = {"cells": cells, "floor": floor, "goal": goal}
+    return out
+
+
+def markdown(table: dict[str, Any]) -> str:
+    head = ["setting", *COLUMNS, "floor", "goal"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(COLUMNS) + ":---:|:---:|"]
+    for label, entry in table.items():
+        values = [c for c in entry["cells"].values() if c is not None]
+        best = max(v[0] for v in values) if values else None
+        cells = []
+        for c in entry["cells"].values():
+            if c is None:
+                cells.append("-")
+            else:
+                text = f"{c[0]:.1f} ± {c[1]:.1f}"
+                cells.append(f"**{text}**" if c[0] == best else text)
+        marks = ["met" if entry["floor"] else "missed", "met" if entry["goal"] else "missed"]
+        lines.append("| " + " | ".join([label, *cells, *marks]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the table."""
+    p = argparse.ArgumentParser(prog="python -m benchmarks verdict", description=__doc__.split("\n")[0])
+    p.add_argument("--results", default="benchmarks/results", help="folder of utility_{faces,reid}.json")
+    args = p.parse_args(argv)
+    print(markdown(verdict(Path(args.results))), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

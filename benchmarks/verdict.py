@@ -35,8 +35,8 @@ def stage_stats(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for section in report.get("sections", []):
         for row in section.get("rows", []) or []:
-            if "stage" in row and "mean" in row:
-                out[row["stage"]] = row
+            if "stage" in row and any(k.startswith("test/") for k in row.get("mean") or {}):
+                out.setdefault(row["stage"], row)  # a results table row (not a selection-precision row)
     return out
 
 

@@ -440,6 +440,7 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
             {"rows": [row("k1_rl", 0.58)]},
             {"rows": [row("k1_rl_selection", 0.61), row("k1_erasing_rl_selection", 0.715)]},
             {"rows": [row("k3_real", 0.80), row("k3_rl_selection", 0.79)]},  # k3 is missing rows: not met
+            {"rows": [{"stage": "k1_rl_selection", "mean": {"kept_share": 0.5}}]},  # a selection section
         ]
     }
     (tmp_path / "utility_faces.json").write_text(json.dumps(faces))

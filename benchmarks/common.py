@@ -252,6 +252,13 @@ def environment() -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ reports
+def find_file(folder: str | os.PathLike, name: str) -> Path | None:
+    """The first file called ``name`` below ``folder`` (sorted paths), or None: a stage's run-folder output
+    (``selection.json``, ``reward_history.json``) wherever its logger put it."""
+    found = sorted(Path(folder).rglob(name))
+    return found[0] if found else None
+
+
 def report_header(name: str, quick: bool, command: str | None, settings: Mapping[str, Any]) -> dict[str, Any]:
     """The first keys of a benchmark report: its name, size, command line, machine, threads and settings."""
     return {

@@ -35,7 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import md_environment, md_table, report_header
+from benchmarks.common import find_file, md_environment, md_table, report_header
 
 STAGES = Path(__file__).resolve().parent / "configs" / "selection_scope.yaml"
 SETTINGS = ("seeds", "recognizer_epochs", "batches_per_epoch", "p", "per_identity")  # recorded vars
@@ -276,11 +276,6 @@ def _record_paths(stage_folder: Path) -> list[str]:
     return [r.path for r in dm.training_records()]
 
 
-def _find(folder: Path, name: str) -> Path | None:
-    found = sorted(folder.rglob(name))
-    return found[0] if found else None
-
-
 def run(
     out: Path,
     *,
@@ -314,8 +309,8 @@ def run(
         for stage in copies:
             res = results[stage]
             entry: dict[str, Any] = {"stage": stage, "metrics": res.metrics, "seconds": res.seconds}
-            selection_file = _find(res.folder, "selection.json")
-            probe_file = _find(res.folder, PROBE_FILE)
+            selection_file = find_file(res.folder, "selection.json")
+            probe_file = find_file(res.folder, PROBE_FILE)
             if selection_file is not None or probe_file is not None:
                 paths = _record_paths(res.folder)
                 correct = {i: verdict_by_path[p] for i, p in enumerate(paths) if p in verdict_by_path}

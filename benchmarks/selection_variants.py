@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import md_environment, md_table, report_header
+from benchmarks.common import find_file, md_environment, md_table, report_header
 
 STAGES = Path(__file__).resolve().parent / "configs" / "selection_variants.yaml"
 SETTINGS = ("seeds", "epochs", "batches", "synthetic_fraction", "variants")  # the vars a report records
@@ -88,9 +88,9 @@ def summarise(results: dict[str, Any], rows: Sequence[str], seeds: Sequence[int]
         entry["seconds"] = sum(r.seconds for r in runs)
         seen, kept, correct = [], [], []
         for r in runs:
-            found = sorted(Path(r.folder).rglob("selection.json"))
-            if found:
-                for im in json.loads(found[-1].read_text())["images"]:
+            found = find_file(r.folder, "selection.json")
+            if found is not None:
+                for im in json.loads(found.read_text())["images"]:
                     seen.append(im["seen"])
                     kept.append(im["kept"])
                     correct.append(is_correct(im["path"]))

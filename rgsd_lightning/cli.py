@@ -135,13 +135,13 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=repr))
 
 
-def _flat(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_options(options: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Options as dotted keys: a config group's fields compare one by one (``sampler.steps``)."""
     out: dict[str, Any] = {}
     for key, value in options.items():
         value = _plain(value)
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_options(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -188,7 +188,7 @@ def check_resume(path: str, class_path: str, configured: dict[str, Any]) -> dict
                 f"{name}={configured[name]!r}: a checkpoint only resumes the run it came from (its weights "
                 f"would silently replace those of {configured[name]!r})"
             )
-    before, after = _flat(args), _flat(configured)
+    before, after = flat_options(args), flat_options(configured)
     edited = [
         f"{key}: {before[key]!r} (checkpoint) -> {after[key]!r} (config)"
         for key in sorted(set(before) & set(after) - {"num_identities"})

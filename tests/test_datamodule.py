@@ -113,6 +113,14 @@ def test_few_shot_keeps_k_images_per_identity(toy_market):
     dm = _dm(toy_market, max_train_per_identity=2)
     counts = Counter(r.identity for r in dm.split_records("train"))
     assert set(counts.values()) == {2} and len(counts) == dm.num_identities
+    # held out: the training identities' images that few-shot sampling left out (query / gallery hold
+    # other identities), never a training image
+    full = _dm(toy_market)
+    heldout = dm.heldout_records()
+    used = {r.path for r in dm.train_records}
+    assert len(heldout) == len(full.train_records) - len(dm.train_records)
+    assert not used & {r.path for r in heldout} and {r.identity for r in heldout} <= set(dm.identities)
+    assert full.heldout_records() == []
 
 
 def test_face_task_verification_and_identification(toy_faces):
@@ -137,6 +145,7 @@ def test_face_task_verification_and_identification(toy_faces):
     ident = next(iter(loaders[1]))
     assert set(ident) == {"image", "label"}
     assert len(dm.split_records("test")) == 6 * 3  # 6 images per id, 3 for training
+    assert dm.heldout_records() == dm.split_records("test")
     assert dm.hparams.verification == [  # plain dicts: checkpoints load with weights_only
         {"kind": "auto", "path": None, "root": None, "name": None, "num_pairs": 20, "seed": 0}
     ]

@@ -241,6 +241,38 @@ def test_an_interrupted_stage_resumes_only_its_own_checkpoint(tmp_path: Path):
     assert not (tmp_path / "run" / "baseline" / "stage.json").exists()
 
 
+def test_a_finished_stage_whose_settings_changed_is_reused_with_a_warning(tmp_path: Path):
+    """A finished stage is skipped; when the pipeline now gives it other settings than the ones recorded
+    in its stage.json, the warning names the changed keys and how to re-run it."""
+    import warnings
+
+    from rgsd_lightning.pipeline import run_stage
+    from rgsd_lightning.pipeline.runner import place_stage
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "toy"
+    spec = {
+        "output": str(tmp_path / "run"),
+        "stages": [{"name": "judge", "config": str(experiments / "reid_baseline.yaml")}],
+    }
+    _, (stage,) = load_pipeline(_write(tmp_path / "p.yaml", spec))
+    folder = tmp_path / "run" / "judge"
+    folder.mkdir(parents=True)
+    ran_with = place_stage(stage.config, folder)[0]
+    marker = {"name": "judge", "seconds": 1.0, "folder": str(folder), "metrics": {"test/mAP": 0.5}}
+    (folder / "stage.json").write_text(json.dumps({**marker, "spec": ran_with}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # unchanged: reused silently
+        assert run_stage(stage, tmp_path / "run", {}).status == "skipped"
+    stage.config["data"]["init_args"]["max_train_per_identity"] = 5
+    with pytest.warns(UserWarning, match=r"data.init_args.max_train_per_identity: 4 -> 5.*delete .*judge"):
+        result = run_stage(stage, tmp_path / "run", {})
+    assert result.status == "skipped" and result.metrics == {"test/mAP": 0.5}
+    (folder / "stage.json").write_text(json.dumps(marker))  # recorded before stages kept their settings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_stage(stage, tmp_path / "run", {})
+
+
 @pytest.mark.slow
 def test_a_finished_stage_leaves_no_model_alive(tmp_path: Path):
     """jsonargparse keeps the last parser in a context variable; the runner must not let it pin the stage's

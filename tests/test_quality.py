@@ -152,3 +152,43 @@ def test_judge_scores_images_in_memory_like_files(tmp_path):
         judge.score_images(load_images(fakes, 8, 3), ["id0", "id1", "id9", "id0"])
     with pytest.raises(ValueError, match="identity labels"):
         judge.score_images(load_images(fakes, 8, 3), ["id0"])
+
+
+def test_judge_spread_reference_is_heldout_real_images(tmp_path):
+    """With held-out real images of its identities, the syn/real ratio divides by their spread (computed
+    here by brute force), their accuracy is reported, and training images / unknown identities among
+    them are ignored; without any the reference stays the training images."""
+    from PIL import Image
+
+    from rgsd_lightning.data.records import IdentityRecord
+    from rgsd_lightning.evaluation.quality import Judge, embed, load_images
+
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(12):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+        records.append(IdentityRecord(str(path), f"id{i % 2}"))
+    torch.manual_seed(0)
+    extractor = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    train, heldout, fakes = records[:4], records[4:8], records[8:]
+    stray = IdentityRecord(records[9].path, "id7")  # an identity the judge does not know: ignored
+    judge = Judge(extractor, train, 8, 3, kid_subset_size=2, heldout=[*heldout, train[0], stray])
+
+    def spread(recs):
+        f = embed(extractor, load_images(recs, 8, 3)).astype(np.float64)
+        per_id = []
+        for name in ("id0", "id1"):
+            g = f[[r.identity == name for r in recs]]
+            per_id.append(np.mean([np.linalg.norm(a - b) for j, a in enumerate(g) for b in g[j + 1 :]]))
+        return float(np.mean(per_id))
+
+    assert judge.num_heldout == 4 and judge.reference == "heldout"
+    assert judge.train_diversity == pytest.approx(spread(train), rel=1e-6)
+    assert judge.real_diversity == pytest.approx(spread(heldout), rel=1e-6)
+    scores = judge.score(fakes)
+    assert scores["diversity_ratio"] == pytest.approx(spread(fakes) / spread(heldout), rel=1e-6)
+    assert scores["reference"] == "heldout"
+    assert 0.0 <= judge.describe()["heldout_fidelity"] <= 1.0
+    plain = Judge(extractor, train, 8, 3, kid_subset_size=2, heldout=[stray, train[1]])
+    assert plain.reference == "train" and plain.real_diversity == pytest.approx(spread(train), rel=1e-6)

@@ -352,6 +352,18 @@ class IdentityDataModule(L.LightningDataModule):
             return list(self.train_records)
         return list(self._splits.get(split, []))
 
+    def heldout_records(self) -> list[IdentityRecord]:
+        """Real records of the training identities that training does not use: their images in other
+        splits and those the few-shot sampling left out (a quality judge's unseen reference)."""
+        used = {str(r.path) for r in self.train_records}
+        known = set(self.identities)
+        return [
+            r
+            for records in self._splits.values()
+            for r in records
+            if r.identity in known and str(r.path) not in used
+        ]
+
     # ------------------------------------------------------------------ loaders
     def make_loader(self, dataset, *, shuffle: bool = False, batch_sampler=None, drop_last: bool = False):
         """A DataLoader sharded for this rank: a batch sampler as given, a shuffled (distributed) sampler,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,11 +138,12 @@ def run_stage(
     from rgsd_lightning.cli import build_cli
 
     folder = output / stage.name
+    config, export, out = place_stage(substitute(stage.config, refs), folder)
     if not force:
         done = StageResult.from_marker(folder)
         if done is not None:
+            _warn_if_changed(folder, config)
             return done
-    config, export, out = place_stage(substitute(stage.config, refs), folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg_path = folder / "config.yaml"
     atomic_write_text(cfg_path, yaml.safe_dump(config, sort_keys=False))
@@ -174,9 +176,34 @@ def run_stage(
     if trainer.is_global_zero:
         if metrics:
             atomic_write_json(folder / "metrics.json", metrics)
-        atomic_write_json(folder / "stage.json", result.as_dict())
+        atomic_write_json(folder / "stage.json", {**result.as_dict(), "spec": config})
     _release(cli)
     return result
+
+
+def _warn_if_changed(folder: Path, config: dict[str, Any]) -> None:
+    """A finished stage is reused as it is; if the pipeline now gives it other settings than it ran with
+    (recorded in its ``stage.json``), say which, and how to run it again."""
+    from rgsd_lightning.cli import flat_options
+
+    saved = json.loads((folder / "stage.json").read_text()).get("spec")
+    if saved is None:  # finished before stages recorded their settings
+        return
+    before, after = flat_options(saved), flat_options(json.loads(json.dumps(config)))
+    changed = [
+        f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key) != after.get(key)
+    ]
+    if changed:
+        warnings.warn(
+            f"stage {folder.name!r} finished with other settings than the pipeline now gives it, and its "
+            f"results are reused as they are: {'; '.join(changed[:8])}"
+            + (f" (and {len(changed) - 8} more)" if len(changed) > 8 else "")
+            + f". To run it with the new settings, delete {folder} "
+            f"(rgsd pipeline: --force '[{folder.name}]').",
+            stacklevel=3,
+        )
 
 
 def _release(cli: Any) -> None:

@@ -144,8 +144,9 @@ class RunContext:
             from rgsd_lightning.provenance import folder_fingerprint
 
             real, size, channels = self.real(stage)
-            judge = Judge(self.extractor(stage), real, size, channels, kid_subset_size)
-            key = f"{folder_fingerprint(self.require(stage).export)}:{kid_subset_size}"
+            heldout = self.datamodule(stage).heldout_records()  # its identities' images it never saw
+            judge = Judge(self.extractor(stage), real, size, channels, kid_subset_size, heldout=heldout)
+            key = f"{folder_fingerprint(self.require(stage).export)}:{kid_subset_size}:{judge.reference}"
             self._judges[(stage, kid_subset_size)] = (judge, key)
         return self._judges[(stage, kid_subset_size)]
 
@@ -227,11 +228,20 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
             ]
         )
     info = judge.describe()
+    n_real, n_ids = info["num_real_images"], info["num_identities"]
     judge_line = (
-        f"Judge `{spec['judge']}`: {info['num_real_images']} real images of {info['num_identities']} "
-        f"identities; its nearest-prototype accuracy on them {100 * info['real_fidelity']:.1f}%, real spread "
-        f"{_num(info['real_diversity'])}."
+        f"Judge `{spec['judge']}`: trained on {n_real} real images of {n_ids} identities; its "
+        f"nearest-prototype accuracy on them {100 * info['real_fidelity']:.1f}%, their spread "
+        f"{_num(info['train_diversity'])}."
     )
+    if info["reference"] == "heldout":
+        judge_line += (
+            f" On {info['num_heldout']} held-out real images of the same identities (never seen by the "
+            f"judge, like the samples): accuracy {100 * info['heldout_fidelity']:.1f}% (what a new real "
+            f"image reaches), spread {_num(info['heldout_diversity'])} (the syn/real reference)."
+        )
+    else:
+        judge_line += " No held-out real images: syn/real compares with the judge's training images."
     body = markdown_table(QUALITY_HEADERS, rows) + "\n\n" + judge_line
     return Section(
         spec.get("title", "Generator quality"), _with_caption(body, spec), {"sets": data, "judge": info}

@@ -439,6 +439,7 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
             {"rows": [row("k1_real", 0.60), row("k1_erasing", 0.70), row("k1_cold", 0.55)]},
             {"rows": [row("k1_rl", 0.58)]},
             {"rows": [row("k1_rl_selection", 0.61), row("k1_erasing_rl_selection", 0.715)]},
+            {"rows": [row("k1_rl_filtered_selection", 0.62), row("k1_erasing_rl_filtered_selection", 0.705)]},
             {"rows": [row("k3_real", 0.80), row("k3_rl_selection", 0.79)]},  # k3 is missing rows: not met
             {"rows": [{"stage": "k1_rl_selection", "mean": {"kept_share": 0.5}}]},  # a selection section
         ]
@@ -447,7 +448,8 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
     table = verdict(tmp_path)  # no utility_reid.json: every cell "-", nothing met
     k1 = table["ORL 1-shot, identification %"]
     assert k1["cells"]["real only"] == pytest.approx((60.0, 1.0))
-    assert k1["floor"] is True and k1["goal"] is True  # 61 >= 60 and 71.5 >= 70 + 1 (by 0.5 point)
+    assert k1["floor"] is True and k1["goal"] is True  # 61, 62 >= 60 and 71.5 >= 70 + 1 (by 0.5 point)
+    assert k1["goal, filtered"] is False  # 70.5 < 70 + 1
     k3 = table["ORL 3-shot, identification %"]
     assert k3["floor"] is False and k3["goal"] is False  # 79 < 80; no Random Erasing rows
     reid = table["4-dataset ReID, mAP %"]

@@ -23,15 +23,17 @@ def _dm(root, **kw) -> IdentityDataModule:
     return IdentityDataModule(**args)
 
 
-def _synthetic_set(tmp_path, identities, per_identity=2, name="syn"):
+def _synthetic_set(tmp_path, identities, per_identity=2, name="syn", sem=None):
+    """``sem(identity index, n)``: a reward value recorded per image (none by default)."""
     out = tmp_path / name
     records = []
-    for identity in identities:
+    for i, identity in enumerate(identities):
         for n in range(per_identity):
             path = out / "images" / identity / f"{n}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (8, 8), (n * 40, 90, 200)).save(path)
-            records.append(IdentityRecord(str(path), identity, source="synthetic", extra={"seed": n}))
+            extra = {"seed": n} if sem is None else {"seed": n, "sem": sem(i, n)}
+            records.append(IdentityRecord(str(path), identity, source="synthetic", extra=extra))
     write_manifest(out / "manifest.jsonl", records)
     return out
 
@@ -102,6 +104,26 @@ def test_synthetic_records_mix_into_every_identity_batch(toy_market, tmp_path):
             assert n_syn == (2 if y < 3 else 0)
         mixed += bool(batch["is_synthetic"].any())
     assert mixed > 0
+
+
+def test_synthetic_keep_ranks_each_identity_by_its_recorded_reward(toy_market, tmp_path):
+    """keep 0.5 of 5 images per identity: the 2 or 3 (round half to even: 2) with the highest sem of
+    each identity, whatever the other identities score; without the column it is an error naming it."""
+    ids = _dm(toy_market).identities[:3]
+    scores = {(0, n): [0.1, 0.9, 0.5, 0.7, 0.3][n] for n in range(5)}
+    scores.update({(1, n): [0.01, 0.02, 0.05, 0.04, 0.03][n] for n in range(5)})  # all below identity 0's
+    scores.update({(2, n): 0.2 for n in range(5)})  # ties: the first ones
+    syn = _synthetic_set(tmp_path, ids, per_identity=5, sem=lambda i, n: scores[(i, n)])
+    dm = _dm(toy_market, synthetic=[str(syn)], synthetic_keep=0.5)
+    kept = {(ids.index(r.identity), int(r.extra["seed"])) for r in dm.synthetic_records}
+    assert kept == {(0, 1), (0, 3), (1, 2), (1, 3), (2, 0), (2, 1)}
+    assert len(_dm(toy_market, synthetic=[str(syn)], synthetic_keep=0.01).synthetic_records) == 3  # >= 1 each
+    assert len(_dm(toy_market, synthetic=[str(syn)]).synthetic_records) == 15
+    plain = _synthetic_set(tmp_path, ids, name="plain")
+    with pytest.raises(ValueError, match=r"has no finite 'sem'.*reward_extractor"):
+        _dm(toy_market, synthetic=[str(plain)], synthetic_keep=0.5)
+    with pytest.raises(ValueError, match="synthetic_keep must lie in"):
+        _dm(toy_market, synthetic_keep=0.0)
 
 
 def test_unknown_synthetic_identity_is_an_error_or_mapped(toy_market, tmp_path):

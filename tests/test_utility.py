@@ -43,6 +43,7 @@ def _tiny_study(tmp_path: Path) -> Path:
             "rec_epochs": 2,
             "rec_warmup": 1,
             "rec_milestones": [1],
+            "judge_shots": 4,  # 2 held-out images per identity: the spread reference
             "judge_epochs": 2,
             "judge_warmup": 1,
             "judge_milestones": [1],
@@ -70,6 +71,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         "k2_rl",
         "k2_rl_selection",
         "k2_erasing_rl_selection",
+        "k2_rl_filtered_selection",
+        "k2_erasing_rl_filtered_selection",
     ]
     assert len(ablation["rows"]) == 5
     assert [r["stage"] for r in variants["rows"]] == [
@@ -81,7 +84,13 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
     ]
     configs = {
         row: yaml.safe_load((tmp_path / "work" / f"k2_{row}_s0" / "config.yaml").read_text())
-        for row in ("rl_selection", "rl_selection_paper", "rl_selection_negative", "rl_selection_share")
+        for row in (
+            "rl_selection",
+            "rl_selection_paper",
+            "rl_selection_negative",
+            "rl_selection_share",
+            "erasing_rl_filtered_selection",
+        )
     }
     chosen = {row: c["model"]["init_args"]["selection"] for row, c in configs.items()}
     assert chosen["rl_selection"]["step_on"] == "real" and chosen["rl_selection_paper"]["step_on"] == "batch"
@@ -89,6 +98,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
     assert chosen["rl_selection"]["rule"] == "smallest"
     shares = {row: c["data"]["init_args"]["synthetic_fraction"] for row, c in configs.items()}
     assert shares["rl_selection_share"] == 0.5 and shares["rl_selection"] == 0.25
+    keeps = {row: c["data"]["init_args"]["synthetic_keep"] for row, c in configs.items()}
+    assert keeps["erasing_rl_filtered_selection"] == 0.5 and keeps["rl_selection"] == 1.0
     erasing = yaml.safe_load((tmp_path / "work" / "k2_erasing_rl_selection_s0" / "config.yaml").read_text())
     assert erasing["data"]["init_args"]["random_erasing"] == 0.5
     for row in results["rows"] + ablation["rows"] + variants["rows"]:
@@ -100,6 +111,9 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         assert 0.0 <= q["fidelity"] <= 1.0 and q["fid"] >= -1e-6 and "kid" in q, name
         assert q["audit"]["num_images"] == q["num_images"] == 10, name  # 5 identities x 2
     assert set(quality["sets"]["rl_full"]["rewards"]) >= {"sem", "cov", "exp"}
+    judge = quality["judge"]  # trained on 4 of 6 images per identity: the other 10 are the reference
+    assert judge["reference"] == "heldout" and judge["num_heldout"] == 10
+    assert judge["num_real_images"] == 20 and 0.0 <= judge["heldout_fidelity"] <= 1.0
     markdown = (tmp_path / "results" / "tiny.md").read_text()
     assert "+ RL synthetic + selection (ours)" in markdown and "+ expansion reward (full)" in markdown
     assert (tmp_path / "results" / "tiny_samples_k2.png").is_file()

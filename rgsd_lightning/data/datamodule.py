@@ -46,7 +46,7 @@ from rgsd_lightning.data.generator_loaders import GeneratorLoaders, RLLoaders
 from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.data.recognizer_loaders import RecognizerLoaders, ReIDLoaders
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
-from rgsd_lightning.data.synthetic_set import manifest_path
+from rgsd_lightning.data.synthetic_set import best_per_identity, manifest_path
 from rgsd_lightning.data.transforms import generator_transform
 from rgsd_lightning.io import atomic_write_json, run_dir
 
@@ -78,6 +78,10 @@ class IdentityDataModule(L.LightningDataModule):
         synthetic_fraction: share of each identity's K slots filled with synthetic images.
         synthetic_identity_map: renames synthetic identities onto real ones (e.g. an imported set).
         unknown_synthetic: what to do with synthetic records of identities outside the real label space.
+        synthetic_keep: share of each identity's synthetic images kept, the ones ranked highest by
+            ``synthetic_rank_by`` (1: all). A reward filter (best-of-N) before training and selection.
+        synthetic_rank_by: manifest column ranking the synthetic images (``sem``: the semantic-consistency
+            reward in the reward extractor's space; ``total``: the composite reward).
         image_size: generator input side.
         channels: image channels for every task (3 = RGB, 1 = grayscale).
         square: generator squaring of non-square images ("stretch" or "pad").
@@ -121,6 +125,8 @@ class IdentityDataModule(L.LightningDataModule):
         synthetic_fraction: float = 0.25,
         synthetic_identity_map: dict[str, str] | None = None,
         unknown_synthetic: Literal["error", "drop"] = "error",
+        synthetic_keep: float = 1.0,
+        synthetic_rank_by: str = "sem",
         image_size: int = 32,
         channels: int = 3,
         square: Literal["stretch", "pad"] = "stretch",
@@ -251,6 +257,7 @@ class IdentityDataModule(L.LightningDataModule):
                 )
             log.warning("dropping synthetic records of %d unknown identities", len(unknown))
             out = [r for r in out if r.identity in self.label_of]
+        out = best_per_identity(out, hp.synthetic_rank_by, hp.synthetic_keep)
         if hp.synthetic and not out:
             log.warning(
                 "the synthetic sets %s hold no usable images: training on real data only", hp.synthetic

@@ -274,3 +274,36 @@ def drop_flagged(
         audit["dropped"] = {"count": previous + len(dropped), "moved_to": moved_to}
         write_card(synthetic_dir, card)
     return [set_relative(r.path, synthetic_dir) for r in dropped]
+
+
+def best_per_identity(records: Sequence[Any], key: str, keep: float) -> list[Any]:
+    """The ``keep`` share of each identity's synthetic records with the highest ``key`` (at least one per
+    identity), in their original order: a reward-ranked filter (best-of-N by the reward the set recorded).
+
+    Args:
+        records: ``IdentityRecord``s whose ``extra`` holds ``key`` (generation with a reward extractor writes
+            ``sem``, ``cov``, ``exp`` and ``total`` per image).
+        key: the manifest column to rank by (higher is better).
+        keep: share kept per identity, in (0, 1]; 1 keeps everything.
+    """
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"synthetic_keep must lie in (0, 1], got {keep}")
+    if keep == 1.0:
+        return list(records)
+    scores = []
+    for r in records:
+        value = (r.extra or {}).get(key)
+        if value is None or not np.isfinite(float(value)):
+            raise ValueError(
+                f"synthetic image {r.path} has no finite {key!r} to rank by: sets record the reward "
+                "components (sem, cov, exp, total) when generated with a reward_extractor"
+            )
+        scores.append(float(value))
+    by_identity: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_identity.setdefault(r.identity, []).append(i)
+    kept: set[int] = set()
+    for idx in by_identity.values():
+        n = max(1, int(round(keep * len(idx))))
+        kept.update(sorted(idx, key=lambda i: (-scores[i], i))[:n])
+    return [r for i, r in enumerate(records) if i in kept]

@@ -106,10 +106,13 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         for metric in ("test/id_acc", "test/heldout/accuracy"):
             assert len(row["runs"]) == 1 and 0.0 <= row["mean"][metric] <= 1.0, (row["stage"], metric)
     quality = next(s for s in report["sections"] if "judge" in s)
-    assert set(quality["sets"]) == {"cold", "rl_semantic", "rl_coverage", "rl_full"}
+    filtered = "rl_full, reward-filtered"
+    assert set(quality["sets"]) == {"cold", "rl_semantic", "rl_coverage", "rl_full", filtered}
     for name, q in quality["sets"].items():
         assert 0.0 <= q["fidelity"] <= 1.0 and q["fid"] >= -1e-6 and "kid" in q, name
-        assert q["audit"]["num_images"] == q["num_images"] == 10, name  # 5 identities x 2
+        size = 5 if name == filtered else 10  # 5 identities x 2 (the filtered row: the better one of each)
+        assert q["audit"]["num_images"] == q["num_images"] == size, name
+    assert quality["sets"][filtered]["rewards"]["sem"] >= quality["sets"]["rl_full"]["rewards"]["sem"]
     assert set(quality["sets"]["rl_full"]["rewards"]) >= {"sem", "cov", "exp"}
     judge = quality["judge"]  # trained on 4 of 6 images per identity: the other 10 are the reference
     assert judge["reference"] == "heldout" and judge["num_heldout"] == 10

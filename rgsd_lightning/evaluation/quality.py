@@ -358,3 +358,16 @@ def set_summary(card: dict[str, Any]) -> dict[str, Any]:
             ),
         }
     return {"rewards": rewards, "audit": summary}
+
+
+def records_summary(records: Sequence[IdentityRecord]) -> dict[str, Any]:
+    """:func:`set_summary` of a subset of a set's records (a reward-filtered share): the reward component
+    means and the near-copy share from the per-image manifest fields."""
+    rewards = {}
+    for key in ("sem", "cov", "exp", "total"):
+        values = [float(r.extra[key]) for r in records if r.extra.get(key) is not None]
+        if values:
+            rewards[key] = float(np.mean(values))
+    flags = [bool(r.extra["near_copy"]) for r in records if "near_copy" in r.extra]
+    audit = {"num_images": len(flags), "fraction_flagged": float(np.mean(flags))} if flags else None
+    return {"rewards": rewards, "audit": audit}

@@ -41,7 +41,7 @@ import torch
 import yaml
 
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
-from rgsd_lightning.data.synthetic_set import CARD, MANIFEST
+from rgsd_lightning.data.synthetic_set import CARD, MANIFEST, best_per_identity
 from rgsd_lightning.io import atomic_write_json
 from rgsd_lightning.pipeline.runner import StageResult
 from rgsd_lightning.report.render import Row, markdown_table, results_table
@@ -192,20 +192,27 @@ QUALITY_HEADERS = (
 
 
 def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
-    from rgsd_lightning.evaluation.quality import set_summary
+    from rgsd_lightning.evaluation.quality import records_summary, set_summary
 
     judge, key = ctx.judge(spec["judge"], int(spec.get("kid_subset_size", 100)))
     rows, data = [], {}
-    for label, stage in (spec.get("sets") or {}).items():
+    for label, entry in (spec.get("sets") or {}).items():
+        # a stage name, or {stage, keep, rank_by}: the share of the set a reward-filtered row trains on
+        entry = entry if isinstance(entry, dict) else {"stage": entry}
+        stage, keep, rank_by = entry.get("stage"), float(entry.get("keep", 1.0)), entry.get("rank_by", "sem")
         try:
             folder = Path(ctx.require(stage).output)
             manifest = (folder / MANIFEST).read_bytes()
             cache_key = key + ":" + hashlib.sha256(manifest).hexdigest()[:16]
-            scores = _cached(
-                folder / "quality.json", cache_key, lambda s=stage: judge.score(ctx.synthetic(s))
-            )
-            card = json.loads((folder / CARD).read_text())
-            q = {**scores, **set_summary(card)}
+            records = ctx.synthetic(stage)
+            if keep < 1.0:
+                records = best_per_identity(records, rank_by, keep)
+                cache = folder / f"quality_{rank_by}_top{keep:g}.json"
+                scores = _cached(cache, cache_key, lambda r=records: judge.score(r))
+                q = {**scores, **records_summary(records)}
+            else:
+                scores = _cached(folder / "quality.json", cache_key, lambda r=records: judge.score(r))
+                q = {**scores, **set_summary(json.loads((folder / CARD).read_text()))}
         except (KeyError, ValueError, FileNotFoundError, TypeError) as err:
             data[label] = {"error": str(err)}
             rows.append([label, f"n/a ({err})"] + ["n/a"] * (len(QUALITY_HEADERS) - 2))

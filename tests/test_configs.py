@@ -118,7 +118,10 @@ def test_pipeline_expands_into_stages_wired_in_order(pipeline, monkeypatch, tmp_
             for key in ("stage", "judge", "real", "extractor", "set"):
                 if key in inner and "${" not in str(inner[key]):
                     assert inner[key] in names, (inner.get("title"), inner[key])
-            for stage in (inner.get("sets") or {}).values():
+            for entry in (inner.get("sets") or {}).values():
+                stage = (
+                    entry["stage"] if isinstance(entry, dict) else entry
+                )  # {stage, keep}: a filtered share
                 if "${" not in stage:
                     assert stage in names, inner.get("title")
 

@@ -232,9 +232,9 @@ def markdown(report: dict[str, Any], name: str = "rl_modes") -> str:
     """The benchmark's markdown."""
     sets, modes = report["sets"], report["modes"]
     quality_rows = []
-    for name, label in SETS.items():
-        j, r = sets[name]["judge"], sets[name]["reward"]
-        m = modes.get(name)
+    for key, label in SETS.items():
+        j, r = sets[key]["judge"], sets[key]["reward"]
+        m = modes.get(key)
         quality_rows.append(
             [
                 label,
@@ -247,12 +247,23 @@ def markdown(report: dict[str, Any], name: str = "rl_modes") -> str:
                 _f(r["exp_group"]),
                 _f(j["fidelity"], 1, 100),
                 _f(j["diversity_ratio"], 2),
-                _f(j["fid"], 1),
+                _f(j["fid"]),
                 _f(r["spread_ratio"], 2),
                 _f(r["coverage"], 2),
                 _f(r["precision"], 2),
             ]
         )
+    judge = report["judge"]
+    judge_line = (
+        f"\nJudge: trained on {judge['num_real_images']} real images of {judge['num_identities']} "
+        f"identities (its nearest-prototype accuracy on them {100 * judge['real_fidelity']:.1f}%)"
+    )
+    if judge.get("heldout_fidelity") is not None:
+        judge_line += (
+            f"; {judge['num_heldout']} held-out real images of them (the spread reference) reach "
+            f"{100 * judge['heldout_fidelity']:.1f}%"
+        )
+    judge_line += ".\n\n"
     time_rows = []
     for mode, label in MODES.items():
         m = modes[mode]
@@ -278,7 +289,6 @@ def markdown(report: dict[str, Any], name: str = "rl_modes") -> str:
                 for k in ("reward_raw", "reward_sem", "spread_ratio", "coverage", "precision")
             ]
         )
-    judge = report["judge"]
     return (
         "# RL modes on the toy demo: DPOK, windowed DPOK, DRaFT-K\n\n"
         + md_environment(report["environment"])
@@ -311,8 +321,8 @@ def markdown(report: dict[str, Any], name: str = "rl_modes") -> str:
             ],
             quality_rows,
         )
-        + f"\nJudge: {judge['num_real_images']} real images of {judge['num_identities']} identities "
-        f"(its nearest-prototype accuracy on them {100 * judge['real_fidelity']:.1f}%).\n\n"
+        + judge_line
+        + "## Round cost\n\n"
         "## Round cost\n\n"
         "Median wall seconds of one RL round (rounds after the first), split as the stage logs it; "
         "'cheaper' = DPOK's round time / this mode's; 'rollouts' = this stage's rollouts / DPOK's.\n\n"

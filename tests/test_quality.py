@@ -129,18 +129,25 @@ def test_selection_precision_hand_case():
         selection_precision([1, 2], [1], [True])
 
 
-def test_judge_scores_images_in_memory_like_files(tmp_path):
+def _noise_records(folder, n: int, seed: int) -> list:
+    """n random 8x8 RGB images on disk, alternately of identities id0 and id1."""
     from PIL import Image
 
     from rgsd_lightning.data.records import IdentityRecord
-    from rgsd_lightning.evaluation.quality import Judge, load_images
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     records = []
-    for i in range(8):
-        path = tmp_path / f"{i}.png"
+    for i in range(n):
+        path = folder / f"{i}.png"
         Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
         records.append(IdentityRecord(str(path), f"id{i % 2}"))
+    return records
+
+
+def test_judge_scores_images_in_memory_like_files(tmp_path):
+    from rgsd_lightning.evaluation.quality import Judge, load_images
+
+    records = _noise_records(tmp_path, 8, seed=0)
     torch.manual_seed(0)
     extractor = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
     judge = Judge(extractor, records[:6], 8, 3, kid_subset_size=2)
@@ -158,17 +165,10 @@ def test_judge_spread_reference_is_heldout_real_images(tmp_path):
     """With held-out real images of its identities, the syn/real ratio divides by their spread (computed
     here by brute force), their accuracy is reported, and training images / unknown identities among
     them are ignored; without any the reference stays the training images."""
-    from PIL import Image
-
     from rgsd_lightning.data.records import IdentityRecord
     from rgsd_lightning.evaluation.quality import Judge, embed, load_images
 
-    rng = np.random.default_rng(1)
-    records = []
-    for i in range(12):
-        path = tmp_path / f"{i}.png"
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
-        records.append(IdentityRecord(str(path), f"id{i % 2}"))
+    records = _noise_records(tmp_path, 12, seed=1)
     torch.manual_seed(0)
     extractor = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
     train, heldout, fakes = records[:4], records[4:8], records[8:]

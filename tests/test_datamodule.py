@@ -59,6 +59,22 @@ def test_generator_loaders(toy_market):
     assert len(train) + len(val) == len(dm.split_records("train"))
 
 
+def test_shuffled_order_is_a_function_of_seed_and_epoch(toy_market):
+    """Lightning calls set_epoch on the training sampler each epoch: every epoch has its own order, and a
+    fresh loader (a resumed run) set to epoch 1 repeats epoch 1's order, not epoch 0's."""
+
+    def order(epoch, seed=0):
+        dm = _dm(toy_market, task="generator", generator_val_fraction=0.0, seed=seed)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    first, second = order(0), order(1)
+    assert sorted(first) == sorted(second) == list(range(len(first)))
+    assert first != second and order(1) == second and order(1, seed=1) != second
+
+
 def test_reid_loaders_pk_batches_and_query_gallery(toy_market):
     dm = _dm(toy_market, task="reid")
     dm.setup("fit")

@@ -81,7 +81,7 @@ def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, t
         sampler=SamplerConfig(steps=10, guidance_scale=1.0, eta=1.0, clip_x0=False),
     )
     curves = RewardCurves(plot=False)
-    _trainer(tmp_path, callbacks=[curves]).fit(model, _dm(toy_market, 40))
+    _trainer(tmp_path, callbacks=[curves]).fit(model, _dm(toy_market, 80))
     export = model.export(tmp_path / "rl_export")
     bank: MemoryBank = model.reward.bank
     labels = torch.arange(6).repeat_interleave(8)
@@ -96,7 +96,9 @@ def test_short_rl_run_raises_the_reward_with_bounded_kl(tiny_generator_export, t
     cold, tuned = evaluate(tiny_generator_export), evaluate(export)
     before, after = _fixed_norm_composite(cold, tuned)
     gains = (tuned["sem"].mean() - cold["sem"].mean(), after - before)
-    assert gains[0] > 0.025 and gains[1] > 0.08, gains  # measured: +0.042 and +0.14 (deterministic)
+    # measured: +0.11 and +0.42-0.45 on the fixtures of two data orders (40 rollouts gave +0.04 / +0.14 on
+    # one and -0.01 / -0.04 on the other: too few to be sure of a gain)
+    assert gains[0] > 0.025 and gains[1] > 0.08, gains
     kls = [h["train/kl"] for h in curves.history]
     assert max(kls) < 0.5  # the KL term keeps the policy near the cold start
     # logged group values are set values R(G_y) (LOO credits of a group sum to ~0; these do not)

@@ -31,8 +31,7 @@ from typing import Literal
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from rgsd_lightning.data import sources, toy
 from rgsd_lightning.data.datasets import (
@@ -383,10 +382,11 @@ class IdentityDataModule(L.LightningDataModule):
             return DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
         rank, world = self.rank_world()
         if shuffle:
-            if world > 1:
-                sampler = DistributedSampler(dataset, world, rank, shuffle=True, seed=hp.seed, drop_last=True)
-            else:
-                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(hp.seed))
+            # one replica too: the order is a function of (seed, epoch) - Lightning calls set_epoch - so a
+            # resumed run continues with the interrupted epoch's order instead of replaying epoch 0's
+            sampler = DistributedSampler(
+                dataset, world, rank, shuffle=True, seed=hp.seed, drop_last=world > 1
+            )
             drop_last = drop_last and len(dataset) >= hp.batch_size * world
             return DataLoader(
                 dataset, batch_size=hp.batch_size, sampler=sampler, drop_last=drop_last, **kwargs

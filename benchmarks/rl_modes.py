@@ -41,7 +41,7 @@ from rgsd_lightning.demo import demo_file
 from rgsd_lightning.io import atomic_write_text, save_figure
 from rgsd_lightning.pipeline import expand, read_spec, resolve_vars, run_pipeline
 from rgsd_lightning.pipeline.spec import set_dotted
-from rgsd_lightning.report.sections import RunContext
+from rgsd_lightning.report.sections import RunContext, judge_sentence
 from rgsd_lightning.rl.curves import plot_reward_curves, running_mean
 
 STAGES = Path(__file__).resolve().parent / "configs" / "rl_modes.yaml"
@@ -253,17 +253,7 @@ def markdown(report: dict[str, Any], name: str = "rl_modes") -> str:
                 _f(r["precision"], 2),
             ]
         )
-    judge = report["judge"]
-    judge_line = (
-        f"\nJudge: trained on {judge['num_real_images']} real images of {judge['num_identities']} "
-        f"identities (its nearest-prototype accuracy on them {100 * judge['real_fidelity']:.1f}%)"
-    )
-    if judge.get("heldout_fidelity") is not None:
-        judge_line += (
-            f"; {judge['num_heldout']} held-out real images of them (the spread reference) reach "
-            f"{100 * judge['heldout_fidelity']:.1f}%"
-        )
-    judge_line += ".\n\n"
+    judge_line = "\n" + judge_sentence(report["judge"], "judge") + "\n\n"
     time_rows = []
     for mode, label in MODES.items():
         m = modes[mode]
@@ -323,7 +313,6 @@ def markdown(report: dict[str, Any], name: str = "rl_modes") -> str:
         )
         + judge_line
         + "## Round cost\n\n"
-        "## Round cost\n\n"
         "Median wall seconds of one RL round (rounds after the first), split as the stage logs it; "
         "'cheaper' = DPOK's round time / this mode's; 'rollouts' = this stage's rollouts / DPOK's.\n\n"
         + md_table(

@@ -264,7 +264,9 @@ def test_rl_modes_quick_scores_every_mode(tmp_path):
         ["rl_modes_quick.json", "rl_modes_quick.md", "rl_modes_quick.png"]
         + [f"rl_modes_quick_curves_{m}.png" for m in ("dpok", "windowed", "draft")]
     )
-    assert "| windowed DPOK |" in (out / "rl_modes_quick.md").read_text()
+    md = (out / "rl_modes_quick.md").read_text()
+    assert "| windowed DPOK |" in md and md.count("## Round cost") == 1 and "Judge `judge`: trained on" in md
+    assert "![RL modes](rl_modes_quick.png)" in md and "`rl_modes_quick_curves_<mode>.png`" in md
 
 
 @pytest.mark.slow

@@ -204,14 +204,15 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
             folder = Path(ctx.require(stage).output)
             manifest = (folder / MANIFEST).read_bytes()
             cache_key = key + ":" + hashlib.sha256(manifest).hexdigest()[:16]
-            records = ctx.synthetic(stage)
             if keep < 1.0:
-                records = best_per_identity(records, rank_by, keep)
+                records = best_per_identity(ctx.synthetic(stage), rank_by, keep)
                 cache = folder / f"quality_{rank_by}_top{keep:g}.json"
                 scores = _cached(cache, cache_key, lambda r=records: judge.score(r))
                 q = {**scores, **records_summary(records)}
-            else:
-                scores = _cached(folder / "quality.json", cache_key, lambda r=records: judge.score(r))
+            else:  # the records are read only when the cached scores are stale
+                scores = _cached(
+                    folder / "quality.json", cache_key, lambda s=stage: judge.score(ctx.synthetic(s))
+                )
                 q = {**scores, **set_summary(json.loads((folder / CARD).read_text()))}
         except (KeyError, ValueError, FileNotFoundError, TypeError) as err:
             data[label] = {"error": str(err)}
@@ -235,24 +236,28 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
             ]
         )
     info = judge.describe()
-    n_real, n_ids = info["num_real_images"], info["num_identities"]
-    judge_line = (
-        f"Judge `{spec['judge']}`: trained on {n_real} real images of {n_ids} identities; its "
-        f"nearest-prototype accuracy on them {100 * info['real_fidelity']:.1f}%, their spread "
-        f"{_num(info['train_diversity'])}."
-    )
-    if info["reference"] == "heldout":
-        judge_line += (
-            f" On {info['num_heldout']} held-out real images of the same identities (never seen by the "
-            f"judge, like the samples): accuracy {100 * info['heldout_fidelity']:.1f}% (what a new real "
-            f"image reaches), spread {_num(info['heldout_diversity'])} (the syn/real reference)."
-        )
-    else:
-        judge_line += " No held-out real images: syn/real compares with the judge's training images."
+    judge_line = judge_sentence(info, spec["judge"])
     body = markdown_table(QUALITY_HEADERS, rows) + "\n\n" + judge_line
     return Section(
         spec.get("title", "Generator quality"), _with_caption(body, spec), {"sets": data, "judge": info}
     )
+
+
+def judge_sentence(info: dict[str, Any], name: str) -> str:
+    """What a quality judge was trained on and what the syn/real spread compares with, from
+    ``Judge.describe()`` (the report's and the benchmarks' line under a quality table)."""
+    line = (
+        f"Judge `{name}`: trained on {info['num_real_images']} real images of {info['num_identities']} "
+        f"identities; its nearest-prototype accuracy on them {100 * info['real_fidelity']:.1f}%, their "
+        f"spread {_num(info['train_diversity'])}."
+    )
+    if info["reference"] == "heldout":
+        return line + (
+            f" On {info['num_heldout']} held-out real images of the same identities (never seen by the "
+            f"judge, like the samples): accuracy {100 * info['heldout_fidelity']:.1f}% (what a new real "
+            f"image reaches), spread {_num(info['heldout_diversity'])} (the syn/real reference)."
+        )
+    return line + " No held-out real images: syn/real compares with the judge's training images."
 
 
 def selection(ctx: RunContext, spec: dict[str, Any]) -> Section:

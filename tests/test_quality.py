@@ -16,6 +16,7 @@ from rgsd_lightning.evaluation.quality import (
     intra_identity_distance,
     prototypes,
     selection_precision,
+    set_summary,
 )
 
 
@@ -127,6 +128,26 @@ def test_selection_precision_hand_case():
         selection_precision([1], [2], [True])
     with pytest.raises(ValueError, match="differ in length"):
         selection_precision([1, 2], [1], [True])
+
+
+def test_set_summary_counts_a_set_as_it_is_after_its_near_copies_were_dropped():
+    card = {
+        "reward_stats": {"sem": {"mean": 0.8}},
+        "audit": {"num_images": 40, "num_flagged": 10, "fraction_flagged": 0.25},
+    }
+    plain = set_summary(card)["audit"]
+    assert (plain["num_images"], plain["num_flagged"], plain["fraction_flagged"]) == (40, 10, 0.25)
+    assert plain["num_dropped"] == 0 and plain["fraction_dropped"] == 0.0
+    card["audit"]["dropped"] = {"count": 10, "moved_to": "rejected"}  # the writer dropped every flag
+    dropped = set_summary(card)
+    assert dropped["rewards"] == {"sem": 0.8}
+    audit = dropped["audit"]
+    assert (audit["num_images"], audit["num_flagged"], audit["fraction_flagged"]) == (30, 0, 0.0)
+    assert audit["num_dropped"] == 10 and audit["fraction_dropped"] == pytest.approx(10 / 40)
+    card["audit"]["dropped"]["count"] = 4  # (a partial drop: 6 of the remaining 36 still flagged)
+    audit = set_summary(card)["audit"]
+    assert audit["fraction_flagged"] == pytest.approx(6 / 36) and audit["num_images"] == 36
+    assert set_summary({})["audit"] is None
 
 
 def _noise_records(folder, n: int, seed: int) -> list:

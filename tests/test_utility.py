@@ -30,7 +30,16 @@ def _tiny_study(tmp_path: Path) -> Path:
             "rl_identities": 2,
             "prior_data": {"root": str(prior), "exclude": ["6.png"]},
             "target": {"root": str(target)},
-            "settings": [{"shot": 2, "label": "k2"}],
+            # the copy-free chain of its own, as the faces study's 1-shot setting
+            "settings": [
+                {
+                    "shot": 2,
+                    "label": "k2",
+                    "private_chain": True,
+                    "private_generator": "rl_private",
+                    "private_per_identity": 3,
+                }
+            ],
             "seeds": [0],
             "num_pairs": 40,
             "prior_steps": 6,
@@ -73,6 +82,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         "k2_erasing_rl_selection",
         "k2_rl_filtered_selection",
         "k2_erasing_rl_filtered_selection",
+        "k2_private_selection",
+        "k2_erasing_private_selection",
     ]
     assert len(ablation["rows"]) == 5
     assert [r["stage"] for r in variants["rows"]] == [
@@ -105,13 +116,25 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
     for row in results["rows"] + ablation["rows"] + variants["rows"]:
         for metric in ("test/id_acc", "test/heldout/accuracy"):
             assert len(row["runs"]) == 1 and 0.0 <= row["mean"][metric] <= 1.0, (row["stage"], metric)
+    work = tmp_path / "work"
+    private_cold = yaml.safe_load((work / "k2_cold_start_private" / "config.yaml").read_text())
+    assert private_cold["model"]["init_args"]["trainable"] == "adaln"
+    assert private_cold["model"]["init_args"]["lr"] == 1e-3
+    private_rl = yaml.safe_load((work / "k2_rl_private" / "config.yaml").read_text())
+    assert private_rl["model"]["init_args"]["generator"].startswith(str(work / "k2_cold_start_private"))
+    private_rows = yaml.safe_load((work / "k2_erasing_private_selection_s0" / "config.yaml").read_text())
+    assert private_rows["data"]["init_args"]["synthetic"] == [str(work / "k2_gen_private" / "synthetic")]
     quality = next(s for s in report["sections"] if "judge" in s)
-    filtered = "rl_full, reward-filtered"
-    assert set(quality["sets"]) == {"cold", "rl_semantic", "rl_coverage", "rl_full", filtered}
+    filtered, private = "rl_full, reward-filtered", "copy-free"
+    assert set(quality["sets"]) == {"cold", "rl_semantic", "rl_coverage", "rl_full", filtered, private}
     for name, q in quality["sets"].items():
         assert 0.0 <= q["fidelity"] <= 1.0 and q["fid"] >= -1e-6 and "kid" in q, name
-        size = 5 if name == filtered else 10  # 5 identities x 2 (the filtered row: the better one of each)
-        assert q["audit"]["num_images"] == q["num_images"] == size, name
+        assert q["audit"]["num_images"] == q["num_images"], name
+        if name == private:  # 5 identities x 3, the audit's near copies dropped
+            assert q["num_images"] + q["audit"]["num_dropped"] == 15
+            assert q["audit"]["fraction_flagged"] == 0.0
+        else:  # 5 identities x 2 (the filtered row: the better one of each)
+            assert q["num_images"] == (5 if name == filtered else 10), name
     assert quality["sets"][filtered]["rewards"]["sem"] >= quality["sets"]["rl_full"]["rewards"]["sem"]
     assert set(quality["sets"]["rl_full"]["rewards"]) >= {"sem", "cov", "exp"}
     judge = quality["judge"]  # trained on 4 of 6 images per identity: the other 10 are the reference

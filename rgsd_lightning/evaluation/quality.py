@@ -339,17 +339,30 @@ def selection_precision(
 
 
 def set_summary(card: dict[str, Any]) -> dict[str, Any]:
-    """Reward component means and the privacy audit summary from a synthetic set's card.json."""
+    """Reward component means and the privacy audit summary from a synthetic set's card.json.
+
+    ``num_images``, ``num_flagged`` and ``fraction_flagged`` describe the set as it is: where the writer
+    dropped the flagged images (``drop_near_copies``), they are counted in ``num_dropped`` (and
+    ``fraction_dropped``, the share of the audited images) and no longer in the set's numbers.
+    """
     rewards = {k: v.get("mean") for k, v in (card.get("reward_stats") or {}).items()}
     audit = card.get("audit") or {}
     nn_stats = audit.get("synthetic_nn", {})
     same = audit.get("baseline", {})
     summary = None
     if audit:
+        audited, flagged = audit.get("num_images"), audit.get("num_flagged")
+        dropped = audit["dropped"].get("count", 0) if isinstance(audit.get("dropped"), dict) else 0
+        kept = flagged_kept = fraction = None
+        if audited is not None and flagged is not None:
+            kept, flagged_kept = audited - dropped, max(flagged - dropped, 0)
+            fraction = flagged_kept / kept if kept else None
         summary = {
-            "num_images": audit.get("num_images"),
-            "num_flagged": audit.get("num_flagged"),
-            "fraction_flagged": audit.get("fraction_flagged"),
+            "num_images": kept,
+            "num_flagged": flagged_kept,
+            "fraction_flagged": fraction if dropped else audit.get("fraction_flagged"),
+            "num_dropped": dropped,
+            "fraction_dropped": dropped / audited if audited else None,
             "pixel_nn_median": (nn_stats.get("pixel") or {}).get("q50"),
             "pixel_same_identity_median": ((same.get("pixel") or {}).get("same_identity") or {}).get("q50"),
             "feature_nn_median": (nn_stats.get("feature") or {}).get("q50"),

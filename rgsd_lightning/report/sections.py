@@ -232,7 +232,7 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
                 _num(rewards.get("sem")),
                 _num(rewards.get("cov")),
                 _num(rewards.get("exp")),
-                _num(audit.get("fraction_flagged"), 1, 100),
+                _num(audit.get("fraction_flagged"), 1, 100) + _dropped(audit),
             ]
         )
     info = judge.describe()
@@ -241,6 +241,13 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
     return Section(
         spec.get("title", "Generator quality"), _with_caption(body, spec), {"sets": data, "judge": info}
     )
+
+
+def _dropped(audit: dict[str, Any]) -> str:
+    """The quality table's note on a set whose near copies were dropped (their share of the audited)."""
+    if not audit.get("num_dropped"):
+        return ""
+    return f" ({_num(audit.get('fraction_dropped'), 1, 100)} dropped)"
 
 
 def judge_sentence(info: dict[str, Any], name: str) -> str:

@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. vars.seeds=[0]")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--only", nargs="*", default=None, help="run only these stages (the report shows all)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="independent stages run at once (one process each, --threads each)",
+    )
     return p
 
 
@@ -63,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"utility: error: {err}", file=sys.stderr)
         return 2
-    run, _ = run_file(path, args.set, only=args.only)
+    run, _ = run_file(path, args.set, only=args.only, jobs=args.jobs, threads=args.threads)
     report = make_report(run, out=args.out, name=path.stem)
     print(f"[utility] results: {report}")
     return 0

@@ -16,6 +16,8 @@ def command(
     force: list[str] | None = None,
     dry_run: bool = False,
     no_report: bool = False,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> int:
     """Run the stages of a pipeline YAML (finished stages are skipped, interrupted ones resume), then
     write the report its ``report:`` block describes.
@@ -27,6 +29,8 @@ def command(
         force: rerun these stages even if finished.
         dry_run: print the stages and their configs, run nothing.
         no_report: do not write the report at the end.
+        jobs: run up to this many independent stages at once, each in a worker process of its own.
+        threads: torch threads per worker with jobs > 1 (default: the CPU count divided by jobs).
     """
     spec = read_spec(config, set or [])
     output, stages = expand(spec)
@@ -36,7 +40,7 @@ def command(
             print(json.dumps(stage.config, indent=1))
         return 0
     save_spec(output, spec)
-    results = run_pipeline(output, stages, only=only, force=force or [])
+    results = run_pipeline(output, stages, only=only, force=force or [], jobs=jobs, threads=threads)
     print(json.dumps({name: r.as_dict() for name, r in results.items()}, indent=1))
     if spec.get("report") and not no_report:
         from rgsd_lightning.report import make_report

@@ -59,12 +59,18 @@ def run_file(
     only: Sequence[str] | None = None,
     force: Sequence[str] = (),
     announce: Callable[[str], None] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> tuple[Path, dict[str, StageResult]]:
     """Run (or resume) the pipeline file ``path``; its merged spec is saved in the run folder first.
 
-    Returns the run folder and the results of the stages (finished ones "skipped").
+    Returns the run folder and the results of the stages (finished ones "skipped"). ``jobs`` / ``threads``:
+    see :func:`run_pipeline`.
     """
     spec = read_spec(path, overrides)
     output, stages = expand(spec)
     save_spec(output, spec)
-    return output, run_pipeline(output, stages, only=only, force=force, announce=announce)
+    results = run_pipeline(
+        output, stages, only=only, force=force, announce=announce, jobs=jobs, threads=threads
+    )
+    return output, results

@@ -239,11 +239,14 @@ def run_pipeline(
     only: Sequence[str] | None = None,
     force: Sequence[str] = (),
     announce: Callable[[str], None] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
 ) -> dict[str, StageResult]:
     """Run stages in order, wiring ``${stage.export}`` / ``${stage.output}`` references between them.
 
     Stages left out by ``only`` are not run; their earlier results (if finished) still feed later stages
-    and are returned with status "skipped".
+    and are returned with status "skipped". With ``jobs > 1`` independent stages run side by side in
+    ``jobs`` worker processes of ``threads`` torch threads each (:mod:`rgsd_lightning.pipeline.parallel`).
     """
     announce = announce or (lambda line: print(line, flush=True))
     output = Path(output)
@@ -253,6 +256,12 @@ def run_pipeline(
     unknown = sorted(set(only or []) - set(names)) + sorted(set(force) - set(names))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; the pipeline has {names}")
+    if jobs != 1:
+        from rgsd_lightning.pipeline.parallel import run_parallel
+
+        return run_parallel(
+            output, stages, jobs=jobs, threads=threads, only=only, force=force, announce=announce
+        )
     results: dict[str, StageResult] = {}
     refs: dict[str, dict[str, str | None]] = {}
     for i, stage in enumerate(stages):
@@ -265,13 +274,17 @@ def run_pipeline(
         announce(f"{label}: {stage.describe or stage.command} ...")
         result = run_stage(stage, output, refs, force=stage.name in force)
         results[stage.name], refs[stage.name] = result, result.refs()
-        summary = ", ".join(f"{k}={v:.3f}" for k, v in list(result.metrics.items())[:4])
-        where = result.export or result.output or result.folder
-        announce(
-            f"{label}: {result.status} in {result.seconds:.0f}s -> {where}"
-            + (f" ({summary})" if summary else "")
-        )
+        announce(done_line(label, result))
     return results
+
+
+def done_line(label: str, result: StageResult) -> str:
+    """The progress line of a stage that ran or was skipped: time, what it produced, its first metrics."""
+    summary = ", ".join(f"{k}={v:.3f}" for k, v in list(result.metrics.items())[:4])
+    where = result.export or result.output or result.folder
+    return f"{label}: {result.status} in {result.seconds:.0f}s -> {where}" + (
+        f" ({summary})" if summary else ""
+    )
 
 
 def collect_results(output: str | Path, stages: Sequence[Stage]) -> dict[str, StageResult]:

@@ -1,0 +1,121 @@
+"""Independent pipeline stages side by side (pipeline/parallel.py): the dependency graph from a stage's
+references, a stage never starting before the stages it names, resume across job counts, failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rgsd_lightning.pipeline import Stage, load_pipeline, run_pipeline
+from rgsd_lightning.pipeline.parallel import stage_dependencies
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "toy"
+
+
+def test_dependencies_are_the_earlier_stages_a_config_references():
+    stages = [
+        Stage("a", {"model": {"x": 1}}),
+        Stage("b", {"model": {"generator": "${a.export}"}}),
+        Stage("c", {"data": {"synthetic": ["${a.output}", "${b.folder}/x"]}, "n": "${a.name}"}),
+        Stage("d", {"model": {"x": "${e.export}", "y": "${zz.export}"}}),  # later / unknown: not deps
+        Stage("e", {"trainer": {"callbacks": [{"init_args": {"path": "${c.export}"}}]}}),
+    ]
+    assert stage_dependencies(stages) == {"a": set(), "b": {"a"}, "c": {"a", "b"}, "d": set(), "e": {"c"}}
+
+
+def _pipeline(tmp_path: Path, toy_market: str, generator: str, bad_gen: bool = False) -> Path:
+    spec = {
+        "output": str(tmp_path / "run"),
+        "defaults": {
+            "trainer.logger": False,
+            "trainer.enable_progress_bar": False,
+            "trainer.enable_model_summary": False,
+            "trainer.max_steps": 2,
+            "data.init_args.root": toy_market,
+            "data.init_args.format": "market1501",
+            "data.init_args.image_size": 8,
+        },
+        "stages": [
+            {
+                "name": "rec",
+                "config": str(EXPERIMENTS / "reid_baseline.yaml"),
+                "seeds": [0, 1],
+                "set": {"data.init_args.p": 4, "data.init_args.k": 2, "data.init_args.batches_per_epoch": 2},
+            },
+            {
+                "name": "cold",
+                "config": str(EXPERIMENTS / "cold_start.yaml"),
+                "set": {
+                    "model.init_args.pretrained": generator,
+                    "model.init_args.image_size": 8,
+                    "model.init_args.grid.identities": 0,
+                    "data.init_args.batch_size": 8,
+                },
+            },
+            {
+                "name": "gen",
+                "config": str(EXPERIMENTS / "generate.yaml"),
+                "command": "predict",
+                "set": {
+                    "model.init_args.export": "${cold.export}",
+                    "model.init_args.reward_extractor": "${rec_s0.export}",
+                    "model.init_args.sampler.steps": 2,
+                    "trainer.callbacks.0.init_args.audit_extractor": "${rec_s0.export}",
+                    "data.init_args.generate_per_identity": 1,
+                    **({"data.init_args.root": str(tmp_path / "missing")} if bad_gen else {}),
+                },
+            },
+        ],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_two_jobs_run_every_stage_after_the_stages_it_names_and_resume_with_one(
+    tmp_path, toy_market, tiny_generator_export
+):
+    output, stages = load_pipeline(_pipeline(tmp_path, toy_market, tiny_generator_export))
+    lines: list[str] = []
+    results = run_pipeline(output, stages, jobs=2, threads=1, announce=lines.append)
+    assert list(results) == ["rec_s0", "rec_s1", "cold", "gen"]
+    assert all(r.status == "ran" for r in results.values())
+    finished = [line.split("]")[1].split(":")[0].strip() for line in lines if ": ran in" in line]
+    started = [line.split("]")[1].split(":")[0].strip() for line in lines if line.endswith("...")]
+    assert sorted(finished) == sorted(started) == sorted(results)
+    # gen names cold and rec_s0: it starts only after both have finished
+    gen_start = lines.index(next(line for line in lines if "gen:" in line and line.endswith("...")))
+    for dep in ("cold", "rec_s0"):
+        assert any(f"{dep}: ran in" in line for line in lines[:gen_start]), (dep, lines)
+    # the first two stages (independent) started before either finished
+    assert all(line.endswith("...") for line in lines[:2])
+    manifest = Path(results["gen"].output) / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    assert (
+        len(rows)
+        + json.loads((manifest.parent / "card.json").read_text())["audit"].get("dropped", {}).get("count", 0)
+        == 6
+    )  # one image per training identity of the small toy set
+    assert all(Path(results[n].folder, "stage.json").is_file() for n in results)
+
+    again = run_pipeline(output, stages, announce=lambda line: None)  # one job: every stage is finished
+    assert all(r.status == "skipped" for r in again.values())
+    assert {n: r.metrics for n, r in again.items()} == {n: r.metrics for n, r in results.items()}
+
+
+@pytest.mark.slow
+def test_a_failing_stage_stops_new_stages_and_keeps_the_finished_ones(
+    tmp_path, toy_market, tiny_generator_export
+):
+    output, stages = load_pipeline(_pipeline(tmp_path, toy_market, tiny_generator_export, bad_gen=True))
+    with pytest.raises(ValueError, match="folder not found: .*missing"):
+        run_pipeline(output, stages, jobs=2, threads=1, announce=lambda line: None)
+    for name in ("rec_s0", "rec_s1", "cold"):  # finished before gen (which needs cold and rec_s0) failed
+        assert (output / name / "stage.json").is_file()
+    assert not (output / "gen" / "stage.json").exists()
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        run_pipeline(output, stages, jobs=0)

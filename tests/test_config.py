@@ -39,6 +39,10 @@ def test_groups_validate_and_name_the_field():
         RewardConfig(lambdas=(1.0, 2.0))
     with pytest.raises(ValueError, match="reward.credit"):
         RewardConfig(credit="shapley")
+    with pytest.raises(ValueError, match="reward.tau_floor must be positive"):
+        RewardConfig(tau_floor=0.0)
+    with pytest.raises(ValueError, match="reward.tau or reward.tau_floor, not both"):
+        RewardConfig(tau=1.0, tau_floor=0.5)
     with pytest.raises(ValueError, match="objective.kl_form"):
         PolicyGradientConfig(kl_form="reverse")
     with pytest.raises(ValueError, match="update.timestep_fraction"):

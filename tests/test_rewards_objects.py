@@ -6,6 +6,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_close_to_scale, free_port
@@ -345,3 +346,37 @@ class _FailSecond(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         return torch.randn(len(x), D) if self.calls == 1 else self.inner(x)
+
+
+def test_tau_floor_bounds_the_scale_of_identities_with_a_tiny_real_spread():
+    # hand case: S_r of four identities, the third with a single bank feature (S_r undefined, 0)
+    spread, counts = torch.tensor([0.01, 1.0, 0.0, 3.0]), torch.tensor([2, 3, 1, 4])
+    tau = RF.floored_tau(spread, counts, 0.5)  # median of the defined (0.01, 1, 3) is 1 -> floor 0.5
+    assert torch.allclose(tau, torch.tensor([0.5, 1.0, 0.5, 3.0]))
+    assert torch.allclose(
+        RF.floored_tau(spread, torch.ones(4, dtype=torch.long), 0.5), spread.clamp_min(1e-6)
+    )
+    with pytest.raises(ValueError, match="tau_floor must be positive"):
+        RF.floored_tau(spread, counts, 0.0)
+
+    # the reward objects: the same values as the functional reward given those scales per identity
+    features, ids = make_bank_data(seed=3, counts=(4, 2, 1, 3, 5))
+    features[4:6] = features[4] + 1e-3 * torch.randn(2, D)  # identity 1: two near-duplicate features
+    bank = MemoryBank(features, ids, N)
+    spread = bank.spread()
+    defined = spread[bank.counts() >= 2].numpy()
+    expected_tau = torch.clamp(spread, min=0.3 * float(np.median(defined)))
+    assert float(spread[1]) < 1e-4 < float(expected_tau[1])
+    x, y = make_batch(5, identities=(0, 1, 3))
+    floored = ExpansionReward(bank, tau_floor=0.3)(x, y)
+    reference = RF.expansion(x, y, bank.features, bank.identities, tau=expected_tau)
+    assert_close_to_scale(floored, reference, rtol=1e-5)
+    plain = ExpansionReward(bank)(x, y)  # the paper's tau = S_r: identity 1's penalty dwarfs the others
+    assert plain[y == 1].abs().max() > 100 * floored[y == 1].abs().max()
+    composite = CompositeReward(bank, tau_floor=0.3)
+    composite(x, y)
+    assert_close_to_scale(composite.last["exp"], reference, rtol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        ExpansionReward(bank, tau=1.0, tau_floor=0.3)
+    with pytest.raises(ValueError, match="tau_floor must be positive"):
+        CompositeReward(bank, tau_floor=-1.0)

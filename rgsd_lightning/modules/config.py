@@ -176,6 +176,8 @@ class RewardConfig:
         epsilon: ε of the expansion target (1 + ε) S_r.
         tau: τ of the expansion reward (None: S_r of the identity).
         credit: per-sample credit of the set rewards: "loo" (leave-one-out) or "group".
+        tau_floor: with tau None, each identity's τ = max(S_r, tau_floor x the median S_r over identities):
+            bounds the penalty of identities whose few real images are near duplicates (None: the paper's).
     """
 
     lambdas: tuple[float, float, float] = (1.0, 0.75, 0.25)
@@ -184,6 +186,7 @@ class RewardConfig:
     epsilon: float = 0.1
     tau: float | None = None
     credit: Literal["loo", "group"] = "loo"
+    tau_floor: float | None = None
 
     def __post_init__(self) -> None:
         lambdas = tuple(float(v) for v in self.lambdas)
@@ -192,6 +195,9 @@ class RewardConfig:
         _check(
             self.credit in ("loo", "group"), f"reward.credit must be 'loo' or 'group', got {self.credit!r}"
         )
+        floor = self.tau_floor
+        _check(floor is None or 0 < floor < math.inf, f"reward.tau_floor must be positive, got {floor}")
+        _check(floor is None or self.tau is None, "give reward.tau or reward.tau_floor, not both")
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :class:`~rgsd_lightning.rewards.CompositeReward`."""

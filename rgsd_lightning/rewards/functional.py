@@ -332,6 +332,28 @@ def _coverage_subsets(g: Tensor, bank: Tensor, sigma: float | Tensor, alpha: flo
     return cross / sizes.clamp_min(1.0) - alpha * redundancy / (sizes * (sizes - 1.0)).clamp_min(1.0)
 
 
+def floored_tau(spread: Tensor, counts: Tensor, floor: float) -> Tensor:
+    """Per-identity expansion scale ``tau_y = max(S_r(y), floor * median S_r)`` (the median over the
+    identities with at least two bank features), itself floored at ``TAU_FLOOR``.
+
+    ``tau = S_r`` makes the expansion penalty relative, ``((S_g / S_r) - (1 + eps))^2``; an identity whose
+    few real images are near duplicates (consecutive video frames) has a tiny S_r, and its penalty then
+    dwarfs every other identity's (on the PETA ReID set raw values reached +-1,100 with std 64) - after the
+    batch standardisation of Eq. 10 the expansion term of every other sample is close to zero. The floor
+    bounds that scale by the typical identity's spread.
+
+    Args:
+        spread: (N,) S_r of each identity (``reference_spread``; 0 where undefined).
+        counts: (N,) bank features of each identity.
+        floor: fraction of the median S_r (> 0).
+    """
+    _check_scale(floor, "tau_floor")
+    defined = spread[counts >= 2]
+    if defined.numel() == 0:
+        return spread.clamp_min(TAU_FLOOR)
+    return spread.clamp_min(float(floor) * float(_median(defined))).clamp_min(TAU_FLOOR)
+
+
 def _expansion_subsets(g: Tensor, s_r: Tensor, epsilon: float, tau: float | Tensor, w: Tensor) -> Tensor:
     """Eq. 9 on every subset (row of ``w``) of the normalised group ``g``; the empty subset scores 0."""
     sizes = w.sum(dim=1)

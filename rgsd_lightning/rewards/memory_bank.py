@@ -129,6 +129,12 @@ class MemoryBank(nn.Module):
             "spread", lambda: RF.reference_spread(self.features, self.identities, self.num_identities)
         )
 
+    def floored_tau(self, floor: float) -> Tensor:
+        """(N,) expansion scale ``max(S_r, floor * median S_r)`` per identity (``functional.floored_tau``)."""
+        return self._cached(
+            f"floored_tau_{float(floor)!r}", lambda: RF.floored_tau(self.spread(), self.counts(), floor)
+        )
+
     def check_covers(self, identities: Tensor | Sequence[int]) -> None:
         """Raise ValueError unless every identity in ``identities`` has at least one bank feature.
 

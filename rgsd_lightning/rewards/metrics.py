@@ -54,6 +54,13 @@ class _BankReward(Metric):
         """The RBF bandwidth to use: ``sigma`` itself, or the bank's per-identity median heuristic (None)."""
         return self.bank.bandwidths() if sigma is None else sigma
 
+    def _tau(self, tau: float | None, tau_floor: float | None) -> float | Tensor | None:
+        """The expansion scale: ``tau`` itself, S_r of the identity (None), or S_r floored at ``tau_floor``
+        times the bank's median S_r."""
+        if tau is not None or tau_floor is None:
+            return tau
+        return self.bank.floored_tau(tau_floor)
+
     def update(self, features: Tensor, identities: Tensor) -> None:
         """Score a batch, keep the per-sample values in ``.last`` and add them to the running sums.
 
@@ -82,6 +89,15 @@ class _BankReward(Metric):
         """
         super().forward(features, identities)  # torchmetrics' batch/accumulate logic; batch mean cached
         return self.last if self._keys == ("value",) else self.last["total"]
+
+
+def _check_tau(tau: float | None, tau_floor: float | None) -> None:
+    _positive(tau, "tau")
+    _positive(tau_floor, "tau_floor")
+    if tau is not None and tau_floor is not None:
+        raise ValueError(
+            f"give tau ({tau}) or tau_floor ({tau_floor}), not both: the floor applies to tau=S_r"
+        )
 
 
 def _zero() -> Tensor:
@@ -150,6 +166,8 @@ class ExpansionReward(_BankReward):
         epsilon: target expansion over the real spread S_r.
         tau: penalty scale; None = S_r of the identity (floored at 1e-6).
         credit: ``"loo"`` (leave-one-out marginal) or ``"group"`` (every member gets the group value).
+        tau_floor: with ``tau=None``, floor each identity's S_r scale at this fraction of the bank's median
+            S_r (``functional.floored_tau``); None = the paper's S_r as it is.
         **kwargs: forwarded to ``torchmetrics.Metric``.
     """
 
@@ -159,12 +177,14 @@ class ExpansionReward(_BankReward):
         epsilon: float = 0.1,
         tau: float | None = None,
         credit: RF.Credit = "loo",
+        tau_floor: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(bank, **kwargs)
         RF._check_credit(credit)
-        _positive(tau, "tau")
+        _check_tau(tau, tau_floor)
         self.epsilon, self.tau, self.credit = RF._check_finite(epsilon, "epsilon"), tau, credit
+        self.tau_floor = tau_floor
 
     def _score(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
         value = RF.expansion(
@@ -173,7 +193,7 @@ class ExpansionReward(_BankReward):
             self.bank.features,
             self.bank.identities,
             epsilon=self.epsilon,
-            tau=self.tau,
+            tau=self._tau(self.tau, self.tau_floor),
             credit=self.credit,
         )
         return {"value": value}
@@ -195,6 +215,8 @@ class CompositeReward(_BankReward):
         epsilon: target expansion over the real spread.
         tau: expansion penalty scale; None = S_r of the identity.
         credit: ``"loo"`` (leave-one-out marginal) or ``"group"``.
+        tau_floor: with ``tau=None``, floor each identity's S_r scale at this fraction of the bank's median
+            S_r (see :class:`ExpansionReward`); None = the paper's S_r as it is.
         **kwargs: forwarded to ``torchmetrics.Metric``.
     """
 
@@ -207,15 +229,16 @@ class CompositeReward(_BankReward):
         epsilon: float = 0.1,
         tau: float | None = None,
         credit: RF.Credit = "loo",
+        tau_floor: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(bank, keys=COMPOSITE_KEYS, **kwargs)
         RF._check_credit(credit)
         _positive(sigma, "sigma")
-        _positive(tau, "tau")
+        _check_tau(tau, tau_floor)
         self.lambdas = RF._check_lambdas(lambdas)
         self.alpha, self.epsilon = RF._check_finite(alpha, "alpha"), RF._check_finite(epsilon, "epsilon")
-        self.sigma, self.tau = sigma, tau
+        self.sigma, self.tau, self.tau_floor = sigma, tau, tau_floor
         self.credit = credit
 
     def components(self, features: Tensor, identities: Tensor) -> dict[str, Tensor]:
@@ -234,7 +257,7 @@ class CompositeReward(_BankReward):
             alpha=self.alpha,
             sigma=self._bandwidth(self.sigma),
             epsilon=self.epsilon,
-            tau=self.tau,
+            tau=self._tau(self.tau, self.tau_floor),
             credit=self.credit,
         )
 
@@ -262,7 +285,7 @@ class CompositeReward(_BankReward):
                 bank.features,
                 bank.identities,
                 epsilon=self.epsilon,
-                tau=self.tau,
+                tau=self._tau(self.tau, self.tau_floor),
                 credit="group",
             ),
         }

@@ -19,9 +19,11 @@ import logging
 import multiprocessing
 import os
 import re
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 from rgsd_lightning.pipeline.runner import StageResult, done_line, run_stage
 from rgsd_lightning.pipeline.spec import Stage
@@ -44,13 +46,15 @@ def stage_dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:
     return deps
 
 
-def _init_worker(threads: int | None, levels: dict[str, int]) -> None:
+def _init_worker(threads: int | None, levels: dict[str, int], filters: list[Any]) -> None:
+    """A worker's set-up: its torch threads, and the parent's logger levels and warning filters."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
+    warnings.filters[:] = filters
 
 
 def _run(stage: Stage, output: Path, refs: dict[str, dict[str, str | None]], force: bool) -> StageResult:
@@ -101,7 +105,7 @@ def run_parallel(
     levels = {name: logging.getLogger(name).level for name in _LOGGERS}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, levels)
+        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, levels, list(warnings.filters))
     ) as pool:
         while pending or running:
             while error is None and len(running) < jobs:

@@ -11,7 +11,8 @@
 * ``selection_scope`` - head- vs full-scope lookahead selection picks (``benchmarks.selection_scope``);
 * ``selection_variants`` - selection variants against wrong labels (``benchmarks.selection_variants``);
 * ``prior_recipe`` - what makes a small from-scratch pixel DiT sample toy persons: schedule, min-SNR,
-  x0 clipping, samplers, training steps, cold starts from the prior (``benchmarks.prior_recipe``).
+  x0 clipping, samplers, training steps, cold starts from the prior (``benchmarks.prior_recipe``);
+* ``parallel_jobs`` - a study's wall time as one process vs as parallel stages (``benchmarks.parallel_jobs``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ COMMANDS = {
     "selection_variants": "benchmarks.selection_variants:main",
     "verdict": "benchmarks.verdict:main",
     "prior_recipe": "benchmarks.prior_recipe:main",
+    "parallel_jobs": "benchmarks.parallel_jobs:main",
 }
 
 

@@ -474,3 +474,34 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
         and "**72.0 ± 1.0**" in text
         and "| 71.5 ± 1.0 |" in text
     )
+
+
+def test_parallel_jobs_summary_against_hand_made_runs():
+    from benchmarks.parallel_jobs import markdown, parse_mode, summarise
+
+    assert parse_mode("2x1") == (2, 1) and parse_mode("1X2") == (1, 2)
+    for bad in ("2", "ax1", "0x2"):
+        with pytest.raises(ValueError, match="mode"):
+            parse_mode(bad)
+    stage = {"a": {"seconds": 60.0, "metrics": {"test/mAP": 0.50}}, "b": {"seconds": 120.0, "metrics": {}}}
+    other = {"a": {"seconds": 80.0, "metrics": {"test/mAP": 0.52}}, "b": {"seconds": 150.0, "metrics": {}}}
+    rows = summarise(
+        [{"mode": "1x2", "wall_s": 600.0, "stages": stage}, {"mode": "2x1", "wall_s": 400.0, "stages": other}]
+    )
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == pytest.approx(1.5)
+    assert rows[1]["stage_seconds"] == 230.0 and rows[1]["max_metric_gap"] == pytest.approx(0.02)
+    assert rows[0]["max_metric_gap"] == 0.0
+    env = {
+        "date_utc": "d",
+        "cpu": "c",
+        "logical_cpus": 2,
+        "torch_threads": 2,
+        "platform": "p",
+        "python": "3",
+        "torch": "t",
+        "numpy": "n",
+        "diffusers": "f",
+        "cuda": None,
+    }
+    md = markdown({"environment": env, "command": "x", "settings": {"study": "s"}, "results": rows})
+    assert "| `2x1` | 6.7 | 1.50x | 2 | 3.8 | 2.0 |" in md

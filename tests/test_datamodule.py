@@ -106,6 +106,23 @@ def test_synthetic_records_mix_into_every_identity_batch(toy_market, tmp_path):
     assert mixed > 0
 
 
+def test_the_real_control_puts_the_real_training_images_into_the_synthetic_slots(toy_market):
+    from rgsd_lightning.data.datamodule import REAL_CONTROL
+
+    dm = _dm(toy_market, synthetic=[REAL_CONTROL], synthetic_fraction=0.5, p=3, k=4, batches_per_epoch=4)
+    dm.setup("fit")
+    assert [(r.path, r.identity) for r in dm.synthetic_records] == [
+        (r.path, r.identity) for r in dm.train_records
+    ]
+    assert {r.source for r in dm.synthetic_records} == {"synthetic"}
+    real_paths = {r.path for r in dm.train_records}
+    for batch in dm.train_dataloader():
+        syn = batch["is_synthetic"]
+        assert int(syn.sum()) == 6  # 2 of each identity's 4 slots
+        records = [dm.training_records()[int(i)] for i in batch["index"][syn]]
+        assert {r.path for r in records} <= real_paths and all(r.source == "synthetic" for r in records)
+
+
 def test_synthetic_keep_ranks_each_identity_by_its_recorded_reward(toy_market, tmp_path):
     """keep 0.5 of 5 images per identity: the 2 or 3 (round half to even: 2) with the highest sem of
     each identity, whatever the other identities score; without the column it is an error naming it."""

@@ -85,6 +85,14 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         "k2_private_selection",
         "k2_erasing_private_selection",
     ]
+    control = next(t for t in tables if "control" in t["title"])
+    assert [r["stage"] for r in control["rows"]] == [
+        "k2_real",
+        "k2_real_control",
+        "k2_real_control_selection",
+        "k2_rl",
+        "k2_rl_selection",
+    ]
     assert len(ablation["rows"]) == 5
     assert [r["stage"] for r in variants["rows"]] == [
         "k2_rl",

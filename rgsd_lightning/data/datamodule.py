@@ -61,6 +61,10 @@ TASKS = {"generator": GeneratorLoaders, "rl": RLLoaders, "reid": ReIDLoaders, "f
 """The loader helper of each task."""
 
 
+# a ``synthetic`` entry: the real training images in the synthetic slots (a control)
+REAL_CONTROL = "@real"
+
+
 class IdentityDataModule(L.LightningDataModule):
     """Real identity data (+ optional synthetic sets) for generator, ReID and face stages.
 
@@ -75,6 +79,9 @@ class IdentityDataModule(L.LightningDataModule):
         max_train_per_identity: keep at most this many real training images per identity (few-shot).
         exclude: file-name patterns (fnmatch) of real images to leave out, e.g. ``["*_Ambient*"]`` for Yale B.
         synthetic: synthetic sets to mix into training (folders holding manifest.jsonl, or manifest files).
+            The entry ``"@real"`` (``REAL_CONTROL``) fills the synthetic slots with the real training images
+            themselves: the control row that separates what the batch composition does from what the
+            synthetic images do.
         synthetic_fraction: share of each identity's K slots filled with synthetic images.
         synthetic_identity_map: renames synthetic identities onto real ones (e.g. an imported set).
         unknown_synthetic: what to do with synthetic records of identities outside the real label space.
@@ -243,6 +250,9 @@ class IdentityDataModule(L.LightningDataModule):
         out: list[IdentityRecord] = []
         mapping = hp.synthetic_identity_map or {}
         for entry in hp.synthetic or []:
+            if entry == REAL_CONTROL:
+                out += [_replace(rec, source="synthetic") for rec in self.train_records]
+                continue
             for rec in read_manifest(manifest_path(entry)):
                 out.append(
                     _replace(rec, identity=mapping.get(rec.identity, rec.identity), source="synthetic")

@@ -312,3 +312,13 @@ def test_the_demo_starts_from_the_shipped_prior_unless_asked_to_train_it():
     }
     _, quick = load_pipeline(demo_file(quick=True))  # the quick demo trains its own tiny prior
     assert quick[0].name == "prior" and quick[0].config["model"]["init_args"]["preset"] == "tiny"
+
+
+def test_only_takes_stage_names_and_shell_patterns_in_pipeline_order():
+    from rgsd_lightning.pipeline.runner import select_stages
+
+    names = ["prior", "k3_real_s0", "k3_real_s3", "k3_rl_s3", "k3_real_s7", "k1_real_s3"]
+    assert select_stages(["k3_*_s[3-7]", "prior"], names) == ["prior", "k3_real_s3", "k3_rl_s3", "k3_real_s7"]
+    assert select_stages(["k1_real_s3"], names) == ["k1_real_s3"]
+    with pytest.raises(ValueError, match=r"unknown stages \['k5_\*'\]"):
+        select_stages(["k5_*", "prior"], names)

@@ -9,6 +9,7 @@ seconds, the export / synthetic-set paths and the test metrics.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import time
 import warnings
@@ -244,7 +245,8 @@ def run_pipeline(
 ) -> dict[str, StageResult]:
     """Run stages in order, wiring ``${stage.export}`` / ``${stage.output}`` references between them.
 
-    Stages left out by ``only`` are not run; their earlier results (if finished) still feed later stages
+    ``only`` names stages or shell-style patterns of them (``k3_*_s[3-7]``). Stages left out by ``only`` are
+    not run; their earlier results (if finished) still feed later stages
     and are returned with status "skipped". With ``jobs > 1`` independent stages run side by side in
     ``jobs`` worker processes of ``threads`` torch threads each (:mod:`rgsd_lightning.pipeline.parallel`).
     """
@@ -253,7 +255,8 @@ def run_pipeline(
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ValueError(f"stage names must be unique: {names}")
-    unknown = sorted(set(only or []) - set(names)) + sorted(set(force) - set(names))
+    only = select_stages(only, names) if only else only
+    unknown = sorted(set(force) - set(names))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; the pipeline has {names}")
     if jobs != 1:
@@ -276,6 +279,15 @@ def run_pipeline(
         results[stage.name], refs[stage.name] = result, result.refs()
         announce(done_line(label, result))
     return results
+
+
+def select_stages(patterns: Sequence[str], names: Sequence[str]) -> list[str]:
+    """The stage names matching any of ``patterns`` (names or shell-style patterns such as
+    ``k3_real_s[3-7]``), in pipeline order; ValueError naming a pattern that matches no stage."""
+    unmatched = [p for p in patterns if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise ValueError(f"unknown stages {unmatched}; the pipeline has {list(names)}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def done_line(label: str, result: StageResult) -> str:

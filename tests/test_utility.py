@@ -47,6 +47,8 @@ def _tiny_study(tmp_path: Path) -> Path:
             "cold_steps": 4,
             "rl_rollouts": 1,
             "rl_sample_steps": 2,
+            "rl_windowed_rounds": 2,
+            "rl_fast_steps": 3,
             "per_identity": 2,
             "gen_sample_steps": 2,
             "rec_epochs": 2,
@@ -82,6 +84,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         "k2_erasing_rl_selection",
         "k2_rl_filtered_selection",
         "k2_erasing_rl_filtered_selection",
+        "k2_rl_windowed_selection",
+        "k2_erasing_rl_windowed_selection",
         "k2_private_selection",
         "k2_erasing_private_selection",
     ]
@@ -134,7 +138,19 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
     assert private_rows["data"]["init_args"]["synthetic"] == [str(work / "k2_gen_private" / "synthetic")]
     quality = next(s for s in report["sections"] if "judge" in s)
     filtered, private = "rl_full, reward-filtered", "copy-free"
-    assert set(quality["sets"]) == {"cold", "rl_semantic", "rl_coverage", "rl_full", filtered, private}
+    assert set(quality["sets"]) == {
+        "cold",
+        "rl_semantic",
+        "rl_coverage",
+        "rl_full",
+        "rl_windowed",
+        filtered,
+        private,
+    }
+    windowed = yaml.safe_load((work / "k2_rl_windowed" / "config.yaml").read_text())["model"]["init_args"]
+    assert windowed["mode"] == "windowed" and windowed["sampler"]["steps"] == 3
+    assert windowed["window"]["size"] == 2 and windowed["reward"]["lambdas"] == [1.0, 0.75, 0.25]
+    assert windowed["generator"].startswith(str(work / "k2_cold_start"))
     for name, q in quality["sets"].items():
         assert 0.0 <= q["fidelity"] <= 1.0 and q["fid"] >= -1e-6 and "kid" in q, name
         assert q["audit"]["num_images"] == q["num_images"], name

@@ -20,6 +20,8 @@ Decisions where the paper is silent (DESIGN.md section 4):
 * ``sigma=None``: median heuristic per identity (:func:`median_bandwidth`); ``tau=None``: ``S_r`` of the
   identity, floored at 1e-6 so an identity whose bank features are all identical gives a finite (large)
   penalty rather than a division by zero.
+* ``tau_floor`` (opt-in, not the paper's): ``tau_y = max(S_r(y), tau_floor * median S_r)``
+  (:func:`floored_tau`), for banks whose identities have a few near-duplicate images (video frames).
 * an identity with fewer than two bank features has no defined ``S_r``: its expansion reward is 0 for every
   member (no information about the real spread), whatever ``tau``.
 * the rewards are differentiable with respect to the generated features; the bank, the bandwidths and

@@ -443,6 +443,7 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
             {"rows": [row("k1_rl_selection", 0.61), row("k1_erasing_rl_selection", 0.715)]},
             {"rows": [row("k1_rl_filtered_selection", 0.62), row("k1_erasing_rl_filtered_selection", 0.705)]},
             {"rows": [row("k1_private_selection", 0.64), row("k1_erasing_private_selection", 0.72)]},
+            {"rows": [row("k1_rl_windowed_selection", 0.63), row("k1_erasing_rl_windowed_selection", 0.69)]},
             {"rows": [row("k3_real", 0.80), row("k3_rl_selection", 0.79)]},  # k3 is missing rows: not met
             {"rows": [{"stage": "k1_rl_selection", "mean": {"kept_share": 0.5}}]},  # a selection section
         ]
@@ -454,11 +455,12 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
     assert k1["floor"] is True and k1["goal"] is True  # 61, 62 >= 60 and 71.5 >= 70 + 1 (by 0.5 point)
     assert k1["goal, filtered"] is False  # 70.5 < 70 + 1
     assert k1["goal, copy-free"] is True  # 72 >= 70 + 1
+    assert k1["goal, windowed"] is False  # 69 < 70 + 1
     k3 = table["ORL 3-shot, identification %"]
     assert k3["floor"] is False and k3["goal"] is False  # 79 < 80; no Random Erasing rows
     reid = table["4-dataset ReID, mAP %"]
     assert all(c is None for c in reid["cells"].values()) and not reid["floor"] and not reid["goal"]
-    assert reid["goal, copy-free"] is None  # the ReID study has no copy-free rows by design
+    assert reid["goal, copy-free"] is None and reid["goal, windowed"] is None  # not in the ReID study
     reid_rows = [row(f"all_{s}", 0.15, metric="test/mAP") for s in ("real", "erasing", "rl_selection")]
     reid_rows += [
         row(f"all_{s}", 0.16, metric="test/mAP") for s in ("erasing_rl_selection", "rl_filtered_selection")
@@ -467,7 +469,7 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
     (tmp_path / "utility_reid.json").write_text(json.dumps({"sections": [{"rows": reid_rows}]}))
     reid = verdict(tmp_path)["4-dataset ReID, mAP %"]
     assert reid["floor"] is True and reid["goal"] is True  # copy-free columns do not count against it
-    assert "| n/a | n/a | met | met | met | n/a |" in markdown({"r": reid})
+    assert "| n/a | n/a | n/a | n/a | met | met | met | n/a | n/a |" in markdown({"r": reid})
     text = markdown(table)
     assert (
         "| ORL 1-shot, identification % | 60.0 ± 1.0 | 70.0 ± 1.0 |" in text

@@ -105,6 +105,8 @@ def test_two_jobs_run_every_stage_after_the_stages_it_names_and_resume_with_one(
     again = run_pipeline(output, stages, announce=lambda line: None)  # one job: every stage is finished
     assert all(r.status == "skipped" for r in again.values())
     assert {n: r.metrics for n, r in again.items()} == {n: r.metrics for n, r in results.items()}
+    resumed = run_pipeline(output, stages, jobs=2, threads=1, announce=lambda line: None)
+    assert all(r.status == "skipped" for r in resumed.values()) and list(resumed) == list(results)
 
 
 @pytest.mark.slow

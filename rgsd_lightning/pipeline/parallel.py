@@ -57,10 +57,6 @@ def _init_worker(threads: int | None, levels: dict[str, int], filters: list[Any]
     warnings.filters[:] = filters
 
 
-def _run(stage: Stage, output: Path, refs: dict[str, dict[str, str | None]], force: bool) -> StageResult:
-    return run_stage(stage, output, refs, force=force)
-
-
 def run_parallel(
     output: str | Path,
     stages: Sequence[Stage],
@@ -116,8 +112,12 @@ def run_parallel(
                 label = f"[{order[ready.name] + 1}/{len(stages)}] {ready.name}"
                 announce(f"{label}: {ready.describe or ready.command} ...")
                 refs = {name: r.refs() for name, r in results.items()}
-                future = pool.submit(_run, ready, output, refs, ready.name in force)
-                running[future] = (ready, label)
+                forced = ready.name in force
+                if not forced and StageResult.from_marker(output / ready.name) is not None:
+                    results[ready.name] = run_stage(ready, output, refs)  # finished: reused here, at once
+                    announce(done_line(label, results[ready.name]))
+                    continue
+                running[pool.submit(run_stage, ready, output, refs, forced)] = (ready, label)
             if not running:
                 break  # (after an error) nothing left to wait for
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)

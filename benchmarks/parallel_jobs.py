@@ -2,7 +2,8 @@
 
 Runs the same study pipeline (default: the faces study's ``--quick`` overlay) from scratch once per mode
 ``JOBSxTHREADS`` - ``1x2`` is one process with two torch threads (what ``python -m benchmarks utility``
-does on a 2-core machine), ``2x1`` two worker processes of one thread each (``--jobs 2 --threads 1``) - each
+does on a 2-core machine), ``2x1`` two worker processes of one thread each (``--jobs 2 --threads 1``),
+``2xauto`` two workers whose stages get the CPUs they share (``--jobs 2``: a stage alone gets both) - each
 in a fresh folder under ``--work`` and as a subprocess of its own, and writes ``parallel_jobs.json/.md``:
 wall time per mode, the speed-up over the first mode, the summed stage times, and how far the modes' test
 metrics are apart (thread counts change float summation order, so they agree only approximately).
@@ -30,20 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default="benchmarks/configs/utility_faces.yaml", help="study pipeline")
     p.add_argument("--full", action="store_true", help="the full study instead of its --quick overlay")
-    p.add_argument("--modes", nargs="+", default=["1x2", "2x1"], help="JOBSxTHREADS per run")
+    p.add_argument("--modes", nargs="+", default=["1x2", "2x1", "2xauto"], help="JOBSxTHREADS per run")
     p.add_argument("--work", default="runs/bench/parallel_jobs", help="scratch run folders (replaced)")
     p.add_argument("--out", default="benchmarks/results", help="folder of parallel_jobs.json / .md")
     return p
 
 
-def parse_mode(mode: str) -> tuple[int, int]:
-    """``"2x1"`` -> (jobs 2, threads 1); ValueError naming the mode otherwise."""
+def parse_mode(mode: str) -> tuple[int, int | None]:
+    """``"2x1"`` -> (jobs 2, threads 1); ``"2xauto"`` -> (2, None: the runner's per-stage choice);
+    ValueError naming the mode otherwise."""
     try:
-        jobs, threads = (int(v) for v in mode.lower().split("x"))
+        jobs_text, threads_text = mode.lower().split("x")
+        jobs = int(jobs_text)
+        threads = None if threads_text == "auto" else int(threads_text)
     except ValueError:
-        raise ValueError(f"mode must be JOBSxTHREADS such as 2x1, got {mode!r}") from None
-    if jobs < 1 or threads < 1:
+        raise ValueError(f"mode must be JOBSxTHREADS such as 2x1 or 2xauto, got {mode!r}") from None
+    if jobs < 1 or (threads is not None and threads < 1):
         raise ValueError(f"mode {mode!r}: jobs and threads must be >= 1")
+    if jobs == 1 and threads is None:
+        raise ValueError(f"mode {mode!r}: one job needs a thread count")
     return jobs, threads
 
 
@@ -107,7 +113,8 @@ def markdown(report: dict[str, Any]) -> str:
         + md_environment(report["environment"])
         + f"\nCommand: `{report['command']}`; study `{report['settings']['study']}`.\n\n"
         + md_table(headers, rows)
-        + "\nEach mode runs the study from scratch in a fresh folder. Stage min (sum): the stages' own wall "
+        + "\nEach mode runs the study from scratch in a fresh folder (`auto`: each stage's threads are the "
+        "CPUs it shares with the stages beside it when it starts). Stage min (sum): the stages' own wall "
         "times added up (with two jobs two stages share the machine, so each takes longer than alone). Max "
         "gap: the largest difference of any test metric from the first mode's, in points (other thread "
         "counts sum floats in another order).\n"
@@ -125,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = [sys.executable, "-m", "benchmarks", "utility", "--config", args.config]
         command += [] if args.full else ["--quick"]
         command += ["--set", f"output={folder}", "--out", str(folder / "report")]
-        command += ["--jobs", str(jobs), "--threads", str(threads)]
+        command += ["--jobs", str(jobs)] + ([] if threads is None else ["--threads", str(threads)])
         print(f"[parallel_jobs] {mode}: {' '.join(command)}", flush=True)
         start = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

@@ -481,8 +481,8 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
 def test_parallel_jobs_summary_against_hand_made_runs():
     from benchmarks.parallel_jobs import markdown, parse_mode, summarise
 
-    assert parse_mode("2x1") == (2, 1) and parse_mode("1X2") == (1, 2)
-    for bad in ("2", "ax1", "0x2"):
+    assert parse_mode("2x1") == (2, 1) and parse_mode("1X2") == (1, 2) and parse_mode("2xauto") == (2, None)
+    for bad in ("2", "ax1", "0x2", "1xauto"):
         with pytest.raises(ValueError, match="mode"):
             parse_mode(bad)
     stage = {"a": {"seconds": 60.0, "metrics": {"test/mAP": 0.50}}, "b": {"seconds": 120.0, "metrics": {}}}

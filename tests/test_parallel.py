@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rgsd_lightning.pipeline import Stage, load_pipeline, run_pipeline
-from rgsd_lightning.pipeline.parallel import stage_dependencies
+from rgsd_lightning.pipeline.parallel import stage_dependencies, stage_threads
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "toy"
 
@@ -24,6 +24,15 @@ def test_dependencies_are_the_earlier_stages_a_config_references():
         Stage("e", {"trainer": {"callbacks": [{"init_args": {"path": "${c.export}"}}]}}),
     ]
     assert stage_dependencies(stages) == {"a": set(), "b": {"a"}, "c": {"a", "b"}, "d": set(), "e": {"c"}}
+
+
+def test_a_stage_gets_the_cpus_it_shares_with_the_stages_beside_it():
+    assert stage_threads(cpus=2, jobs=2, running=0, ready=1) == 2  # alone: every CPU
+    assert stage_threads(cpus=2, jobs=2, running=0, ready=5) == 1  # another one starts beside it
+    assert stage_threads(cpus=2, jobs=2, running=1, ready=1) == 1
+    assert stage_threads(cpus=16, jobs=4, running=1, ready=1) == 8
+    assert stage_threads(cpus=16, jobs=4, running=3, ready=9) == 4
+    assert stage_threads(cpus=1, jobs=4, running=3, ready=9) == 1
 
 
 def _pipeline(tmp_path: Path, toy_market: str, generator: str, bad_gen: bool = False) -> Path:

@@ -30,7 +30,8 @@ def command(
         dry_run: print the stages and their configs, run nothing.
         no_report: do not write the report at the end.
         jobs: run up to this many independent stages at once, each in a worker process of its own.
-        threads: torch threads per worker with jobs > 1 (default: the CPU count divided by jobs).
+        threads: torch threads of each stage with jobs > 1 (default: the CPUs divided among the stages
+            running side by side when it starts).
     """
     spec = read_spec(config, set or [])
     output, stages = expand(spec)

@@ -4,8 +4,9 @@ A stage depends on the stages its config names in ``${stage.export}`` / ``${stag
 ``${stage.folder}`` references (:func:`stage_dependencies`); every other pair of stages is independent (the
 seeds of a row, the rows of a study, the RL variants of a cold start). :func:`run_parallel` keeps ``jobs``
 worker processes busy with stages whose dependencies have finished, in pipeline order. Small CPU models
-use a core far better as one single-threaded process each than as one process with several threads, so
-``jobs=2`` on a 2-core machine about halves the wall time of a study of many small stages.
+use a core better as one single-threaded process each than as one process with several threads; a stage
+that starts with nothing beside it (the prior every other stage waits for) gets every CPU
+(:func:`stage_threads`). What it gains depends on the machine: ``benchmarks/results/parallel_jobs.md``.
 
 Each worker is a fresh interpreter (``spawn``) that runs whole stages with :func:`run_stage`: the same
 folders, the same ``stage.json`` markers and the same resume as the sequential runner, so a run may be
@@ -46,15 +47,26 @@ def stage_dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:
     return deps
 
 
-def _init_worker(threads: int | None, levels: dict[str, int], filters: list[Any]) -> None:
-    """A worker's set-up: its torch threads, and the parent's logger levels and warning filters."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+def _init_worker(levels: dict[str, int], filters: list[Any]) -> None:
+    """A worker's set-up: the parent's logger levels and warning filters."""
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     warnings.filters[:] = filters
+
+
+def _run(threads: int, stage: Stage, output: Path, refs: dict[str, Any], force: bool) -> StageResult:
+    """One stage in a worker, on ``threads`` torch threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_stage(stage, output, refs, force=force)
+
+
+def stage_threads(cpus: int, jobs: int, running: int, ready: int) -> int:
+    """Torch threads for a stage about to start: the CPUs shared by the stages that will run beside it
+    (the ones running, plus the ready ones up to ``jobs``), at least 1. A stage that starts alone (the
+    prior a whole study waits for) gets every CPU."""
+    return max(1, cpus // max(1, min(jobs, running + ready)))
 
 
 def run_parallel(
@@ -73,7 +85,8 @@ def run_parallel(
         output: the run folder.
         stages: the expanded stages, in pipeline order.
         jobs: worker processes (>= 1).
-        threads: torch threads per worker (None: the CPU count divided by ``jobs``, at least 1).
+        threads: torch threads of each stage (None: :func:`stage_threads` when the stage starts - the CPUs
+            divided among the stages that run beside it).
         only: run only these stages (the finished others still feed the ones that run).
         force: re-run these stages even when finished.
         announce: where progress lines go (default: print).
@@ -85,7 +98,7 @@ def run_parallel(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     announce = announce or (lambda line: print(line, flush=True))
     output = Path(output)
-    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    cpus = os.cpu_count() or 1
     order = {s.name: i for i, s in enumerate(stages)}
     deps = stage_dependencies(stages)
     results: dict[str, StageResult] = {}
@@ -101,7 +114,7 @@ def run_parallel(
     levels = {name: logging.getLogger(name).level for name in _LOGGERS}
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_init_worker, initargs=(threads, levels, list(warnings.filters))
+        jobs, mp_context=context, initializer=_init_worker, initargs=(levels, list(warnings.filters))
     ) as pool:
         while pending or running:
             while error is None and len(running) < jobs:
@@ -117,7 +130,9 @@ def run_parallel(
                     results[ready.name] = run_stage(ready, output, refs)  # finished: reused here, at once
                     announce(done_line(label, results[ready.name]))
                     continue
-                running[pool.submit(run_stage, ready, output, refs, forced)] = (ready, label)
+                waiting = sum(1 for s in pending if not deps[s.name] & (to_run - set(results)))
+                n = threads or stage_threads(cpus, jobs, len(running), 1 + waiting)
+                running[pool.submit(_run, n, ready, output, refs, forced)] = (ready, label)
             if not running:
                 break  # (after an error) nothing left to wait for
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)

@@ -27,7 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the *_quick.yaml overlay (<= 10 min on 2 cores)")
     p.add_argument("--out", default="benchmarks/results", help="folder of the result md / json / figures")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. vars.seeds=[0]")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (of each stage with --jobs > 1; default: torch's choice / the CPUs it shares)",
+    )
     p.add_argument("--only", nargs="*", default=None, help="run only these stages (the report shows all)")
     p.add_argument(
         "--jobs",

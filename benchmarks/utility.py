@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (of each stage with --jobs > 1; default: torch's choice / the CPUs it shares)",
+        help="torch CPU threads (per stage with --jobs > 1; default: torch's choice / the CPUs it shares)",
     )
     p.add_argument("--only", nargs="*", default=None, help="run only these stages (the report shows all)")
     p.add_argument(

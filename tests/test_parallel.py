@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rgsd_lightning.pipeline import Stage, load_pipeline, run_pipeline
+from rgsd_lightning.pipeline import Stage, load_pipeline, run_pipeline, run_stages
 from rgsd_lightning.pipeline.parallel import stage_dependencies, stage_threads
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "toy"
@@ -90,7 +90,7 @@ def test_two_jobs_run_every_stage_after_the_stages_it_names_and_resume_with_one(
 ):
     output, stages = load_pipeline(_pipeline(tmp_path, toy_market, tiny_generator_export))
     lines: list[str] = []
-    results = run_pipeline(output, stages, jobs=2, threads=1, announce=lines.append)
+    results = run_stages(output, stages, jobs=2, threads=1, announce=lines.append)
     assert list(results) == ["rec_s0", "rec_s1", "cold", "gen"]
     assert all(r.status == "ran" for r in results.values())
     finished = [line.split("]")[1].split(":")[0].strip() for line in lines if ": ran in" in line]
@@ -114,7 +114,7 @@ def test_two_jobs_run_every_stage_after_the_stages_it_names_and_resume_with_one(
     again = run_pipeline(output, stages, announce=lambda line: None)  # one job: every stage is finished
     assert all(r.status == "skipped" for r in again.values())
     assert {n: r.metrics for n, r in again.items()} == {n: r.metrics for n, r in results.items()}
-    resumed = run_pipeline(output, stages, jobs=2, threads=1, announce=lambda line: None)
+    resumed = run_stages(output, stages, jobs=2, announce=lambda line: None)
     assert all(r.status == "skipped" for r in resumed.values()) and list(resumed) == list(results)
 
 
@@ -124,9 +124,9 @@ def test_a_failing_stage_stops_new_stages_and_keeps_the_finished_ones(
 ):
     output, stages = load_pipeline(_pipeline(tmp_path, toy_market, tiny_generator_export, bad_gen=True))
     with pytest.raises(ValueError, match="folder not found: .*missing"):
-        run_pipeline(output, stages, jobs=2, threads=1, announce=lambda line: None)
+        run_stages(output, stages, jobs=2, threads=1, announce=lambda line: None)
     for name in ("rec_s0", "rec_s1", "cold"):  # finished before gen (which needs cold and rec_s0) failed
         assert (output / name / "stage.json").is_file()
     assert not (output / "gen" / "stage.json").exists()
     with pytest.raises(ValueError, match="jobs must be >= 1"):
-        run_pipeline(output, stages, jobs=0)
+        run_stages(output, stages, jobs=0)

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from rgsd_lightning.commands.parser import run_command
-from rgsd_lightning.pipeline import expand, read_spec, run_pipeline, save_spec
+from rgsd_lightning.pipeline import expand, read_spec, run_stages, save_spec
 
 
 def command(
@@ -41,7 +41,7 @@ def command(
             print(json.dumps(stage.config, indent=1))
         return 0
     save_spec(output, spec)
-    results = run_pipeline(output, stages, only=only, force=force or [], jobs=jobs, threads=threads)
+    results = run_stages(output, stages, only=only, force=force or [], jobs=jobs, threads=threads)
     print(json.dumps({name: r.as_dict() for name, r in results.items()}, indent=1))
     if spec.get("report") and not no_report:
         from rgsd_lightning.report import make_report

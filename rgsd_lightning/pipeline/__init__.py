@@ -44,6 +44,7 @@ __all__ = [
     "run_file",
     "run_pipeline",
     "run_stage",
+    "run_stages",
     "save_spec",
     "seed_stage",
     "set_dotted",
@@ -65,12 +66,31 @@ def run_file(
     """Run (or resume) the pipeline file ``path``; its merged spec is saved in the run folder first.
 
     Returns the run folder and the results of the stages (finished ones "skipped"). ``jobs`` / ``threads``:
-    see :func:`run_pipeline`.
+    see :func:`run_stages`.
     """
     spec = read_spec(path, overrides)
     output, stages = expand(spec)
     save_spec(output, spec)
-    results = run_pipeline(
+    return output, run_stages(
         output, stages, only=only, force=force, announce=announce, jobs=jobs, threads=threads
     )
-    return output, results
+
+
+def run_stages(
+    output: str | Path,
+    stages: Sequence[Stage],
+    *,
+    only: Sequence[str] | None = None,
+    force: Sequence[str] = (),
+    announce: Callable[[str], None] | None = None,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> dict[str, StageResult]:
+    """:func:`run_pipeline` (one stage at a time, in this process) for ``jobs=1``, else
+    :func:`rgsd_lightning.pipeline.parallel.run_parallel` (up to ``jobs`` stages side by side in worker
+    processes of ``threads`` torch threads each; None: the CPUs a stage shares when it starts)."""
+    if jobs == 1:
+        return run_pipeline(output, stages, only=only, force=force, announce=announce)
+    from rgsd_lightning.pipeline.parallel import run_parallel
+
+    return run_parallel(output, stages, jobs=jobs, threads=threads, only=only, force=force, announce=announce)

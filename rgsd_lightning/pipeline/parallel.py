@@ -26,7 +26,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from rgsd_lightning.pipeline.runner import StageResult, done_line, run_stage
+from rgsd_lightning.pipeline.runner import StageResult, done_line, run_stage, stages_to_run
 from rgsd_lightning.pipeline.spec import Stage
 
 _REF = re.compile(r"\$\{([A-Za-z0-9_]+)\.(?:export|output|folder)\}")
@@ -87,7 +87,8 @@ def run_parallel(
         jobs: worker processes (>= 1).
         threads: torch threads of each stage (None: :func:`stage_threads` when the stage starts - the CPUs
             divided among the stages that run beside it).
-        only: run only these stages (the finished others still feed the ones that run).
+        only: run only these stages, names or shell-style patterns (the finished others still feed
+            the ones that run).
         force: re-run these stages even when finished.
         announce: where progress lines go (default: print).
 
@@ -96,6 +97,7 @@ def run_parallel(
     """
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
+    only = stages_to_run(stages, only, force)
     announce = announce or (lambda line: print(line, flush=True))
     output = Path(output)
     cpus = os.cpu_count() or 1

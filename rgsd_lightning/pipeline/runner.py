@@ -240,31 +240,16 @@ def run_pipeline(
     only: Sequence[str] | None = None,
     force: Sequence[str] = (),
     announce: Callable[[str], None] | None = None,
-    jobs: int = 1,
-    threads: int | None = None,
 ) -> dict[str, StageResult]:
     """Run stages in order, wiring ``${stage.export}`` / ``${stage.output}`` references between them.
 
     ``only`` names stages or shell-style patterns of them (``k3_*_s[3-7]``). Stages left out by ``only`` are
-    not run; their earlier results (if finished) still feed later stages
-    and are returned with status "skipped". With ``jobs > 1`` independent stages run side by side in
-    ``jobs`` worker processes of ``threads`` torch threads each (:mod:`rgsd_lightning.pipeline.parallel`).
+    not run; their earlier results (if finished) still feed later stages and are returned with status
+    "skipped". (Independent stages side by side: :func:`rgsd_lightning.pipeline.parallel.run_parallel`.)
     """
     announce = announce or (lambda line: print(line, flush=True))
     output = Path(output)
-    names = [s.name for s in stages]
-    if len(set(names)) != len(names):
-        raise ValueError(f"stage names must be unique: {names}")
-    only = select_stages(only, names) if only else only
-    unknown = sorted(set(force) - set(names))
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; the pipeline has {names}")
-    if jobs != 1:
-        from rgsd_lightning.pipeline.parallel import run_parallel
-
-        return run_parallel(
-            output, stages, jobs=jobs, threads=threads, only=only, force=force, announce=announce
-        )
+    only = stages_to_run(stages, only, force)
     results: dict[str, StageResult] = {}
     refs: dict[str, dict[str, str | None]] = {}
     for i, stage in enumerate(stages):
@@ -279,6 +264,20 @@ def run_pipeline(
         results[stage.name], refs[stage.name] = result, result.refs()
         announce(done_line(label, result))
     return results
+
+
+def stages_to_run(
+    stages: Sequence[Stage], only: Sequence[str] | None, force: Sequence[str]
+) -> list[str] | None:
+    """Check a run's stage names (unique; ``force`` names only known stages) and expand ``only``'s
+    patterns (:func:`select_stages`); None when every stage runs."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique: {names}")
+    unknown = sorted(set(force) - set(names))
+    if unknown:
+        raise ValueError(f"unknown stages {unknown}; the pipeline has {names}")
+    return select_stages(only, names) if only else None
 
 
 def select_stages(patterns: Sequence[str], names: Sequence[str]) -> list[str]:

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--jobs",
         type=int,
         default=1,
-        help="independent stages run at once (one process each, --threads each)",
+        help="independent stages run at once, each in a worker process of its own",
     )
     return p
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -27,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from rgsd_lightning.pipeline.runner import StageResult, done_line, run_stage, stages_to_run
-from rgsd_lightning.pipeline.spec import Stage
+from rgsd_lightning.pipeline.spec import Stage, referenced_stages
 
-_REF = re.compile(r"\$\{([A-Za-z0-9_]+)\.(?:export|output|folder)\}")
 # loggers whose level the workers copy from the parent (a quiet parent gets quiet workers)
 _LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
@@ -42,8 +40,7 @@ def stage_dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:
     """
     deps: dict[str, set[str]] = {}
     for stage in stages:
-        named = set(_REF.findall(repr(stage.config)))
-        deps[stage.name] = {n for n in named if n in deps}  # only stages before this one
+        deps[stage.name] = {n for n in referenced_stages(stage.config) if n in deps}  # earlier stages only
     return deps
 
 
@@ -111,6 +108,10 @@ def run_parallel(
             if done is not None:
                 results[stage.name] = done
     to_run = {s.name for s in pending}
+
+    def _ready(stage: Stage) -> bool:  # every stage it references that this run runs has finished
+        return not deps[stage.name] & (to_run - set(results))
+
     running: dict[Future, tuple[Stage, str]] = {}
     error: BaseException | None = None
     levels = {name: logging.getLogger(name).level for name in _LOGGERS}
@@ -120,7 +121,7 @@ def run_parallel(
     ) as pool:
         while pending or running:
             while error is None and len(running) < jobs:
-                ready = next((s for s in pending if not deps[s.name] & (to_run - set(results))), None)
+                ready = next((s for s in pending if _ready(s)), None)
                 if ready is None:
                     break
                 pending.remove(ready)
@@ -132,7 +133,7 @@ def run_parallel(
                     results[ready.name] = run_stage(ready, output, refs)  # finished: reused here, at once
                     announce(done_line(label, results[ready.name]))
                     continue
-                waiting = sum(1 for s in pending if not deps[s.name] & (to_run - set(results)))
+                waiting = sum(1 for s in pending if _ready(s))
                 n = threads or stage_threads(cpus, jobs, len(running), 1 + waiting)
                 running[pool.submit(_run, n, ready, output, refs, forced)] = (ready, label)
             if not running:

@@ -127,6 +127,18 @@ def substitute(value: Any, refs: dict[str, dict[str, str | None]], strict: bool 
     return value
 
 
+def referenced_stages(value: Any) -> set[str]:
+    """The stage names of the ``${stage.key}`` references in ``value`` (strings, recursively in dicts and
+    lists): what :func:`substitute` will need from earlier stages."""
+    if isinstance(value, str):
+        return {group for group, _ in _REF.findall(value)}
+    if isinstance(value, dict):
+        return set().union(*(referenced_stages(v) for v in value.values()))
+    if isinstance(value, list):
+        return set().union(*(referenced_stages(v) for v in value))
+    return set()
+
+
 def substitute_vars(value: Any, variables: dict[str, Any], where: str) -> Any:
     """Replace ``${name}`` (no dot) by pipeline vars, recursively; ``${stage.key}`` references stay.
 

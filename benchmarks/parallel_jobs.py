@@ -7,11 +7,14 @@ does on a 2-core machine), ``2x1`` two worker processes of one thread each (``--
 in a fresh folder under ``--work`` and as a subprocess of its own, and writes ``parallel_jobs.json/.md``:
 wall time per mode, the speed-up over the first mode, the summed stage times, and how far the modes' test
 metrics are apart (thread counts change float summation order, so they agree only approximately).
+``--estimate STUDY...`` instead estimates finished studies' wall time with 1 and 2 jobs from the CPU seconds
+their stages recorded (:func:`list_schedule`; ``parallel_jobs_estimate.json/.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import shutil
 import subprocess
@@ -34,7 +37,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=["1x2", "2x1", "2xauto"], help="JOBSxTHREADS per run")
     p.add_argument("--work", default="runs/bench/parallel_jobs", help="scratch run folders (replaced)")
     p.add_argument("--out", default="benchmarks/results", help="folder of parallel_jobs.json / .md")
+    p.add_argument(
+        "--estimate",
+        nargs="+",
+        metavar="STUDY",
+        help="instead: estimate these finished studies' wall time with 1 and 2 jobs from the CPU seconds "
+        "their stages recorded (a list schedule in pipeline order; writes parallel_jobs_estimate.*)",
+    )
     return p
+
+
+def list_schedule(
+    names: Sequence[str], deps: dict[str, set[str]], seconds: dict[str, float], jobs: int
+) -> float:
+    """Wall seconds of the stages ``names`` on ``jobs`` workers under the runner's rule: whenever a worker is
+    free it takes the first stage, in pipeline order, whose dependencies have all finished."""
+    pending, done, running, now = list(names), set(), [], 0.0
+    while pending or running:
+        while len(running) < jobs:
+            ready = next((n for n in pending if deps[n] <= done), None)
+            if ready is None:
+                break
+            pending.remove(ready)
+            heapq.heappush(running, (now + seconds[ready], ready))
+        if not running:
+            raise ValueError(f"stages {pending[:3]} depend on stages that never run")
+        now, name = heapq.heappop(running)
+        done.add(name)
+    return now
+
+
+def estimate(configs: Sequence[str]) -> list[dict[str, Any]]:
+    """Per study: its stages' summed CPU minutes and the list-schedule wall minutes with 1 and 2 jobs."""
+    from rgsd_lightning.pipeline import load_pipeline
+    from rgsd_lightning.pipeline.parallel import stage_dependencies
+
+    rows = []
+    for config in configs:
+        output, stages = load_pipeline(config)
+        names = [s.name for s in stages]
+        missing = [n for n in names if not (output / n / "stage.json").is_file()]
+        if missing:
+            raise ValueError(f"{config}: {len(missing)} stages have not finished, e.g. {missing[:3]}")
+        seconds = {}
+        for n in names:
+            marker = json.loads((output / n / "stage.json").read_text())
+            seconds[n] = float(marker.get("cpu_seconds") or marker["seconds"])
+        deps = stage_dependencies(stages)
+        wall = {jobs: list_schedule(names, deps, seconds, jobs) / 60 for jobs in (1, 2)}
+        rows.append(
+            {
+                "study": Path(config).stem,
+                "stages": len(names),
+                "cpu_min": sum(seconds.values()) / 60,
+                "wall_min_1": wall[1],
+                "wall_min_2": wall[2],
+            }
+        )
+    return rows
 
 
 def parse_mode(mode: str) -> tuple[int, int | None]:
@@ -124,6 +184,35 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every mode; write the report; returns the exit code."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.estimate:
+        rows = estimate(args.estimate)
+        command = "python -m benchmarks parallel_jobs --estimate " + " ".join(args.estimate)
+        report = {**report_header("parallel_jobs_estimate", False, command, {}), "results": rows}
+        table = md_table(
+            ["study", "stages", "stage CPU min", "1 job: wall min", "2 jobs: wall min"],
+            [
+                [
+                    r["study"],
+                    r["stages"],
+                    f"{r['cpu_min']:.1f}",
+                    f"{r['wall_min_1']:.1f}",
+                    f"{r['wall_min_2']:.1f}",
+                ]
+                for r in rows
+            ],
+        )
+        text = (
+            "# A study's wall time with 1 and 2 jobs, estimated\n\n"
+            + md_environment(report["environment"])
+            + f"\nCommand: `{command}`.\n\n"
+            + table
+            + "\nA list schedule of the CPU seconds each finished stage recorded (one torch thread each), in "
+            "pipeline order, a stage starting when a worker is free and the stages it references have "
+            "finished. An estimate, not a run: the recorded times include whatever else ran on the machine.\n"
+        )
+        print(text, end="")
+        write_report(args.out, "parallel_jobs_estimate", report, text)
+        return 0
     modes = [(m, *parse_mode(m)) for m in args.modes]
     runs = []
     for mode, jobs, threads in modes:

@@ -507,3 +507,30 @@ def test_parallel_jobs_summary_against_hand_made_runs():
     }
     md = markdown({"environment": env, "command": "x", "settings": {"study": "s"}, "results": rows})
     assert "| `2x1` | 6.7 | 1.50x | 2 | 3.8 | 2.0 |" in md
+
+
+def test_list_schedule_follows_the_runners_rule_on_a_hand_case():
+    from benchmarks.parallel_jobs import list_schedule
+
+    # prior (10) -> cold (4) -> rl (6); real_s0, real_s1 (3 each) need nothing; row (2) needs rl and real_s0
+    names = ["prior", "real_s0", "real_s1", "cold", "rl", "row"]
+    deps = {
+        "prior": set(),
+        "real_s0": set(),
+        "real_s1": set(),
+        "cold": {"prior"},
+        "rl": {"cold"},
+        "row": {"rl", "real_s0"},
+    }
+    seconds = {"prior": 10.0, "real_s0": 3.0, "real_s1": 3.0, "cold": 4.0, "rl": 6.0, "row": 2.0}
+    assert list_schedule(names, deps, seconds, 1) == 28.0  # the sum
+    # 2 workers: prior 0-10 | real_s0 0-3, real_s1 3-6; cold 10-14; rl 14-20; row 20-22
+    assert list_schedule(names, deps, seconds, 2) == 22.0
+    # a free worker skips ahead to a ready stage instead of waiting for the next one in order: with the
+    # real rows at 8 s and listed after cold, worker 2 runs them while prior runs (22; waiting in strict
+    # order for cold would give 26)
+    seconds.update(real_s0=8.0, real_s1=8.0)
+    order = ["prior", "cold", "real_s0", "real_s1", "rl", "row"]
+    assert list_schedule(order, deps, seconds, 2) == 22.0
+    with pytest.raises(ValueError, match="never run"):
+        list_schedule(["a"], {"a": {"b"}}, {"a": 1.0}, 2)

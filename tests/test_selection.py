@@ -201,6 +201,71 @@ def test_negative_rule_keeps_the_smallest_deltas_that_are_below_zero(step_on, ke
     assert int((smallest.keep & is_syn).sum()) == len(ranked)
 
 
+def brute_force_relabelled_deltas(net, inputs, is_syn, lr, candidates, loss_fn=image_losses):
+    """Deep copy, one SGD step on the real samples' mean loss (true labels), then per candidate identity j
+    the loss change of every sample relabelled as j: {j: (B,) deltas}."""
+    model = copy.deepcopy(net)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    relabelled = {j: {**inputs, "label": torch.full_like(inputs["label"], j)} for j in candidates}
+    with torch.no_grad():
+        before = {j: loss_fn(model, x) for j, x in relabelled.items()}
+    opt.zero_grad()
+    loss_fn(model, inputs)[~is_syn].mean().backward()
+    opt.step()
+    with torch.no_grad():
+        return {j: loss_fn(model, x) - before[j] for j, x in relabelled.items()}
+
+
+@pytest.mark.parametrize("head", ["ce", "cosface"])
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+def test_identity_rule_keeps_samples_the_step_moves_most_toward_their_own_identity(head, keep_ratio):
+    net = make_net(head, seed=6)
+    inputs, is_syn = make_batch(12, n=20)
+    candidates = sorted(set(inputs["label"][~is_syn].tolist()))
+    deltas = brute_force_relabelled_deltas(net, inputs, is_syn, 2.0, candidates)
+    own = brute_force_delta(net, inputs, 2.0, step_mask=~is_syn)
+    syn_idx = torch.nonzero(is_syn).flatten().tolist()
+    ranked = sorted(syn_idx, key=lambda i: float(own[i]))[: num_to_keep(len(syn_idx), keep_ratio)]
+    label = inputs["label"].tolist()
+    others = {i: [float(deltas[j][i]) for j in candidates if j != label[i]] for i in ranked}
+    wanted = {i for i in ranked if all(float(own[i]) < other for other in others[i])}
+    assert 0 < len(wanted) < len(ranked)  # the case separates the rules
+    result = lookahead_select(
+        net, image_losses, inputs, is_syn, lr=2.0, keep_ratio=keep_ratio, step_on="real", rule="identity"
+    )
+    assert set(torch.nonzero(result.keep & is_syn).flatten().tolist()) == wanted
+    assert result.keep[~is_syn].all()
+    assert_deltas_close(result.delta[is_syn], own[is_syn], result.loss_before)
+
+
+def test_identity_rule_keeps_copies_of_their_identity_and_drops_mislabelled_ones():
+    """Hand-made case (head scope): identities with orthogonal features of equal norm, a near-uniform
+    classifier and an identity projection; synthetic samples are copies of the real features. Labelled as
+    the copied identity, the step on the real samples raises their own logit most (all kept); labelled as
+    the next identity, never (all dropped)."""
+    net = make_net("ce", seed=7)
+    with torch.no_grad():
+        net.proj.weight.copy_(torch.eye(8, 6, dtype=torch.float64))
+        net.proj.bias.zero_()
+        net.classifier.weight.mul_(0.01)
+    real = 3.0 * torch.eye(6, dtype=torch.float64)[:NUM_CLASSES]
+    features = torch.cat([real, real])
+    labels = torch.arange(NUM_CLASSES)
+    is_syn = torch.arange(2 * NUM_CLASSES) >= NUM_CLASSES
+    head = [n for n, p in net.named_parameters() if p.requires_grad and not n.startswith("body.")]
+    options = dict(lr=0.5, keep_ratio=1.0, step_on="real", rule="identity", params=head)
+
+    def keep(synthetic_labels):
+        inputs = {"features": features, "label": torch.cat([labels, synthetic_labels])}
+        return lookahead_select(net, feature_losses, inputs, is_syn, **options).keep
+
+    assert keep(labels).all()
+    assert torch.equal(keep((labels + 1) % NUM_CLASSES), ~is_syn)
+    with pytest.raises(ValueError, match="mapping"):
+        bare_tensor_inputs = lambda m, x: feature_losses(m, {"features": x, "label": labels})  # noqa: E731
+        lookahead_select(net, bare_tensor_inputs, real, labels >= 3, **options)
+
+
 def test_keep_ratio_one_keeps_everything_and_zero_only_real():
     net = make_net("ce")
     inputs, is_syn = make_batch(4)

@@ -82,6 +82,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         "k2_rl",
         "k2_rl_selection",
         "k2_erasing_rl_selection",
+        "k2_rl_selection_identity",
+        "k2_erasing_rl_selection_identity",
         "k2_rl_filtered_selection",
         "k2_erasing_rl_filtered_selection",
         "k2_rl_windowed_selection",
@@ -103,6 +105,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         "k2_rl_selection",
         "k2_rl_selection_paper",
         "k2_rl_selection_negative",
+        "k2_rl_selection_identity",
+        "k2_rl_selection_none",
         "k2_rl_selection_share",
     ]
     configs = {
@@ -111,6 +115,9 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
             "rl_selection",
             "rl_selection_paper",
             "rl_selection_negative",
+            "rl_selection_identity",
+            "erasing_rl_selection_identity",
+            "rl_selection_none",
             "rl_selection_share",
             "erasing_rl_filtered_selection",
         )
@@ -119,6 +126,9 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
     assert chosen["rl_selection"]["step_on"] == "real" and chosen["rl_selection_paper"]["step_on"] == "batch"
     assert chosen["rl_selection_negative"]["rule"] == "negative"
     assert chosen["rl_selection"]["rule"] == "smallest"
+    for row in ("rl_selection_identity", "erasing_rl_selection_identity"):
+        assert chosen[row]["rule"] == "identity"
+    assert chosen["rl_selection_none"]["keep_ratio"] == 0.0 and chosen["rl_selection"]["keep_ratio"] == 0.5
     shares = {row: c["data"]["init_args"]["synthetic_fraction"] for row, c in configs.items()}
     assert shares["rl_selection_share"] == 0.5 and shares["rl_selection"] == 0.25
     keeps = {row: c["data"]["init_args"]["synthetic_keep"] for row, c in configs.items()}

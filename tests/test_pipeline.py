@@ -322,3 +322,26 @@ def test_only_takes_stage_names_and_shell_patterns_in_pipeline_order():
     assert select_stages(["k1_real_s3"], names) == ["k1_real_s3"]
     with pytest.raises(ValueError, match=r"unknown stages \['k5_\*'\]"):
         select_stages(["k5_*", "prior"], names)
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_only_refuses_a_selection_whose_inputs_are_neither_selected_nor_finished(tmp_path: Path, jobs):
+    """A pattern that also matches a stage whose input is not selected fails before anything runs, naming
+    the stage and what it needs; once that input is finished, the same selection is accepted."""
+    from rgsd_lightning.pipeline import Stage, run_stages
+    from rgsd_lightning.pipeline.runner import finished_outside
+
+    stages = [
+        Stage("gen_a", {"model": {"x": 1}}),
+        Stage("gen_b", {"model": {"x": 2}}),
+        Stage("rows_a_s0", {"data": {"synthetic": ["${gen_a.output}"]}}),
+        Stage("rows_b_s0", {"data": {"synthetic": ["${gen_b.output}"]}}),
+    ]
+    with pytest.raises(ValueError, match=r"rows_b_s0 needs \['gen_b'\]") as info:
+        run_stages(tmp_path, stages, only=["gen_a", "rows_*"], jobs=jobs)
+    assert "rows_a_s0" not in str(info.value)  # its input is selected
+    assert not any(tmp_path.iterdir())  # nothing ran
+    marker = tmp_path / "gen_b" / "stage.json"
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"name": "gen_b", "status": "finished", "output": str(tmp_path / "out")}))
+    assert set(finished_outside(tmp_path, stages, ["gen_a", "rows_a_s0", "rows_b_s0"])) == {"gen_b"}

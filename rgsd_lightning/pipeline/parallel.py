@@ -25,7 +25,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from pathlib import Path
 from typing import Any
 
-from rgsd_lightning.pipeline.runner import StageResult, done_line, run_stage, stages_to_run
+from rgsd_lightning.pipeline.runner import StageResult, done_line, finished_outside, run_stage, stages_to_run
 from rgsd_lightning.pipeline.spec import Stage, referenced_stages
 
 # loggers whose level the workers copy from the parent (a quiet parent gets quiet workers)
@@ -100,13 +100,8 @@ def run_parallel(
     cpus = os.cpu_count() or 1
     order = {s.name: i for i, s in enumerate(stages)}
     deps = stage_dependencies(stages)
-    results: dict[str, StageResult] = {}
+    results = finished_outside(output, stages, only)
     pending = [s for s in stages if not only or s.name in only]
-    for stage in stages:
-        if only and stage.name not in only:
-            done = StageResult.from_marker(output / stage.name)
-            if done is not None:
-                results[stage.name] = done
     to_run = {s.name for s in pending}
 
     def _ready(stage: Stage) -> bool:  # every stage it references that this run runs has finished

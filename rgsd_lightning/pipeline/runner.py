@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from rgsd_lightning.io import atomic_write_json, atomic_write_text
-from rgsd_lightning.pipeline.spec import Stage, substitute
+from rgsd_lightning.pipeline.spec import Stage, referenced_stages, substitute
 
 EXPORT_CALLBACK = "rgsd_lightning.callbacks.export.ExportArtifact"
 WRITER_CALLBACK = "rgsd_lightning.callbacks.writer.SyntheticSetWriter"
@@ -250,13 +250,10 @@ def run_pipeline(
     announce = announce or (lambda line: print(line, flush=True))
     output = Path(output)
     only = stages_to_run(stages, only, force)
-    results: dict[str, StageResult] = {}
-    refs: dict[str, dict[str, str | None]] = {}
+    results = finished_outside(output, stages, only)
+    refs = {name: result.refs() for name, result in results.items()}
     for i, stage in enumerate(stages):
         if only and stage.name not in only:
-            done = StageResult.from_marker(output / stage.name)
-            if done is not None:
-                results[stage.name], refs[stage.name] = done, done.refs()
             continue
         label = f"[{i + 1}/{len(stages)}] {stage.name}"
         announce(f"{label}: {stage.describe or stage.command} ...")
@@ -278,6 +275,33 @@ def stages_to_run(
     if unknown:
         raise ValueError(f"unknown stages {unknown}; the pipeline has {names}")
     return select_stages(only, names) if only else None
+
+
+def finished_outside(
+    output: Path, stages: Sequence[Stage], only: Sequence[str] | None
+) -> dict[str, StageResult]:
+    """The finished stages ``only`` leaves out (they feed the selected ones), after checking that every
+    selected stage references only selected or finished stages: a ValueError naming them before anything
+    runs, instead of a failure in the middle of the run."""
+    if not only:
+        return {}
+    finished = {s.name: StageResult.from_marker(output / s.name) for s in stages if s.name not in only}
+    finished = {name: result for name, result in finished.items() if result is not None}
+    names = {s.name for s in stages}
+    missing = {
+        s.name: sorted((referenced_stages(s.config) & names) - set(only) - set(finished))
+        for s in stages
+        if s.name in only
+    }
+    missing = {name: needs for name, needs in missing.items() if needs}
+    if missing:
+        listed = "; ".join(f"{name} needs {needs}" for name, needs in list(missing.items())[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ValueError(
+            f"the selected stages need stages that are neither selected nor finished: {listed}{more}. "
+            "Select those too, or narrow the patterns that selected these."
+        )
+    return finished
 
 
 def select_stages(patterns: Sequence[str], names: Sequence[str]) -> list[str]:

@@ -320,7 +320,44 @@ def test_recognizers_reject_bad_configuration():
         LookaheadReID(4, net=TEST_NET, selection={"ratio": 0.5})
     with pytest.raises(ValueError, match="label_smoothing"):
         LookaheadReID(4, net=TEST_NET, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="triplet_on"):
+        LookaheadReID(4, net=TEST_NET, triplet_on="synthetic")
     with pytest.raises(ValueError, match="preprocessing"):
         CosFaceRecognizer(4, net=EmbeddingNetConfig("test_resnet", embedding_dim=8)).export("/nonexistent/x")
     with pytest.raises(ValueError, match="net: unknown keys"):
         LookaheadReID(4, net={"architecture": "test_resnet", "embeding_dim": 8})
+
+
+@pytest.mark.parametrize("selection", [False, True])
+def test_triplet_on_real_mines_the_real_samples_only(selection):
+    """triplet_on="real": the triplet term is the batch-hard loss of the real samples alone (computed here
+    independently), the identity term still has the kept synthetic samples; "kept" mines those too."""
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(4)
+    is_syn = torch.zeros(16, dtype=torch.bool)
+    is_syn[3::4] = True  # one synthetic slot per identity, as the P x K sampler fills them
+    batch = {"image": torch.randn(16, 3, 32, 16), "label": labels, "is_synthetic": is_syn}
+    options = {"enabled": selection, "keep_ratio": 0.5}
+    losses = {}
+    for mode in ("kept", "real"):
+        torch.manual_seed(1)
+        model = LookaheadReID(4, net=TEST_NET, triplet_on=mode, selection=options).train()
+        model.log = model.log_dict = lambda *a, **k: None
+        model._count_selection = lambda *a, **k: None
+        torch.manual_seed(2)
+        loss = model.training_step(batch, 0)
+        torch.manual_seed(2)
+        out = model.identity_forward(batch)
+        keep = out["keep"]
+        assert int((keep & is_syn).sum()) == (2 if selection else 4)
+        id_loss = out["losses"][keep].mean()
+        mined = keep & ~is_syn if mode == "real" else keep
+        features = out["features"].float()
+        dist = torch.cdist(features[mined], features[mined])
+        same = labels[mined][:, None] == labels[mined][None, :]
+        hardest_pos = dist.masked_fill(~same, float("-inf")).max(1).values
+        hardest_neg = dist.masked_fill(same, float("inf")).min(1).values
+        triplet = F.relu(hardest_pos - hardest_neg + 0.3).mean()  # BoT's margin ranking loss, by hand
+        torch.testing.assert_close(loss, id_loss + triplet, rtol=1e-4, atol=1e-5)
+        losses[mode] = float(loss.detach())
+    assert losses["kept"] != pytest.approx(losses["real"], rel=1e-4)

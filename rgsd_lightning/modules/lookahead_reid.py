@@ -57,6 +57,11 @@ class LookaheadReID(Recognizer):
         metric: evaluation distance, "euclidean" (squared Euclidean) or "cosine".
         test_sources: test metrics per source too (``test/<name>/mAP``): name -> camera numbers (1-based, as
             in the file names), for datasets that combine several sources in one layout.
+        triplet_on: the samples of the batch-hard triplet loss: "kept" (every real sample and the synthetic
+            ones selection kept, or all of them without selection) or "real" (the real samples only: synthetic
+            samples train through the identity loss, the one selection judges). Batch-hard mining picks each
+            anchor's farthest positive, which for an identity with an unfaithful synthetic sample is that
+            sample, so with "kept" one bad sample steers the triplet term of all its identity's anchors.
     """
 
     task = "reid"
@@ -77,12 +82,15 @@ class LookaheadReID(Recognizer):
         flip_test: bool = False,
         metric: Literal["euclidean", "cosine"] = "euclidean",
         test_sources: dict[str, list[int]] | None = None,
+        triplet_on: Literal["kept", "real"] = "kept",
     ) -> None:
         super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
         self.save_hyperparameters(self.group_hparams())
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if triplet_on not in ("kept", "real"):
+            raise ValueError(f"triplet_on must be 'kept' or 'real', got {triplet_on!r}")
         self.classifier = nn.Linear(self.net.feature_dim, num_identities, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)  # BoT classifier init
         distance = LpDistance(normalize_embeddings=False, p=2, power=1)
@@ -106,7 +114,10 @@ class LookaheadReID(Recognizer):
         out = self.identity_forward(batch)
         keep, labels = out["keep"], batch["label"]
         id_loss = out["losses"][keep].mean()
-        triplet = self.triplet_loss(out["features"][keep], labels[keep])
+        mine = keep
+        if self.hparams.triplet_on == "real" and batch.get("is_synthetic") is not None:
+            mine = keep & ~torch.as_tensor(batch["is_synthetic"], device=keep.device).bool()
+        triplet = self.triplet_loss(out["features"][mine], labels[mine])
         hp = self.hparams
         loss = hp.id_loss_weight * id_loss + hp.triplet_loss_weight * triplet
         n = int(labels.shape[0])

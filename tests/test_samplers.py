@@ -41,6 +41,21 @@ def test_synthetic_fraction_fills_slots_of_identities_that_have_synthetic_images
     assert seen_mixed == 30
 
 
+def test_added_synthetic_slots_come_on_top_of_k_real_images():
+    labels, syn = _pool()
+    options = dict(is_synthetic=syn, synthetic_fraction=0.5, batches_per_epoch=30, seed=4)
+    added = PKBatchSampler(labels, 6, 4, synthetic_slots="add", **options)
+    for batch in added:
+        for y in set(labels[batch].tolist()):
+            members = [i for i in batch if labels[i] == y]
+            assert int((~syn[members]).sum()) == 4  # K real images, as without synthetic data
+            assert int(syn[members].sum()) == (2 if y < 6 else 0)
+    replaced = PKBatchSampler(labels, 6, 4, **options)
+    assert all(len(batch) == 24 for batch in replaced)  # 6 x 4, synthetic slots included
+    with pytest.raises(ValueError, match="synthetic_slots"):
+        PKBatchSampler(labels, 6, 4, synthetic_slots="extra")
+
+
 def test_ranks_get_different_identities_and_same_stream_per_seed():
     labels, syn = _pool(num_ids=20)
     samplers = [

@@ -83,6 +83,9 @@ class IdentityDataModule(L.LightningDataModule):
             themselves: the control row that separates what the batch composition does from what the
             synthetic images do.
         synthetic_fraction: share of each identity's K slots filled with synthetic images.
+        synthetic_slots: "replace" (those slots are taken from the K real ones) or "add" (they come on top
+            of K real images: batches of P x (K + round(K * synthetic_fraction)), the real images of a
+            real-only run). Recognizer tasks only.
         synthetic_identity_map: renames synthetic identities onto real ones (e.g. an imported set).
         unknown_synthetic: what to do with synthetic records of identities outside the real label space.
         synthetic_keep: share of each identity's synthetic images kept, the ones ranked highest by
@@ -130,6 +133,7 @@ class IdentityDataModule(L.LightningDataModule):
         exclude: list[str] | None = None,
         synthetic: list[str] | None = None,
         synthetic_fraction: float = 0.25,
+        synthetic_slots: Literal["replace", "add"] = "replace",
         synthetic_identity_map: dict[str, str] | None = None,
         unknown_synthetic: Literal["error", "drop"] = "error",
         synthetic_keep: float = 1.0,
@@ -166,6 +170,8 @@ class IdentityDataModule(L.LightningDataModule):
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if synthetic_slots not in ("replace", "add"):
+            raise ValueError(f"synthetic_slots must be 'replace' or 'add', got {synthetic_slots!r}")
         if format == "cuhk03np" and cuhk03_variant is None:
             raise ValueError("format 'cuhk03np' needs cuhk03_variant: 'labeled' or 'detected'")
         self.root = root

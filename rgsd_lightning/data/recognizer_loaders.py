@@ -56,6 +56,7 @@ class RecognizerLoaders:
             hp.k,
             is_synthetic=[r.source == "synthetic" for r in records],
             synthetic_fraction=hp.synthetic_fraction if dm.synthetic_records else 0.0,
+            synthetic_slots=hp.synthetic_slots,
             batches_per_epoch=hp.batches_per_epoch,
             seed=hp.seed,
             rank=rank,

@@ -8,13 +8,16 @@ own sampler replacement would scatter the P x K groups, so the trainer runs with
 
 With synthetic images in the pool, each identity's K slots are split into ``round(K * synthetic_fraction)``
 synthetic and the rest real (when the identity has synthetic images), so every batch mixes both sources
-across several identities - what lookahead sample selection needs. Identities with fewer images than
-slots are sampled with replacement.
+across several identities - what lookahead sample selection needs. With ``synthetic_slots="add"`` the
+synthetic images come on top of K real ones instead (batches of P x (K + round(K * synthetic_fraction))):
+the real images in the loss are those of a real-only run. Identities with fewer images than slots are
+sampled with replacement.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -29,6 +32,8 @@ class PKBatchSampler(Sampler[list[int]]):
         k: images per identity.
         is_synthetic: per item, True for synthetic images (None: all real).
         synthetic_fraction: share of each identity's K slots given to synthetic images.
+        synthetic_slots: "replace" (the synthetic images take that share of the K slots) or "add" (they
+            come on top of K real images).
         batches_per_epoch: batches per rank and epoch; None = enough for every real image once on average.
         seed: base seed; the stream is identical on every rank.
         rank: this process's rank.
@@ -43,6 +48,7 @@ class PKBatchSampler(Sampler[list[int]]):
         *,
         is_synthetic: Sequence[bool] | None = None,
         synthetic_fraction: float = 0.0,
+        synthetic_slots: Literal["replace", "add"] = "replace",
         batches_per_epoch: int | None = None,
         seed: int = 0,
         rank: int = 0,
@@ -52,6 +58,8 @@ class PKBatchSampler(Sampler[list[int]]):
             raise ValueError(f"P and K must be >= 1, got P={p}, K={k}")
         if not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
+        if synthetic_slots not in ("replace", "add"):
+            raise ValueError(f"synthetic_slots must be 'replace' or 'add', got {synthetic_slots!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         labels = np.asarray(labels, dtype=np.int64)
@@ -72,6 +80,7 @@ class PKBatchSampler(Sampler[list[int]]):
             raise ValueError(f"P={p} identities per batch, but the data has only {len(self.identities)}")
         self.p, self.k = p, k
         self.k_syn = int(round(k * synthetic_fraction))
+        self.add_synthetic = synthetic_slots == "add"
         self.seed, self.rank, self.world_size = seed, rank, world_size
         num_real = sum(len(v) for v in self.real.values())
         self.batches_per_epoch = batches_per_epoch or max(1, num_real // (p * k * world_size))
@@ -109,7 +118,8 @@ class PKBatchSampler(Sampler[list[int]]):
             for y in chosen:
                 syn = self.synthetic.get(y)
                 n_syn = self.k_syn if syn is not None else 0
-                picks = [self._draw(rng, self.real[y], self.k - n_syn)]
+                n_real = self.k if self.add_synthetic else self.k - n_syn
+                picks = [self._draw(rng, self.real[y], n_real)]
                 if n_syn:
                     picks.append(self._draw(rng, syn, n_syn))
                 batches.append(np.concatenate(picks))

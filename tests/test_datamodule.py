@@ -90,10 +90,12 @@ def test_reid_loaders_pk_batches_and_query_gallery(toy_market):
     )
 
 
-def test_synthetic_records_mix_into_every_identity_batch(toy_market, tmp_path):
+@pytest.mark.parametrize("slots", ["replace", "add"])
+def test_synthetic_records_mix_into_every_identity_batch(toy_market, tmp_path, slots):
     dm0 = _dm(toy_market)
     syn = _synthetic_set(tmp_path, dm0.identities[:3])
-    dm = _dm(toy_market, synthetic=[str(syn)], synthetic_fraction=0.5, p=3, k=4, batches_per_epoch=6)
+    options = dict(synthetic_fraction=0.5, synthetic_slots=slots, p=3, k=4, batches_per_epoch=6)
+    dm = _dm(toy_market, synthetic=[str(syn)], **options)
     dm.setup("fit")
     assert len(dm.synthetic_records) == 6
     mixed = 0
@@ -102,8 +104,12 @@ def test_synthetic_records_mix_into_every_identity_batch(toy_market, tmp_path):
             members = batch["label"] == y
             n_syn = int((batch["is_synthetic"] & members).sum())
             assert n_syn == (2 if y < 3 else 0)
+            n_real = int((~batch["is_synthetic"] & members).sum())  # "add": K real, as without synthetic
+            assert n_real == (4 if slots == "add" or y >= 3 else 2)
         mixed += bool(batch["is_synthetic"].any())
     assert mixed > 0
+    with pytest.raises(ValueError, match="synthetic_slots"):
+        _dm(toy_market, synthetic_slots="extra")
 
 
 def test_the_real_control_puts_the_real_training_images_into_the_synthetic_slots(toy_market):

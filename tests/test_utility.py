@@ -107,6 +107,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
         "k2_rl_selection_negative",
         "k2_rl_selection_identity",
         "k2_rl_selection_none",
+        "k2_rl_selection_added",
+        "k2_erasing_rl_selection_added",
         "k2_rl_selection_share",
     ]
     configs = {
@@ -118,6 +120,7 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
             "rl_selection_identity",
             "erasing_rl_selection_identity",
             "rl_selection_none",
+            "rl_selection_added",
             "rl_selection_share",
             "erasing_rl_filtered_selection",
         )
@@ -129,6 +132,8 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
     for row in ("rl_selection_identity", "erasing_rl_selection_identity"):
         assert chosen[row]["rule"] == "identity"
     assert chosen["rl_selection_none"]["keep_ratio"] == 0.0 and chosen["rl_selection"]["keep_ratio"] == 0.5
+    slots = {row: c["data"]["init_args"]["synthetic_slots"] for row, c in configs.items()}
+    assert slots["rl_selection_added"] == "add" and slots["rl_selection"] == "replace"
     shares = {row: c["data"]["init_args"]["synthetic_fraction"] for row, c in configs.items()}
     assert shares["rl_selection_share"] == 0.5 and shares["rl_selection"] == 0.25
     keeps = {row: c["data"]["init_args"]["synthetic_keep"] for row, c in configs.items()}

@@ -220,6 +220,8 @@ def lookahead_select(
         raise ValueError(f"step_on must be 'batch' or 'real', got {step_on!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "identity" and not (isinstance(inputs, Mapping) and "label" in inputs):
+        raise ValueError('rule="identity" needs inputs as a mapping with a "label" entry (the identities)')
     syn = torch.as_tensor(is_synthetic)
     if syn.dim() != 1:
         raise ValueError(f"is_synthetic must be 1-D (batch,), got shape {tuple(syn.shape)}")
@@ -285,8 +287,6 @@ def _best_other_delta(
 ) -> Tensor:
     """Per sample, the smallest Δl under the label of another identity of the batch's real samples (+inf
     where there is none): the losses with every sample relabelled as identity j, at w and at w'."""
-    if not isinstance(inputs, Mapping) or "label" not in inputs:
-        raise ValueError('rule="identity" needs inputs as a mapping with a "label" entry (the identities)')
     labels = torch.as_tensor(inputs["label"])
     syn = syn.to(labels.device)
     candidates = torch.unique(labels[~syn] if bool((~syn).any()) else labels)

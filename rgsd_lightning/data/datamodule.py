@@ -46,6 +46,7 @@ from rgsd_lightning.data.generator_loaders import GeneratorLoaders, RLLoaders
 from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.data.recognizer_loaders import RecognizerLoaders, ReIDLoaders
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
+from rgsd_lightning.data.samplers import check_synthetic_slots
 from rgsd_lightning.data.synthetic_set import best_per_identity, manifest_path
 from rgsd_lightning.data.transforms import generator_transform
 from rgsd_lightning.io import atomic_write_json, run_dir
@@ -170,8 +171,7 @@ class IdentityDataModule(L.LightningDataModule):
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        if synthetic_slots not in ("replace", "add"):
-            raise ValueError(f"synthetic_slots must be 'replace' or 'add', got {synthetic_slots!r}")
+        check_synthetic_slots(synthetic_slots)
         if format == "cuhk03np" and cuhk03_variant is None:
             raise ValueError("format 'cuhk03np' needs cuhk03_variant: 'labeled' or 'detected'")
         self.root = root

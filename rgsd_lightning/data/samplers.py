@@ -22,6 +22,9 @@ from typing import Literal
 import numpy as np
 from torch.utils.data import Sampler
 
+SYNTHETIC_SLOTS = ("replace", "add")
+"""Where synthetic images go: into a share of each identity's K slots, or on top of them."""
+
 
 class PKBatchSampler(Sampler[list[int]]):
     """Batches of P identities x K images, sharded per rank.
@@ -58,8 +61,7 @@ class PKBatchSampler(Sampler[list[int]]):
             raise ValueError(f"P and K must be >= 1, got P={p}, K={k}")
         if not 0.0 <= synthetic_fraction <= 1.0:
             raise ValueError(f"synthetic_fraction must be in [0, 1], got {synthetic_fraction}")
-        if synthetic_slots not in ("replace", "add"):
-            raise ValueError(f"synthetic_slots must be 'replace' or 'add', got {synthetic_slots!r}")
+        check_synthetic_slots(synthetic_slots)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         labels = np.asarray(labels, dtype=np.int64)
@@ -125,3 +127,9 @@ class PKBatchSampler(Sampler[list[int]]):
                 batches.append(np.concatenate(picks))
             mine = batches[self.rank * self.p : (self.rank + 1) * self.p]
             yield [int(i) for i in np.concatenate(mine)]
+
+
+def check_synthetic_slots(value: str) -> None:
+    """ValueError naming ``synthetic_slots`` unless ``value`` is one of :data:`SYNTHETIC_SLOTS`."""
+    if value not in SYNTHETIC_SLOTS:
+        raise ValueError(f"synthetic_slots must be one of {SYNTHETIC_SLOTS}, got {value!r}")

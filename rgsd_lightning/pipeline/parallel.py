@@ -1,12 +1,13 @@
 """Run independent stages of a pipeline side by side, each in a worker process of its own.
 
 A stage depends on the stages its config names in ``${stage.export}`` / ``${stage.output}`` /
-``${stage.folder}`` references (:func:`stage_dependencies`); every other pair of stages is independent (the
-seeds of a row, the rows of a study, the RL variants of a cold start). :func:`run_parallel` keeps ``jobs``
-worker processes busy with stages whose dependencies have finished, in pipeline order. Small CPU models
-use a core better as one single-threaded process each than as one process with several threads; a stage
-that starts with nothing beside it (the prior every other stage waits for) gets every CPU
-(:func:`stage_threads`). What it gains depends on the machine: ``benchmarks/results/parallel_jobs.md``.
+``${stage.folder}`` references (:func:`~rgsd_lightning.pipeline.spec.stage_dependencies`); every other
+pair of stages is independent (the seeds of a row, the rows of a study, the RL variants of a cold start).
+:func:`run_parallel` keeps ``jobs`` worker processes busy with stages whose dependencies have finished, in
+pipeline order. Small CPU models use a core better as one single-threaded process each than as one process
+with several threads; a stage that starts with nothing beside it (the prior every other stage waits for)
+gets every CPU (:func:`stage_threads`). What it gains depends on the machine:
+``benchmarks/results/parallel_jobs.md``.
 
 Each worker is a fresh interpreter (``spawn``) that runs whole stages with :func:`run_stage`: the same
 folders, the same ``stage.json`` markers and the same resume as the sequential runner, so a run may be
@@ -26,22 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from rgsd_lightning.pipeline.runner import StageResult, done_line, finished_outside, run_stage, stages_to_run
-from rgsd_lightning.pipeline.spec import Stage, referenced_stages
+from rgsd_lightning.pipeline.spec import Stage, stage_dependencies
 
 # loggers whose level the workers copy from the parent (a quiet parent gets quiet workers)
 _LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
-
-
-def stage_dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:
-    """For each stage, the earlier stages its config references (``${name.export|output|folder}``).
-
-    A reference to a later stage or to no stage of the pipeline is not a dependency (running the stage
-    fails on it with the sequential runner's message).
-    """
-    deps: dict[str, set[str]] = {}
-    for stage in stages:
-        deps[stage.name] = {n for n in referenced_stages(stage.config) if n in deps}  # earlier stages only
-    return deps
 
 
 def _init_worker(levels: dict[str, int], filters: list[Any]) -> None:

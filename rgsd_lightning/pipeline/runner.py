@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from rgsd_lightning.io import atomic_write_json, atomic_write_text
-from rgsd_lightning.pipeline.spec import Stage, referenced_stages, substitute
+from rgsd_lightning.pipeline.spec import Stage, stage_dependencies, substitute
 
 EXPORT_CALLBACK = "rgsd_lightning.callbacks.export.ExportArtifact"
 WRITER_CALLBACK = "rgsd_lightning.callbacks.writer.SyntheticSetWriter"
@@ -287,13 +287,9 @@ def finished_outside(
         return {}
     finished = {s.name: StageResult.from_marker(output / s.name) for s in stages if s.name not in only}
     finished = {name: result for name, result in finished.items() if result is not None}
-    names = {s.name for s in stages}
-    missing = {
-        s.name: sorted((referenced_stages(s.config) & names) - set(only) - set(finished))
-        for s in stages
-        if s.name in only
-    }
-    missing = {name: needs for name, needs in missing.items() if needs}
+    available = set(only) | set(finished)
+    missing = {name: sorted(needs - available) for name, needs in stage_dependencies(stages).items()}
+    missing = {name: needs for name, needs in missing.items() if name in only and needs}
     if missing:
         listed = "; ".join(f"{name} needs {needs}" for name, needs in list(missing.items())[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""

@@ -139,6 +139,18 @@ def referenced_stages(value: Any) -> set[str]:
     return set()
 
 
+def stage_dependencies(stages: Sequence[Stage]) -> dict[str, set[str]]:
+    """For each stage, the earlier stages its config references (``${name.export|output|folder}``).
+
+    A reference to a later stage or to no stage of the pipeline is not a dependency (running the stage
+    fails on it with the sequential runner's message).
+    """
+    deps: dict[str, set[str]] = {}
+    for stage in stages:
+        deps[stage.name] = {n for n in referenced_stages(stage.config) if n in deps}  # earlier stages only
+    return deps
+
+
 def substitute_vars(value: Any, variables: dict[str, Any], where: str) -> Any:
     """Replace ``${name}`` (no dot) by pipeline vars, recursively; ``${stage.key}`` references stay.
 

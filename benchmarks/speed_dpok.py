@@ -10,7 +10,7 @@ import contextlib
 import gc
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,21 @@ def _is_parameter(obj: Any) -> bool:
     return issubclass(type(obj), nn.Parameter)
 
 
-def parameter_census(model: nn.Module) -> dict[str, Any]:
+def live_parameters() -> list[nn.Parameter]:
+    """Every ``nn.Parameter`` alive in the process (after a garbage collection)."""
+    gc.collect()
+    return [o for o in gc.get_objects() if _is_parameter(o)]
+
+
+def parameter_census(model: nn.Module, preexisting: Iterable[torch.Tensor] = ()) -> dict[str, Any]:
     """Distinct parameter storage a RewardDPOK holds, and whether its KL reference is a second copy.
 
     Counts storages (tensors sharing memory counted once) of: the generator's base weights, its LoRA
     adapters, everything else in the module (value net, reward extractor, bank), the tensors of the KL
     reference (entered with ``model.reference()``) that are not the generator's own, and parameters alive
-    anywhere in the process, outside the module, shaped like a generator weight (a hidden copy).
+    anywhere in the process, outside the module, shaped like a generator weight (a hidden copy) -
+    except ``preexisting`` ones (e.g. :func:`live_parameters` taken before the model was built: other
+    models of the same process are not copies made by this one).
     """
     gen = model.generator
     named = list(gen.named_parameters()) + list(gen.named_buffers())
@@ -79,7 +87,8 @@ def parameter_census(model: nn.Module) -> dict[str, Any]:
     gc.collect()
     shapes = {tuple(t.shape) for n, t in named if ".lora_" not in n and t.numel() > 1}
     alive = [o for o in gc.get_objects() if _is_parameter(o) and tuple(o.shape) in shapes]
-    stray = {k: v for k, v in _storages(alive).items() if k not in module_all}
+    known = {**module_all, **_storages(list(preexisting))}
+    stray = {k: v for k, v in _storages(alive).items() if k not in known}
     other = {k: v for k, v in module_all.items() if k not in base and k not in lora}
     return {
         "generator_base_bytes": sum(base.values()),

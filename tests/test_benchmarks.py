@@ -177,8 +177,12 @@ def test_census_detects_a_second_generator_copy():
     cfg = dict(speed.QUICK["dpok"])
     with tempfile.TemporaryDirectory() as tmp:
         export = speed.make_generator_export("tiny", cfg["num_identities"], tmp)
-        lora = speed.parameter_census(speed.build_dpok(export, cfg, torch.device("cpu")))
-        full = speed.parameter_census(speed.build_dpok(export, cfg, torch.device("cpu"), trainable="all"))
+        # models other tests left alive in this process are not copies: only what each build adds counts
+        before = speed.live_parameters()
+        lora = speed.parameter_census(speed.build_dpok(export, cfg, torch.device("cpu")), before)
+        before = speed.live_parameters()
+        model = speed.build_dpok(export, cfg, torch.device("cpu"), trainable="all")
+        full = speed.parameter_census(model, before)
     assert lora["no_second_copy"] and lora["reference_extra_bytes"] == 0 and lora["lora_bytes"] > 0
     # trainable="all" keeps a frozen deep copy as KL reference: the census must see a second generator.
     assert not full["no_second_copy"]

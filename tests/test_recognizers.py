@@ -361,3 +361,4 @@ def test_triplet_on_real_mines_the_real_samples_only(selection):
         torch.testing.assert_close(loss, id_loss + triplet, rtol=1e-4, atol=1e-5)
         losses[mode] = float(loss.detach())
     assert losses["kept"] != pytest.approx(losses["real"], rel=1e-4)
+    assert LookaheadReID(4, net=TEST_NET).hparams.triplet_on == "real"  # the default (see its docstring)

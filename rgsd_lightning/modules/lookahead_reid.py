@@ -62,6 +62,9 @@ class LookaheadReID(Recognizer):
             samples train through the identity loss, the one selection judges). Batch-hard mining picks each
             anchor's farthest positive, which for an identity with an unfaithful synthetic sample is that
             sample, so with "kept" one bad sample steers the triplet term of all its identity's anchors.
+            "real" is the default (benchmarks/results/utility_reid_diagnostics.md: 12.9 vs 7.8 mAP without
+            selection, 12.5 vs 10.5 with it); "kept" is the paper's and BoT's setting. Without synthetic
+            samples in the batch the two are the same.
     """
 
     task = "reid"
@@ -82,7 +85,7 @@ class LookaheadReID(Recognizer):
         flip_test: bool = False,
         metric: Literal["euclidean", "cosine"] = "euclidean",
         test_sources: dict[str, list[int]] | None = None,
-        triplet_on: Literal["kept", "real"] = "kept",
+        triplet_on: Literal["kept", "real"] = "real",
     ) -> None:
         super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler)
         self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments

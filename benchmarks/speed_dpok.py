@@ -84,9 +84,8 @@ def parameter_census(model: nn.Module, preexisting: Iterable[torch.Tensor] = ())
     with model.reference() as ref:
         reference = _storages(list(ref.parameters()) + list(ref.buffers()))
     ref_extra = {k: v for k, v in reference.items() if k not in base and k not in lora}
-    gc.collect()
     shapes = {tuple(t.shape) for n, t in named if ".lora_" not in n and t.numel() > 1}
-    alive = [o for o in gc.get_objects() if _is_parameter(o) and tuple(o.shape) in shapes]
+    alive = [o for o in live_parameters() if tuple(o.shape) in shapes]
     known = {**module_all, **_storages(list(preexisting))}
     stray = {k: v for k, v in _storages(alive).items() if k not in known}
     other = {k: v for k, v in module_all.items() if k not in base and k not in lora}

@@ -345,3 +345,74 @@ def test_only_refuses_a_selection_whose_inputs_are_neither_selected_nor_finished
     marker.parent.mkdir()
     marker.write_text(json.dumps({"name": "gen_b", "status": "finished", "output": str(tmp_path / "out")}))
     assert set(finished_outside(tmp_path, stages, ["gen_a", "rows_a_s0", "rows_b_s0"])) == {"gen_b"}
+
+
+def test_reuse_takes_finished_stages_from_another_run_folder(tmp_path: Path):
+    """A ``reuse`` block lets another run's finished stages stand in for this run's: their markers point to
+    the artifacts where they are, later stages reference them, a stage finished here is left alone, and a
+    stage the other run has not finished is an error before any marker is written."""
+    from rgsd_lightning.pipeline import Stage, adopt_stages, reuse_plan
+    from rgsd_lightning.pipeline.runner import finished_outside
+
+    source, output = tmp_path / "study", tmp_path / "budget"
+    stages = [
+        Stage("prior", {"model": {"x": 1}}),
+        Stage("gen_a", {"model": {"x": 2}}),
+        Stage("gen_b", {"model": {"x": 3}}),
+        Stage("rows_s0", {"data": {"synthetic": ["${gen_a.output}"]}}),
+    ]
+    for name in ("prior", "gen_a"):
+        (source / name).mkdir(parents=True)
+        marker = {"name": name, "output": str(source / name / "synthetic"), "metrics": {"m": 0.5}}
+        (source / name / "stage.json").write_text(json.dumps(marker))
+    with pytest.raises(ValueError, match=r"stages \['gen_b'\] have not finished in .*study"):
+        adopt_stages(output, stages, source, ["gen_*", "prior"])
+    assert not output.exists()  # nothing written
+    with pytest.raises(ValueError, match=r"unknown stages \['judge'\]"):
+        adopt_stages(output, stages, source, ["judge"])
+    with pytest.raises(ValueError, match="own folder"):
+        adopt_stages(source, stages, source, ["prior"])
+
+    assert adopt_stages(output, stages, source, ["prior", "gen_a"]) == ["prior", "gen_a"]
+    saved = json.loads((output / "gen_a" / "stage.json").read_text())
+    assert saved["reused_from"] == str(source / "gen_a") and saved["metrics"] == {"m": 0.5}
+    finished = finished_outside(output, stages, ["rows_s0"])  # the selected row may now run
+    assert finished["gen_a"].refs()["output"] == str(source / "gen_a" / "synthetic")
+    assert adopt_stages(output, stages, source, ["prior", "gen_a"]) == []  # already here: left alone
+
+    assert reuse_plan({"stages": []}) is None
+    assert reuse_plan({"reuse": {"from": "runs/x", "stages": ["a*"]}}) == (Path("runs/x"), ["a*"])
+    for bad in ({"from": "runs/x"}, {"from": "runs/x", "stages": "a"}, {"from": "", "stages": ["a"]}, ["a"]):
+        with pytest.raises(ValueError, match="reuse"):
+            reuse_plan({"reuse": bad})
+
+
+def test_a_reused_stage_warns_only_about_settings_other_than_its_own_folder(tmp_path: Path):
+    """The marker of a stage taken from another run records that run's folders; its own folder's paths are
+    mapped before comparing, so only a real difference (here: an input from another stage) is reported."""
+    import warnings
+
+    from rgsd_lightning.pipeline import adopt_stages, run_stage
+    from rgsd_lightning.pipeline.runner import place_stage
+
+    experiments = Path(__file__).resolve().parents[1] / "experiments" / "toy"
+    spec = {
+        "output": str(tmp_path / "new"),
+        "stages": [{"name": "judge", "config": str(experiments / "reid_baseline.yaml")}],
+    }
+    _, (stage,) = load_pipeline(_write(tmp_path / "p.yaml", spec))
+    source = tmp_path / "old"
+    ran_with = place_stage(stage.config, source / "judge")[0]
+    (source / "judge").mkdir(parents=True)
+    marker = {"name": "judge", "export": str(source / "judge" / "export" / "backbone"), "metrics": {"m": 1.0}}
+    (source / "judge" / "stage.json").write_text(json.dumps({**marker, "spec": ran_with}))
+    adopt_stages(tmp_path / "new", [stage], source, ["judge"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same settings, other folder: reused silently
+        result = run_stage(stage, tmp_path / "new", {})
+    assert result.status == "skipped" and result.export == source / "judge" / "export" / "backbone"
+    stage.config["data"]["init_args"]["root"] = str(
+        source / "judge_data"
+    )  # an input elsewhere stays a change
+    with pytest.warns(UserWarning, match=r"data.init_args.root: .* -> .*old/judge_data"):
+        run_stage(stage, tmp_path / "new", {})

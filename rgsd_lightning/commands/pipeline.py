@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 
 from rgsd_lightning.commands.parser import run_command
-from rgsd_lightning.pipeline import expand, read_spec, run_stages, save_spec
+from rgsd_lightning.pipeline import expand, prepare, read_spec, run_stages
 
 
 def command(
@@ -34,13 +34,13 @@ def command(
             running side by side when it starts).
     """
     spec = read_spec(config, set or [])
-    output, stages = expand(spec)
     if dry_run:
+        _, stages = expand(spec)
         for stage in stages:
             print(f"# {stage.name} ({stage.command}{', test' if stage.test else ''})")
             print(json.dumps(stage.config, indent=1))
         return 0
-    save_spec(output, spec)
+    output, stages = prepare(spec)
     results = run_stages(output, stages, only=only, force=force or [], jobs=jobs, threads=threads)
     print(json.dumps({name: r.as_dict() for name, r in results.items()}, indent=1))
     if spec.get("report") and not no_report:

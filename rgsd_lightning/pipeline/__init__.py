@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from rgsd_lightning.pipeline.runner import (
     SPEC_NAME,
     StageResult,
+    adopt_stages,
     collect_results,
     place_stage,
     run_pipeline,
@@ -25,6 +27,7 @@ from rgsd_lightning.pipeline.spec import (
     load_pipeline,
     read_spec,
     resolve_vars,
+    reuse_plan,
     seed_stage,
     set_dotted,
     substitute,
@@ -35,12 +38,15 @@ __all__ = [
     "SPEC_NAME",
     "Stage",
     "StageResult",
+    "adopt_stages",
     "collect_results",
     "expand",
     "load_pipeline",
     "place_stage",
+    "prepare",
     "read_spec",
     "resolve_vars",
+    "reuse_plan",
     "run_file",
     "run_pipeline",
     "run_stage",
@@ -63,17 +69,27 @@ def run_file(
     jobs: int = 1,
     threads: int | None = None,
 ) -> tuple[Path, dict[str, StageResult]]:
-    """Run (or resume) the pipeline file ``path``; its merged spec is saved in the run folder first.
+    """Run (or resume) the pipeline file ``path``; its merged spec is saved in the run folder first, and
+    the stages its ``reuse`` block names are taken from the other run folder (:func:`adopt_stages`).
 
     Returns the run folder and the results of the stages (finished ones "skipped"). ``jobs`` / ``threads``:
     see :func:`run_stages`.
     """
     spec = read_spec(path, overrides)
-    output, stages = expand(spec)
-    save_spec(output, spec)
+    output, stages = prepare(spec)
     return output, run_stages(
         output, stages, only=only, force=force, announce=announce, jobs=jobs, threads=threads
     )
+
+
+def prepare(spec: dict[str, Any]) -> tuple[Path, list[Stage]]:
+    """Expand a spec, save it in its run folder and adopt the stages its ``reuse`` block names."""
+    output, stages = expand(spec)
+    plan = reuse_plan(spec)
+    save_spec(output, spec)
+    if plan is not None:
+        adopt_stages(output, stages, *plan)
+    return output, stages
 
 
 def run_stages(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -184,12 +185,16 @@ def run_stage(
 
 def _warn_if_changed(folder: Path, config: dict[str, Any]) -> None:
     """A finished stage is reused as it is; if the pipeline now gives it other settings than it ran with
-    (recorded in its ``stage.json``), say which, and how to run it again."""
+    (recorded in its ``stage.json``), say which, and how to run it again. A stage taken from another run
+    folder (``reuse``) is compared with its own folder's paths mapped to this one."""
     from rgsd_lightning.cli import flat_options
 
-    saved = json.loads((folder / "stage.json").read_text()).get("spec")
+    marker = json.loads((folder / "stage.json").read_text())
+    saved = marker.get("spec")
     if saved is None:  # finished before stages recorded their settings
         return
+    if marker.get("reused_from"):
+        saved = _moved(saved, str(marker["reused_from"]), str(folder))
     before, after = flat_options(saved), flat_options(json.loads(json.dumps(config)))
     changed = [
         f"{key}: {before.get(key, '<unset>')!r} -> {after.get(key, '<unset>')!r}"
@@ -205,6 +210,17 @@ def _warn_if_changed(folder: Path, config: dict[str, Any]) -> None:
             f"(rgsd pipeline: --force '[{folder.name}]').",
             stacklevel=3,
         )
+
+
+def _moved(value: Any, old: str, new: str) -> Any:
+    """``value`` with the folder ``old`` replaced by ``new`` in every path (string) it holds."""
+    if isinstance(value, str):
+        return re.sub(re.escape(old) + r"(?=/|$)", lambda _: new, value)
+    if isinstance(value, dict):
+        return {k: _moved(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_moved(v, old, new) for v in value]
+    return value
 
 
 def _release(cli: Any) -> None:
@@ -261,6 +277,33 @@ def run_pipeline(
         results[stage.name], refs[stage.name] = result, result.refs()
         announce(done_line(label, result))
     return results
+
+
+def adopt_stages(
+    output: str | Path, stages: Sequence[Stage], source: str | Path, patterns: Sequence[str]
+) -> list[str]:
+    """Let the finished stages of run folder ``source`` that match ``patterns`` stand in for this run's
+    stages of the same names (a pipeline's ``reuse`` block): each gets a ``stage.json`` in ``output`` that
+    records the original's results and artifact paths (which stay in ``source``) and ``reused_from``.
+
+    A stage already finished here is left alone. Returns the names adopted now; ValueError, before any
+    marker is written, naming a matched stage that has not finished in ``source``.
+    """
+    output, source = Path(output), Path(source)
+    if output.resolve() == source.resolve():
+        raise ValueError(f"reuse.from is this run's own folder ({source})")
+    names = select_stages(patterns, [s.name for s in stages])
+    todo = [n for n in names if not (output / n / "stage.json").is_file()]
+    missing = [n for n in todo if not (source / n / "stage.json").is_file()]
+    if missing:
+        raise ValueError(
+            f"reuse: stages {missing} have not finished in {source} (no {source / missing[0] / 'stage.json'})"
+        )
+    for name in todo:
+        marker = json.loads((source / name / "stage.json").read_text())
+        (output / name).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(output / name / "stage.json", {**marker, "reused_from": str(source / name)})
+    return todo
 
 
 def stages_to_run(

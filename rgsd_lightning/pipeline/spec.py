@@ -26,6 +26,9 @@ with which overrides, and what the report shows::
       - foreach: {shot: [1, 3]}   # or a list of mappings [{shot: 1, label: k1}, ...]; each item's keys
         stages: [...]             # become vars of the nested entries (names must stay unique)
     report: {...}                 # sections of ``rgsd report`` (rgsd_lightning.report.sections)
+    reuse:                        # optional: finished stages of another run folder stand in for these
+      from: runs/study            # (names or shell-style patterns); their artifacts stay where they are,
+      stages: [prior, k3_gen_*]   # each gets a stage.json here pointing to them (:func:`reuse_plan`)
 
 ``${stage.export}``, ``${stage.output}`` and ``${stage.folder}`` name what an earlier stage produced; they
 are resolved when the stage runs (:func:`substitute`). Stages hand artifacts over by path, never by
@@ -46,7 +49,7 @@ import yaml
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _REF = re.compile(r"\$\{([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\}")
 _STAGE_KEYS = {"name", "config", "set", "describe", "command", "test", "seeds", "when"}
-_TOP_KEYS = {"extends", "output", "vars", "defaults", "stages", "report"}
+_TOP_KEYS = {"extends", "output", "vars", "defaults", "stages", "report", "reuse"}
 
 
 @dataclass
@@ -361,6 +364,21 @@ def _make_stage(
 def seed_stage(name: str, seed: int) -> str:
     """Name of the copy of stage ``name`` trained with ``seed`` (``down_rl`` -> ``down_rl_s0``)."""
     return f"{name}_s{seed}"
+
+
+def reuse_plan(spec: dict[str, Any]) -> tuple[Path, list[str]] | None:
+    """The spec's ``reuse`` block as (the other run folder, stage names or patterns); None without one."""
+    block = spec.get("reuse")
+    if block is None:
+        return None
+    if not isinstance(block, dict) or set(block) != {"from", "stages"}:
+        raise ValueError(f"reuse: expected {{from: RUN_FOLDER, stages: [names or patterns]}}, got {block!r}")
+    patterns = block["stages"]
+    if not isinstance(block["from"], str) or not block["from"]:
+        raise ValueError(f"reuse.from: expected a run folder, got {block['from']!r}")
+    if not (isinstance(patterns, list) and patterns and all(isinstance(p, str) for p in patterns)):
+        raise ValueError(f"reuse.stages: expected a list of stage names or patterns, got {patterns!r}")
+    return Path(block["from"]), list(patterns)
 
 
 def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, list[Stage]]:

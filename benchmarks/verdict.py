@@ -6,7 +6,9 @@ utility``) and their recognizer-budget runs (``faces_recognizer_budget.json``, `
 seeds, in %) and the checks of the downstream issue: the floor (every row with selection at or above "real
 only") and the goal ("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random
 Erasing"; "goal, filtered": the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal,
-copy-free" with the copy-free synthetic set). A row a study has not run yet shows "-" and counts as not met;
+copy-free" with the copy-free synthetic set). Each check shows its margin in points, from the unrounded means:
+for the floor the lowest selection row minus "real only" (met at >= 0), for a goal its row minus "+ Random
+Erasing" (met at >= +1). A row a study has not run yet shows "-" and counts as not met;
 "n/a": a row the study has by design not (the ReID study has no windowed-RL or copy-free rows, its budget
 run no cold-start row).
 """
@@ -88,12 +90,24 @@ def verdict(results: Path) -> dict[str, Any]:
         real, erasing = cells["real only"], cells["+ Random Erasing"]
         selection = [c for col, c in cells.items() if col.endswith("selection") and col not in absent]
         floor = real is not None and all(c is not None and c[0] >= real[0] for c in selection)
+        complete = real is not None and selection and all(c is not None for c in selection)
+        margins = {"floor": min(c[0] for c in selection) - real[0] if complete else None}
         out[label] = {"cells": cells, "floor": floor, "absent": list(absent)}
         for check, column in GOALS.items():
             both = cells[column]
             met = erasing is not None and both is not None and both[0] >= erasing[0] + 1.0
             out[label][check] = None if column in absent else met
+            margins[check] = both[0] - erasing[0] if erasing is not None and both is not None else None
+        out[label]["margins"] = margins
     return out
+
+
+def mark(met: bool | None, margin: float | None) -> str:
+    """A check's cell: met / missed, with its margin in points where both rows exist."""
+    if met is None:
+        return "n/a"
+    word = "met" if met else "missed"
+    return word if margin is None else f"{word} ({margin:+.2f})"
 
 
 def markdown(table: dict[str, Any]) -> str:
@@ -112,7 +126,7 @@ def markdown(table: dict[str, Any]) -> str:
             else:
                 text = f"{c[0]:.1f} ± {c[1]:.1f}"
                 cells.append(f"**{text}**" if c[0] == best else text)
-        marks = ["n/a" if entry[check] is None else "met" if entry[check] else "missed" for check in checks]
+        marks = [mark(entry[check], entry.get("margins", {}).get(check)) for check in checks]
         lines.append("| " + " | ".join([label, *cells, *marks]) + " |")
     return "\n".join(lines) + "\n"
 

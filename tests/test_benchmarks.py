@@ -460,8 +460,13 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
     assert k1["goal, filtered"] is False  # 70.5 < 70 + 1
     assert k1["goal, copy-free"] is True  # 72 >= 70 + 1
     assert k1["goal, windowed"] is False  # 69 < 70 + 1
+    margins = k1["margins"]  # lowest selection row - real only; each goal's row - Random Erasing
+    assert margins["floor"] == pytest.approx(1.0) and margins["goal"] == pytest.approx(1.5)
+    assert margins["goal, filtered"] == pytest.approx(0.5)
+    assert margins["goal, windowed"] == pytest.approx(-1.0)
     k3 = table["ORL 3-shot, identification %"]
     assert k3["floor"] is False and k3["goal"] is False  # 79 < 80; no Random Erasing rows
+    assert k3["margins"]["floor"] is None and k3["margins"]["goal"] is None  # rows missing: no margin
     reid = table["4-dataset ReID, mAP %"]
     assert all(c is None for c in reid["cells"].values()) and not reid["floor"] and not reid["goal"]
     assert reid["goal, copy-free"] is None and reid["goal, windowed"] is None  # not in the ReID study
@@ -473,13 +478,16 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
     (tmp_path / "utility_reid.json").write_text(json.dumps({"sections": [{"rows": reid_rows}]}))
     reid = verdict(tmp_path)["4-dataset ReID, mAP %"]
     assert reid["floor"] is True and reid["goal"] is True  # copy-free columns do not count against it
-    assert "| n/a | n/a | n/a | n/a | met | met | met | n/a | n/a |" in markdown({"r": reid})
+    reid_marks = "| n/a | n/a | n/a | n/a | met (+0.00) | met (+1.00) | met (+1.00) | n/a | n/a |"
+    assert reid_marks in markdown({"r": reid})
     text = markdown(table)
     assert (
         "| ORL 1-shot, identification % | 60.0 ± 1.0 | 70.0 ± 1.0 |" in text
         and "**72.0 ± 1.0**" in text
         and "| 71.5 ± 1.0 |" in text
+        and "| met (+1.00) | met (+1.50) | missed (+0.50) | missed (-1.00) | met (+2.00) |" in text
     )
+    assert "| missed | missed | missed | missed | missed |" in text  # k3: rows missing, no margins
 
 
 def test_parallel_jobs_summary_against_hand_made_runs():

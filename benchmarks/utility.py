@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     import lightning  # noqa: F401  (imported first: it sets its loggers' levels on import)
 
-    from rgsd_lightning.pipeline import read_spec, run_file
+    from rgsd_lightning.pipeline import prepare, read_spec, run_stages
     from rgsd_lightning.report import make_report
 
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -74,9 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"utility: error: {err}", file=sys.stderr)
         return 2
-    run, _ = run_file(path, args.set, only=args.only, jobs=args.jobs, threads=args.threads)
+    spec = read_spec(path, args.set)
+    run, stages = prepare(spec)
+    run_stages(run, stages, only=args.only, jobs=args.jobs, threads=args.threads)
     # the report of this study file (another study may have saved its spec in a shared run folder since)
-    report = make_report(run, out=args.out, name=path.stem, spec=read_spec(path, args.set))
+    report = make_report(run, out=args.out, name=path.stem, spec=spec)
     print(f"[utility] results: {report}")
     return 0
 

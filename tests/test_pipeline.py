@@ -37,6 +37,11 @@ def test_vars_keep_their_type_when_whole_and_format_inside_strings():
     assert substitute_vars({"a": ["${n}", "${s.export}"]}, variables, "x") == {"a": [3, "${s.export}"]}
     with pytest.raises(ValueError, match=r"here: unknown variable \$\{nope\}"):
         substitute_vars("a ${nope}", variables, "here")
+    # mapping keys are formatted too (a report's metrics: {"test/${metric}": label}); they stay strings
+    keys = substitute_vars({"m_${n}": "${n}", "${ids}": 1, "${s.export}": 2, 4: "${name}"}, variables, "x")
+    assert keys == {"m_3": 3, "[1, 2]": 1, "${s.export}": 2, 4: "cold"}
+    with pytest.raises(ValueError, match=r"here: unknown variable \$\{nope\}"):
+        substitute_vars({"${nope}": 1}, variables, "here")
 
 
 def test_set_dotted_creates_mappings_and_indexes_lists():
@@ -65,7 +70,7 @@ def test_stages_expand_foreach_seeds_defaults_and_set(folder: Path):
                         "config": "stage.yaml",
                         "seeds": "${seeds}",
                         "test": True,
-                        "set": {"data.shots": "${shot}", "model.seed_copy": "${seed}"},
+                        "set": {"data.shots": "${shot}", "model.seed_copy": "${seed}", "k${shot}.on": 1},
                     }
                 ],
             },
@@ -81,6 +86,7 @@ def test_stages_expand_foreach_seeds_defaults_and_set(folder: Path):
     assert "seed_everything" not in prior.config
     assert last.config["seed_everything"] == 2 and last.config["model"]["seed_copy"] == 2
     assert last.config["data"]["shots"] == 3 and last.test and last.command == "fit"
+    assert last.config["k3"] == {"on": 1} and stages[1].config["k1"] == {"on": 1}  # vars in set keys
 
 
 def test_when_leaves_a_stage_out_and_a_var_can_name_a_stage_artifact(folder: Path):

@@ -158,22 +158,33 @@ def substitute_vars(value: Any, variables: dict[str, Any], where: str) -> Any:
     """Replace ``${name}`` (no dot) by pipeline vars, recursively; ``${stage.key}`` references stay.
 
     A string that is exactly one ``${name}`` becomes the var's value with its type; inside a longer string
-    the var is formatted with ``str``. Unknown names raise an error naming ``where``.
+    the var is formatted with ``str``, and so it is in mapping keys (a key stays a string). Unknown names
+    raise an error naming ``where``.
     """
     if isinstance(value, str):
         whole = _VAR.fullmatch(value)
         if whole:
             return copy.deepcopy(_lookup(variables, whole.group(1), where))
-        previous = None
-        while previous != value:  # innermost first: "${k${shot}_cold.export}" -> "${k1_cold.export}"
-            previous = value
-            value = _VAR.sub(lambda m: _format(_lookup(variables, m.group(1), where)), value)
-        return value
+        return substitute_in_text(value, variables, where)
     if isinstance(value, dict):
-        return {k: substitute_vars(v, variables, f"{where}.{k}") for k, v in value.items()}
+        out = {}
+        for key, item in value.items():
+            name = substitute_in_text(key, variables, where) if isinstance(key, str) else key
+            out[name] = substitute_vars(item, variables, f"{where}.{key}")
+        return out
     if isinstance(value, list):
         return [substitute_vars(v, variables, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def substitute_in_text(text: str, variables: dict[str, Any], where: str) -> str:
+    """``text`` with every ``${name}`` var formatted into it (innermost first: ``"${k${shot}_cold.export}"``
+    -> ``"${k1_cold.export}"``); ``${stage.key}`` references stay."""
+    previous = None
+    while previous != text:
+        previous = text
+        text = _VAR.sub(lambda m: _format(_lookup(variables, m.group(1), where)), text)
+    return text
 
 
 def _lookup(variables: dict[str, Any], name: str, where: str) -> Any:
@@ -351,7 +362,8 @@ def _make_stage(
         raise FileNotFoundError(f"{where}: stage {name!r}: config not found: {cfg_path}")
     config = yaml.safe_load(cfg_path.read_text()) or {}
     for key, value in {**defaults, **(entry.get("set") or {})}.items():
-        set_dotted(config, key, substitute_vars(value, scope, f"{where}.set.{key}"))
+        dotted = substitute_in_text(key, scope, f"{where}.set.{key}")
+        set_dotted(config, dotted, substitute_vars(value, scope, f"{where}.set.{key}"))
     if seed is not None:
         config["seed_everything"] = seed
     command = str(substitute_vars(entry.get("command", "fit"), scope, f"{where}.command"))

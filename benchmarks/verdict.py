@@ -1,8 +1,9 @@
 """``python -m benchmarks verdict``: the README's utility table and the issue's checks, from study results.
 
 Reads ``benchmarks/results/utility_faces.json`` and ``utility_reid.json`` (written by ``python -m benchmarks
-utility``) and their recognizer-budget runs (``faces_recognizer_budget.json``, ``reid_recognizer_budget.json``
-- the same rows, recognizers trained 3x longer), and prints, as markdown, the headline table (mean ± std over
+utility``) and their recognizer-budget runs (``faces_recognizer_budget_k1.json`` and
+``faces_recognizer_budget.json`` for 1 and 3 shots, ``reid_recognizer_budget.json`` - the same rows,
+recognizers trained 3x longer), and prints, as markdown, the headline table (mean ± std over
 seeds, in %) and the checks of the downstream issue: the floor (every row with selection at or above "real
 only") and the goal ("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random
 Erasing"; "goal, filtered": the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal,
@@ -52,6 +53,7 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
     ("ORL 3-shot, identification %", "utility_faces", "k3", "test/id_acc", ()),
     ("4-dataset ReID, mAP %", "utility_reid", "all", "test/mAP", FACES_ONLY),
     # the recognizer-budget files: the same rows with 3x longer recognizer training
+    ("ORL 1-shot, 36-epoch recognizers", "faces_recognizer_budget_k1", "k1", "test/id_acc", ()),
     ("ORL 3-shot, 36-epoch recognizers", "faces_recognizer_budget", "k3", "test/id_acc", ()),
     (
         "4-dataset ReID, 30-epoch recognizers",

@@ -126,7 +126,10 @@ def test_pipeline_expands_into_stages_wired_in_order(pipeline, monkeypatch, tmp_
                     assert stage in names, inner.get("title")
 
 
-@pytest.mark.parametrize("path", sorted(BENCH_CONFIGS.glob("utility_*.yaml")), ids=lambda p: p.name)
+STUDIES = sorted([*BENCH_CONFIGS.glob("utility_*.yaml"), *BENCH_CONFIGS.glob("*_recognizer_budget*.yaml")])
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
 def test_utility_studies_have_a_run_for_every_table_row(path):
     output, stages = load_pipeline(path)
     names = [s.name for s in stages]

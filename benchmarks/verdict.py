@@ -128,7 +128,7 @@ def markdown(table: dict[str, Any]) -> str:
             else:
                 text = f"{c[0]:.1f} ± {c[1]:.1f}"
                 cells.append(f"**{text}**" if c[0] == best else text)
-        marks = [mark(entry[check], entry.get("margins", {}).get(check)) for check in checks]
+        marks = [mark(entry[check], entry["margins"][check]) for check in checks]
         lines.append("| " + " | ".join([label, *cells, *marks]) + " |")
     return "\n".join(lines) + "\n"
 

@@ -11,13 +11,18 @@ copy-free" with the copy-free synthetic set). Each check shows its margin in poi
 for the floor the lowest selection row minus "real only" (met at >= 0), for a goal its row minus "+ Random
 Erasing" (met at >= +1). A row a study has not run yet shows "-" and counts as not met;
 "n/a": a row the study has by design not (the ReID study has no windowed-RL or copy-free rows, its budget
-run no cold-start row).
+run no cold-start row; the seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold
+only the rows that decide their setting's checks).
+
+A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
+(the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,12 +47,14 @@ GOALS = {  # check -> the column that must beat "+ Random Erasing" by one point
     "goal, windowed": "+ Random Erasing + windowed-RL synthetic + selection",
     "goal, copy-free": "+ Random Erasing + copy-free synthetic + selection",
 }
-FACES_ONLY = (  # rows the ReID study has not (its samples are 0.2 % near copies; its RL stays DPOK)
-    "+ windowed-RL synthetic + selection",
-    "+ Random Erasing + windowed-RL synthetic + selection",
-    "+ copy-free synthetic + selection",
-    "+ Random Erasing + copy-free synthetic + selection",
+COLD = "+ cold-start synthetic"
+FILTERED = (  # names of column groups, for the columns a setting has no rows for
+    "+ RL synthetic, reward-filtered, + selection",
+    "+ Random Erasing + RL synthetic, reward-filtered, + selection",
 )
+WINDOWED = ("+ windowed-RL synthetic + selection", "+ Random Erasing + windowed-RL synthetic + selection")
+COPY_FREE = ("+ copy-free synthetic + selection", "+ Random Erasing + copy-free synthetic + selection")
+FACES_ONLY = (*WINDOWED, *COPY_FREE)  # rows the ReID study has not (0.2 % near copies; its RL stays DPOK)
 SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has no rows for by design)
     ("ORL 1-shot, identification %", "utility_faces", "k1", "test/id_acc", ()),
     ("ORL 3-shot, identification %", "utility_faces", "k3", "test/id_acc", ()),
@@ -60,8 +67,26 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "reid_recognizer_budget",
         "all",
         "test/mAP",
-        ("+ cold-start synthetic", *FACES_ONLY),
+        (COLD, *FACES_ONLY),
     ),
+    # the seed-noise files: the rows that decide a setting's checks, over more seeds
+    ("ORL 3-shot, 8 seeds", "seed_noise_faces", "k3", "test/id_acc", (*FILTERED, *WINDOWED, COLD)),
+    (
+        "ORL 1-shot, 36-epoch recognizers, 16 seeds",
+        "seed_noise_faces_k1",
+        "k1",
+        "test/id_acc",
+        (COLD, "+ RL synthetic", *FILTERED, *COPY_FREE),
+    ),
+)
+
+
+PAIRED_CAPTION = (
+    "The same checks as paired differences over seeds (each row minus its reference trained with the same "
+    'recognizer seed: for the floor the lowest selection column minus "real only", for a goal its column '
+    'minus "+ Random Erasing"): mean [95 % Student-t interval] in points, and "met" / "missed" '
+    "where the interval lies wholly at or above / below the check's threshold (0 for the floor, +1 for a "
+    'goal), "unresolved" where it holds the threshold.\n'
 )
 
 
@@ -82,6 +107,47 @@ def cell(stats: dict[str, dict[str, Any]], stage: str, metric: str) -> tuple[flo
     return 100 * float(row["mean"][metric]), 100 * float((row.get("std") or {}).get(metric, 0.0))
 
 
+def seed_values(row: dict[str, Any] | None, metric: str) -> dict[str, float] | None:
+    """A row's per-seed values in %, keyed by seed: the copy's suffix ("_s3") where the report names each
+    run's copy (``copies``), its position ("#3") in reports written before it did. None without runs."""
+    runs = (row or {}).get("runs") or []
+    if not runs or any(metric not in r for r in runs):
+        return None
+    copies = row.get("copies")
+    if copies is not None and len(copies) == len(runs):
+        keys = [str(name)[len(row["stage"]) :] for name in copies]
+    else:
+        keys = [f"#{i}" for i in range(len(runs))]
+    return {key: 100 * float(r[metric]) for key, r in zip(keys, runs, strict=True)}
+
+
+def paired(
+    a: dict[str, float] | None, b: dict[str, float] | None, threshold: float, level: float = 0.95
+) -> dict[str, Any] | None:
+    """Mean of the per-seed differences a - b over the seeds both rows have, with its two-sided Student-t
+    confidence interval, and where the interval lies against ``threshold``: "met" (wholly at or above it),
+    "missed" (wholly below it) or "unresolved". None with fewer than 2 common seeds, or position-keyed rows
+    of different lengths (which run is which seed is then unknown)."""
+    from scipy.stats import t
+
+    if a is None or b is None:
+        return None
+    positional = any(k.startswith("#") for k in (*a, *b))
+    if positional and len(a) != len(b):
+        return None
+    common = [k for k in a if k in b]
+    n = len(common)
+    if n < 2:
+        return None
+    diffs = [a[k] - b[k] for k in common]
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    low, high = mean - half, mean + half
+    status = "met" if low >= threshold else "missed" if high < threshold else "unresolved"
+    return {"mean": mean, "low": low, "high": high, "n": n, "status": status}
+
+
 def verdict(results: Path) -> dict[str, Any]:
     """The table cells and the checks, per setting."""
     out: dict[str, Any] = {}
@@ -94,13 +160,22 @@ def verdict(results: Path) -> dict[str, Any]:
         floor = real is not None and all(c is not None and c[0] >= real[0] for c in selection)
         complete = real is not None and selection and all(c is not None for c in selection)
         margins = {"floor": min(c[0] for c in selection) - real[0] if complete else None}
+        values = {col: seed_values(stats.get(f"{prefix}_{s}"), metric) for col, s in COLUMNS.items()}
+        lowest = min(
+            (col for col in COLUMNS if col.endswith("selection") and col not in absent and cells[col]),
+            key=lambda col: cells[col][0],
+            default=None,
+        )
+        tests = {"floor": paired(values.get(lowest), values["real only"], 0.0) if complete else None}
         out[label] = {"cells": cells, "floor": floor, "absent": list(absent)}
         for check, column in GOALS.items():
             both = cells[column]
             met = erasing is not None and both is not None and both[0] >= erasing[0] + 1.0
             out[label][check] = None if column in absent else met
             margins[check] = both[0] - erasing[0] if erasing is not None and both is not None else None
+            tests[check] = paired(values[column], values["+ Random Erasing"], 1.0)
         out[label]["margins"] = margins
+        out[label]["paired"] = tests
     return out
 
 
@@ -133,12 +208,35 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_markdown(table: dict[str, Any]) -> str:
+    """The checks as paired differences over seeds: mean [95 % interval] and where the interval lies."""
+    checks = ["floor", *GOALS]
+    lines = ["| setting | seeds | " + " | ".join(checks) + " |", "|---|---:|" + ":---:|" * len(checks)]
+    for label, entry in table.items():
+        tests = entry["paired"]
+        seeds = {str(p["n"]) for p in tests.values() if p is not None}
+        cells = []
+        for check in checks:
+            p = tests[check]
+            if entry[check] is None:
+                cells.append("n/a")
+            elif p is None:
+                cells.append("-")
+            else:
+                cells.append(f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['status']}")
+        lines.append("| " + " | ".join([label, "/".join(sorted(seeds, key=int)) or "-", *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table."""
     p = argparse.ArgumentParser(prog="python -m benchmarks verdict", description=__doc__.split("\n")[0])
     p.add_argument("--results", default="benchmarks/results", help="folder of utility_{faces,reid}.json")
     args = p.parse_args(argv)
-    print(markdown(verdict(Path(args.results))), end="")
+    table = verdict(Path(args.results))
+    print(markdown(table))
+    print(PAIRED_CAPTION)
+    print(paired_markdown(table), end="")
     return 0
 
 

@@ -490,6 +490,63 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
     assert "| missed | missed | missed | missed | missed |" in text  # k3: rows missing, no margins
 
 
+def test_verdict_paired_differences_against_scipy_and_a_hand_worked_case(tmp_path):
+    from scipy.stats import ttest_rel
+
+    from benchmarks.verdict import paired, paired_markdown, seed_values, verdict
+
+    # differences 1, 2, 3: mean 2, sd 1, t(0.975, 2 df) = 4.3027 from a t table -> half-width 4.3027 / sqrt(3)
+    a, b = {"_s0": 2.0, "_s1": 3.0, "_s2": 4.0}, {"_s0": 1.0, "_s1": 1.0, "_s2": 1.0}
+    p = paired(a, b, threshold=0.0)
+    assert p["mean"] == pytest.approx(2.0) and p["n"] == 3
+    assert p["high"] - p["mean"] == pytest.approx(4.3027 / 3**0.5, rel=1e-4)
+    ci = ttest_rel(list(a.values()), list(b.values())).confidence_interval(0.95)
+    assert (p["low"], p["high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+    assert p["status"] == "unresolved"  # -0.48 < 0 < 4.48
+    assert paired(a, b, threshold=-1.0)["status"] == "met"  # low -0.48 >= -1
+    assert paired(a, b, threshold=5.0)["status"] == "missed"  # high 4.48 < 5
+    # rows pair by seed, not by position: a row missing seed 1 pairs on seeds 0 and 2 only
+    row_a = {"stage": "k1_x", "runs": [{"m": 0.5}, {"m": 0.7}], "copies": ["k1_x_s0", "k1_x_s2"]}
+    row_b = {
+        "stage": "k1_y",
+        "runs": [{"m": 0.4}, {"m": 0.9}, {"m": 0.5}],
+        "copies": ["k1_y_s0", "k1_y_s1", "k1_y_s2"],
+    }
+    va, vb = seed_values(row_a, "m"), seed_values(row_b, "m")
+    assert va == pytest.approx({"_s0": 50.0, "_s2": 70.0})
+    assert paired(va, vb, 0.0)["mean"] == pytest.approx(15.0)  # (10 + 20) / 2, seed 1 of b left out
+    # reports written before rows named their copies pair by position, and only when the lengths agree
+    old_a = seed_values({"stage": "x", "runs": [{"m": 0.5}, {"m": 0.7}]}, "m")
+    assert paired(old_a, seed_values({"stage": "y", "runs": [{"m": 0.4}, {"m": 0.5}]}, "m"), 0.0)["n"] == 2
+    assert paired(old_a, seed_values({"stage": "y", "runs": [{"m": 0.4}]}, "m"), 0.0) is None
+    assert paired(old_a, {"#0": 1.0, "#1": 2.0, "#2": 3.0}, 0.0) is None
+    assert (
+        seed_values({"stage": "x", "runs": [{"other": 1.0}]}, "m") is None and seed_values(None, "m") is None
+    )
+
+    def row(stage, values, metric="test/id_acc"):
+        runs = [{metric: v} for v in values]
+        mean = sum(values) / len(values)
+        return {
+            "stage": stage,
+            "runs": runs,
+            "copies": [f"{stage}_s{i}" for i in range(len(values))],
+            "mean": {metric: mean},
+            "std": {metric: 0.0},
+        }
+
+    rows = [row("k1_real", [0.60, 0.70, 0.65]), row("k1_erasing", [0.70, 0.72, 0.74])]
+    rows += [row("k1_rl_selection", [0.62, 0.71, 0.66]), row("k1_erasing_rl_selection", [0.72, 0.74, 0.75])]
+    (tmp_path / "utility_faces.json").write_text(json.dumps({"sections": [{"rows": rows}]}))
+    k1 = verdict(tmp_path)["ORL 1-shot, identification %"]
+    goal = k1["paired"]["goal"]  # per-seed gains 2, 2, 1 points over Random Erasing
+    assert goal["mean"] == pytest.approx(5 / 3) and goal["n"] == 3
+    assert k1["paired"]["floor"] is None  # the study's other selection rows have not run: no floor test
+    assert k1["paired"]["goal, windowed"] is None
+    text = paired_markdown({"ORL 1-shot": k1})
+    assert text.splitlines()[2].startswith("| ORL 1-shot | 3 | - | +1.67 [")
+
+
 def test_parallel_jobs_summary_against_hand_made_runs():
     from benchmarks.parallel_jobs import markdown, parse_mode, summarise
 

@@ -204,6 +204,10 @@ def test_report_table_reads_the_seed_copies_of_a_run(folder: Path):
     assert "seeds [0, 1, 2]" in report and "| down_rl_s2 | not finished |" in report
     data = json.loads((run / "report.json").read_text())
     assert [len(r["runs"]) for r in data["sections"][0]["rows"]] == [3, 2]
+    assert [r["copies"] for r in data["sections"][0]["rows"]] == [
+        ["down_real_s0", "down_real_s1", "down_real_s2"],
+        ["down_rl_s0", "down_rl_s1"],  # the runs say which seed they are
+    ]
 
 
 def test_report_says_which_stage_is_missing(folder: Path):

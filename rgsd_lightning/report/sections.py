@@ -95,9 +95,13 @@ class RunContext:
         pattern = re.compile(re.escape(stage) + r"_s\d+")
         return [n for n in self.stage_names if n == stage or pattern.fullmatch(n)]
 
+    def finished_copies(self, stage: str) -> list[str]:
+        """The names of a stage's finished copies, in pipeline order."""
+        return [n for n in self.copies(stage) if n in self.results]
+
     def runs_of(self, stage: str) -> list[dict[str, float]]:
         """The test metrics of a stage's finished copies."""
-        return [self.results[n].metrics for n in self.copies(stage) if n in self.results]
+        return [self.results[n].metrics for n in self.finished_copies(stage)]
 
     def synthetic(self, stage: str) -> list[IdentityRecord]:
         """The records of a generation stage's synthetic set."""
@@ -169,7 +173,8 @@ def table(ctx: RunContext, spec: dict[str, Any]) -> Section:
             continue
         row = Row.over_runs(str(entry.get("group", "")), str(entry["method"]), runs)
         rows.append(row)
-        data.append({**entry, "runs": runs, "mean": row.metrics, "std": row.spread or {}})
+        copies = ctx.finished_copies(entry["stage"])  # which seed each run is: rows pair by it
+        data.append({**entry, "runs": runs, "copies": copies, "mean": row.metrics, "std": row.spread or {}})
     body = results_table(rows, columns) if rows else "No row has finished yet."
     if missing:
         body += f"\n\nNot finished: {', '.join(missing)}."

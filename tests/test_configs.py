@@ -135,7 +135,8 @@ def test_utility_studies_have_a_run_for_every_table_row(path):
     names = [s.name for s in stages]
     assert names[:2] == ["prior", "judge"] and str(output).startswith("runs/utility/")
     spec = read_spec(path)
-    assert len(spec["vars"]["seeds"]) == (1 if path.stem.endswith("_quick") else 3)
+    seeds = len(spec["vars"]["seeds"])  # the checks are over 3 seeds; a study may run more
+    assert seeds == 1 if path.stem.endswith("_quick") else seeds >= 3
     label = spec["vars"]["settings"][0]["label"]
     for section in spec["report"]["sections"]:
         for inner in section.get("sections", [section]):

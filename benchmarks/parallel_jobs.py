@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="STUDY",
         help="instead: estimate these finished studies' wall time with 1 and 2 jobs from the CPU seconds "
-        "their stages recorded (a list schedule in pipeline order; writes parallel_jobs_estimate.*)",
+        "their stages recorded (a list schedule in the runner's order; writes parallel_jobs_estimate.*)",
     )
     return p
 
@@ -51,7 +51,8 @@ def list_schedule(
     names: Sequence[str], deps: dict[str, set[str]], seconds: dict[str, float], jobs: int
 ) -> float:
     """Wall seconds of the stages ``names`` on ``jobs`` workers under the runner's rule: whenever a worker is
-    free it takes the first stage, in pipeline order, whose dependencies have all finished."""
+    free it takes the first stage of ``names`` (the runner's :func:`start_order`) whose dependencies have
+    all finished."""
     pending, done, running, now = list(names), set(), [], 0.0
     while pending or running:
         while len(running) < jobs:
@@ -70,7 +71,7 @@ def list_schedule(
 def estimate(configs: Sequence[str]) -> list[dict[str, Any]]:
     """Per study: its stages' summed CPU minutes and the list-schedule wall minutes with 1 and 2 jobs."""
     from rgsd_lightning.pipeline import load_pipeline
-    from rgsd_lightning.pipeline.parallel import stage_dependencies
+    from rgsd_lightning.pipeline.parallel import stage_dependencies, start_order
 
     rows = []
     for config in configs:
@@ -84,7 +85,8 @@ def estimate(configs: Sequence[str]) -> list[dict[str, Any]]:
             marker = json.loads((output / n / "stage.json").read_text())
             seconds[n] = float(marker.get("cpu_seconds") or marker["seconds"])
         deps = stage_dependencies(stages)
-        wall = {jobs: list_schedule(names, deps, seconds, jobs) / 60 for jobs in (1, 2)}
+        order = start_order(stages, deps)
+        wall = {jobs: list_schedule(order, deps, seconds, jobs) / 60 for jobs in (1, 2)}
         rows.append(
             {
                 "study": Path(config).stem,
@@ -207,8 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             + f"\nCommand: `{command}`.\n\n"
             + table
             + "\nA list schedule of the CPU seconds each finished stage recorded (one torch thread each), in "
-            "pipeline order, a stage starting when a worker is free and the stages it references have "
-            "finished. An estimate, not a run: the recorded times include whatever else ran on the machine.\n"
+            "the runner's order (longest chain of waiting stages first), a stage starting when a worker is "
+            "free and the stages it references have finished. An estimate, not a run: the recorded times "
+            "include whatever else ran on the machine.\n"
         )
         print(text, end="")
         write_report(args.out, "parallel_jobs_estimate", report, text)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from rgsd_lightning.pipeline import Stage, load_pipeline, run_pipeline, run_stages
-from rgsd_lightning.pipeline.parallel import stage_dependencies, stage_threads
+from rgsd_lightning.pipeline.parallel import chain_lengths, stage_dependencies, stage_threads, start_order
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments" / "toy"
 
@@ -24,6 +24,41 @@ def test_dependencies_are_the_earlier_stages_a_config_references():
         Stage("e", {"trainer": {"callbacks": [{"init_args": {"path": "${c.export}"}}]}}),
     ]
     assert stage_dependencies(stages) == {"a": set(), "b": {"a"}, "c": {"a", "b"}, "d": set(), "e": {"c"}}
+
+
+def test_a_free_worker_takes_the_ready_stage_with_the_longest_chain_of_waiting_stages():
+    # a study's shape: recognizer seeds listed before the generator chain that the synthetic rows wait for
+    stages = [
+        Stage("prior", {}),
+        Stage("real_s0", {}),
+        Stage("real_s1", {}),
+        Stage("cold", {"model": {"pretrained": "${prior.export}"}}),
+        Stage("rl", {"model": {"generator": "${cold.export}", "reward_extractor": "${real_s0.export}"}}),
+        Stage("gen", {"model": {"export": "${rl.export}"}}),
+        Stage("syn_s0", {"data": {"synthetic": ["${gen.output}"]}}),
+        Stage("syn_s1", {"data": {"synthetic": ["${gen.output}"]}}),
+    ]
+    deps = stage_dependencies(stages)
+    chains = chain_lengths(stages, deps)
+    assert chains == {  # by hand: prior -> cold -> rl -> gen -> syn_s*; real_s0 -> rl -> ...
+        "prior": 4,
+        "real_s0": 3,
+        "real_s1": 0,
+        "cold": 3,
+        "rl": 2,
+        "gen": 1,
+        "syn_s0": 0,
+        "syn_s1": 0,
+    }
+    order = start_order(stages, deps)
+    assert order == ["prior", "real_s0", "cold", "rl", "gen", "real_s1", "syn_s0", "syn_s1"]
+    # brute force: every stage's chain is the longest path to a stage nothing waits for
+    children = {s.name: [t.name for t in stages if s.name in deps[t.name]] for s in stages}
+
+    def longest(name):
+        return max((1 + longest(c) for c in children[name]), default=0)
+
+    assert chains == {s.name: longest(s.name) for s in stages}
 
 
 def test_a_stage_gets_the_cpus_it_shares_with_the_stages_beside_it():

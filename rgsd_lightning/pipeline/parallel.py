@@ -3,11 +3,12 @@
 A stage depends on the stages its config names in ``${stage.export}`` / ``${stage.output}`` /
 ``${stage.folder}`` references (:func:`~rgsd_lightning.pipeline.spec.stage_dependencies`); every other
 pair of stages is independent (the seeds of a row, the rows of a study, the RL variants of a cold start).
-:func:`run_parallel` keeps ``jobs`` worker processes busy with stages whose dependencies have finished, in
-pipeline order. Small CPU models use a core better as one single-threaded process each than as one process
-with several threads; a stage that starts with nothing beside it (the prior every other stage waits for)
-gets every CPU (:func:`stage_threads`). What it gains depends on the machine:
-``benchmarks/results/parallel_jobs.md``.
+:func:`run_parallel` keeps ``jobs`` worker processes busy with stages whose dependencies have finished,
+longest chain of dependent stages first (:func:`chain_lengths`; pipeline order among equals), so a
+generator chain starts as soon as it can instead of after the recognizer rows listed before it. Small CPU
+models use a core better as one single-threaded process each than as one process with several threads; a
+stage that starts with nothing beside it (the prior every other stage waits for) gets every CPU
+(:func:`stage_threads`). What it gains depends on the machine: ``benchmarks/results/parallel_jobs.md``.
 
 Each worker is a fresh interpreter (``spawn``) that runs whole stages with :func:`run_stage`: the same
 folders, the same ``stage.json`` markers and the same resume as the sequential runner, so a run may be
@@ -55,6 +56,26 @@ def stage_threads(cpus: int, jobs: int, running: int, ready: int) -> int:
     return max(1, cpus // max(1, min(jobs, running + ready)))
 
 
+def chain_lengths(stages: Sequence[Stage], deps: dict[str, set[str]]) -> dict[str, int]:
+    """For each stage, the number of stages on the longest chain of stages that wait for it (0: none does).
+
+    The prior every stage waits for gets the longest chain, a seed of a recognizer row nothing names 0.
+    """
+    longest: dict[str, int] = {}
+    for stage in reversed(stages):  # a stage's dependents come after it in pipeline order
+        waiting = [longest[s.name] for s in stages if stage.name in deps.get(s.name, ())]
+        longest[stage.name] = 1 + max(waiting) if waiting else 0
+    return longest
+
+
+def start_order(stages: Sequence[Stage], deps: dict[str, set[str]]) -> list[str]:
+    """The stage names in the order a free worker takes them when ready: longest chain first
+    (:func:`chain_lengths`), pipeline order among stages with chains of the same length."""
+    chains = chain_lengths(stages, deps)
+    order = {s.name: i for i, s in enumerate(stages)}
+    return sorted(order, key=lambda name: (-chains[name], order[name]))
+
+
 def run_parallel(
     output: str | Path,
     stages: Sequence[Stage],
@@ -95,6 +116,9 @@ def run_parallel(
 
     def _ready(stage: Stage) -> bool:  # every stage it references that this run runs has finished
         return not deps[stage.name] & (to_run - set(results))
+
+    rank = {name: i for i, name in enumerate(start_order(stages, deps))}
+    pending.sort(key=lambda s: rank[s.name])  # the first ready stage of this order starts next
 
     running: dict[Future, tuple[Stage, str]] = {}
     error: BaseException | None = None

@@ -165,17 +165,14 @@ def verdict(results: Path) -> dict[str, Any]:
         stats = stage_stats(json.loads(path.read_text())) if path.is_file() else {}
         cells = {col: cell(stats, f"{prefix}_{suffix}", metric) for col, suffix in COLUMNS.items()}
         real, erasing = cells["real only"], cells["+ Random Erasing"]
-        selection = [c for col, c in cells.items() if col.endswith("selection") and col not in absent]
+        selection_columns = [col for col in COLUMNS if col.endswith("selection") and col not in absent]
+        selection = [cells[col] for col in selection_columns]
         floor = real is not None and all(c is not None and c[0] >= real[0] for c in selection)
         complete = real is not None and selection and all(c is not None for c in selection)
         margins = {"floor": min(c[0] for c in selection) - real[0] if complete else None}
         values = {col: seed_values(stats.get(f"{prefix}_{s}"), metric) for col, s in COLUMNS.items()}
-        lowest = min(
-            (col for col in COLUMNS if col.endswith("selection") and col not in absent and cells[col]),
-            key=lambda col: cells[col][0],
-            default=None,
-        )
-        tests = {"floor": paired(values.get(lowest), values["real only"], 0.0) if complete else None}
+        lowest = min(selection_columns, key=lambda col: cells[col][0]) if complete else None
+        tests = {"floor": paired(values[lowest], values["real only"], 0.0) if complete else None}
         out[label] = {"cells": cells, "floor": floor, "absent": list(absent)}
         for check, column in GOALS.items():
             both = cells[column]

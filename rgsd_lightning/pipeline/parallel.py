@@ -61,10 +61,13 @@ def chain_lengths(stages: Sequence[Stage], deps: dict[str, set[str]]) -> dict[st
 
     The prior every stage waits for gets the longest chain, a seed of a recognizer row nothing names 0.
     """
+    dependents: dict[str, list[str]] = {s.name: [] for s in stages}
+    for name, needs in deps.items():
+        for need in needs:
+            dependents[need].append(name)
     longest: dict[str, int] = {}
     for stage in reversed(stages):  # a stage's dependents come after it in pipeline order
-        waiting = [longest[s.name] for s in stages if stage.name in deps.get(s.name, ())]
-        longest[stage.name] = 1 + max(waiting) if waiting else 0
+        longest[stage.name] = max((1 + longest[d] for d in dependents[stage.name]), default=0)
     return longest
 
 

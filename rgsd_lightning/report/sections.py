@@ -99,10 +99,6 @@ class RunContext:
         """The names of a stage's finished copies, in pipeline order."""
         return [n for n in self.copies(stage) if n in self.results]
 
-    def runs_of(self, stage: str) -> list[dict[str, float]]:
-        """The test metrics of a stage's finished copies."""
-        return [self.results[n].metrics for n in self.finished_copies(stage)]
-
     def synthetic(self, stage: str) -> list[IdentityRecord]:
         """The records of a generation stage's synthetic set."""
         result = self.require(stage)
@@ -167,13 +163,13 @@ def table(ctx: RunContext, spec: dict[str, Any]) -> Section:
         raise ValueError("a table section needs 'metrics': {metric key: column title}")
     rows, data, missing = [], [], []
     for entry in spec.get("rows") or []:
-        runs = ctx.runs_of(entry["stage"])
+        copies = ctx.finished_copies(entry["stage"])  # which seed each run is: rows pair by it
+        runs = [ctx.results[n].metrics for n in copies]
         if not runs:
             missing.append(entry["stage"])
             continue
         row = Row.over_runs(str(entry.get("group", "")), str(entry["method"]), runs)
         rows.append(row)
-        copies = ctx.finished_copies(entry["stage"])  # which seed each run is: rows pair by it
         data.append({**entry, "runs": runs, "copies": copies, "mean": row.metrics, "std": row.spread or {}})
     body = results_table(rows, columns) if rows else "No row has finished yet."
     if missing:

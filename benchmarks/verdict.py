@@ -17,6 +17,10 @@ only the rows that decide their setting's checks, as does ``faces_recognizer_bud
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
+A third asks the issue's question directly for every real-only recipe a study ran (no augmentation, Random
+Erasing, and where a study has them photometric jitter and both): what the RL set with selection adds on
+top of the recipe, paired over seeds, with the best real-only recipe of each setting marked. Rows beyond the
+first table's columns (the photometric ones) count towards the floor where a study ran them.
 """
 
 from __future__ import annotations
@@ -48,6 +52,13 @@ GOALS = {  # check -> the column that must beat "+ Random Erasing" by one point
     "goal, windowed": "+ Random Erasing + windowed-RL synthetic + selection",
     "goal, copy-free": "+ Random Erasing + copy-free synthetic + selection",
 }
+RECIPES = (  # (real-only recipe, its stage suffix, the suffix of the recipe + RL synthetic + selection)
+    ("none", "real", "rl_selection"),
+    ("Random Erasing", "erasing", "erasing_rl_selection"),
+    ("photometric jitter", "photometric", "photometric_rl_selection"),
+    ("Random Erasing + photometric jitter", "erasing_photometric", "erasing_photometric_rl_selection"),
+)
+EXTRA_SELECTION = [syn for _, real, syn in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
 COLD = "+ cold-start synthetic"
 FILTERED = (  # names of column groups, for the columns a setting has no rows for
     "+ RL synthetic, reward-filtered, + selection",
@@ -165,13 +176,17 @@ def verdict(results: Path) -> dict[str, Any]:
         stats = stage_stats(json.loads(path.read_text())) if path.is_file() else {}
         cells = {col: cell(stats, f"{prefix}_{suffix}", metric) for col, suffix in COLUMNS.items()}
         real, erasing = cells["real only"], cells["+ Random Erasing"]
+        extra = {s: cell(stats, f"{prefix}_{s}", metric) for s in EXTRA_SELECTION}
+        cells_and_extra = {**cells, **{s: c for s, c in extra.items() if c is not None}}
         selection_columns = [col for col in COLUMNS if col.endswith("selection") and col not in absent]
-        selection = [cells[col] for col in selection_columns]
+        selection_columns += [s for s, c in extra.items() if c is not None]
+        selection = [cells_and_extra[col] for col in selection_columns]
         floor = real is not None and all(c is not None and c[0] >= real[0] for c in selection)
         complete = real is not None and selection and all(c is not None for c in selection)
         margins = {"floor": min(c[0] for c in selection) - real[0] if complete else None}
-        values = {col: seed_values(stats.get(f"{prefix}_{s}"), metric) for col, s in COLUMNS.items()}
-        lowest = min(selection_columns, key=lambda col: cells[col][0]) if complete else None
+        suffixes = {**COLUMNS, **{s: s for s in EXTRA_SELECTION}}
+        values = {col: seed_values(stats.get(f"{prefix}_{s}"), metric) for col, s in suffixes.items()}
+        lowest = min(selection_columns, key=lambda col: cells_and_extra[col][0]) if complete else None
         tests = {"floor": paired(values[lowest], values["real only"], 0.0) if complete else None}
         out[label] = {"cells": cells, "floor": floor, "absent": list(absent)}
         for check, column in GOALS.items():
@@ -182,6 +197,24 @@ def verdict(results: Path) -> dict[str, Any]:
             tests[check] = paired(values[column], values["+ Random Erasing"], 1.0)
         out[label]["margins"] = margins
         out[label]["paired"] = tests
+        out[label]["recipes"] = recipes(stats, prefix, metric)
+    return out
+
+
+def recipes(stats: dict[str, dict[str, Any]], prefix: str, metric: str) -> list[dict[str, Any]]:
+    """What the RL set with selection adds on top of each real-only recipe the study ran: the recipe's mean,
+    the mean with the synthetic set, their paired difference against +1 point, and whether the recipe is
+    the setting's best real-only one (highest mean)."""
+    out = []
+    for name, real, synthetic in RECIPES:
+        base, both = cell(stats, f"{prefix}_{real}", metric), cell(stats, f"{prefix}_{synthetic}", metric)
+        if base is None or both is None:
+            continue
+        a = seed_values(stats.get(f"{prefix}_{synthetic}"), metric)
+        gain = paired(a, seed_values(stats.get(f"{prefix}_{real}"), metric), 1.0)
+        out.append({"recipe": name, "real": base, "synthetic": both, "paired": gain, "best": False})
+    if out:
+        max(out, key=lambda r: r["real"][0])["best"] = True
     return out
 
 
@@ -234,6 +267,29 @@ def paired_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RECIPES_CAPTION = (
+    "What the RL synthetic set with selection adds on top of each real-only recipe a study ran (mean ± std "
+    "over seeds in %; the gain paired over seeds, mean [95 % Student-t interval] in points, against the "
+    "goal's +1 point; **bold**: the setting's best real-only recipe).\n"
+)
+
+
+def recipes_markdown(table: dict[str, Any]) -> str:
+    """One line per (setting, real-only recipe) that has both rows."""
+    lines = [
+        "| setting | real-only recipe | recipe | + RL syn + sel | gain |",
+        "|---|---|---:|---:|:---:|",
+    ]
+    for label, entry in table.items():
+        for r in entry["recipes"]:
+            name = f"**{r['recipe']}**" if r["best"] else r["recipe"]
+            p = r["paired"]
+            gain = "-" if p is None else f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['status']}"
+            real, syn = (f"{c[0]:.1f} ± {c[1]:.1f}" for c in (r["real"], r["synthetic"]))
+            lines.append(f"| {label} | {name} | {real} | {syn} | {gain} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table."""
     p = argparse.ArgumentParser(prog="python -m benchmarks verdict", description=__doc__.split("\n")[0])
@@ -242,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = verdict(Path(args.results))
     print(markdown(table))
     print(PAIRED_CAPTION)
-    print(paired_markdown(table), end="")
+    print(paired_markdown(table))
+    print(RECIPES_CAPTION)
+    print(recipes_markdown(table), end="")
     return 0
 
 

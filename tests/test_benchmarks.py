@@ -547,6 +547,60 @@ def test_verdict_paired_differences_against_scipy_and_a_hand_worked_case(tmp_pat
     assert text.splitlines()[2].startswith("| ORL 1-shot | 3 | - | +1.67 [")
 
 
+def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
+    from benchmarks.verdict import recipes_markdown, verdict
+
+    def row(stage, values, metric="test/id_acc"):
+        mean = sum(values) / len(values)
+        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+        return {
+            "stage": f"k1_{stage}",
+            "runs": [{metric: v} for v in values],
+            "copies": [f"k1_{stage}_s{i}" for i in range(len(values))],
+            "mean": {metric: mean},
+            "std": {metric: std},
+        }
+
+    rows = [
+        row("real", [0.20, 0.22, 0.24]),
+        row("erasing", [0.21, 0.23, 0.25]),
+        row("rl_selection", [0.25, 0.27, 0.29]),
+        row("erasing_rl_selection", [0.26, 0.28, 0.30]),
+        row("erasing_rl_windowed_selection", [0.24, 0.26, 0.28]),
+        row("photometric", [0.40, 0.42, 0.44]),  # the best real-only recipe
+        row("photometric_rl_selection", [0.19, 0.21, 0.23]),  # below "real only": the floor is missed
+        row("erasing_photometric", [0.38, 0.40, 0.42]),
+        row("erasing_photometric_rl_selection", [0.39, 0.42, 0.43]),  # gains +1, +2, +1 points
+    ]
+    (tmp_path / "faces_recognizer_budget_k1_yale.json").write_text(json.dumps({"sections": [{"rows": rows}]}))
+    yale = verdict(tmp_path)["Extended Yale B 1-shot, 36-epoch recognizers"]
+    assert yale["floor"] is False and yale["margins"]["floor"] == pytest.approx(-1.0)
+    assert yale["paired"]["floor"]["mean"] == pytest.approx(-1.0)  # photometric_rl_selection - real
+    assert yale["goal"] is True  # the goal still compares with Random Erasing alone
+    by_name = {r["recipe"]: r for r in yale["recipes"]}
+    assert list(by_name) == [
+        "none",
+        "Random Erasing",
+        "photometric jitter",
+        "Random Erasing + photometric jitter",
+    ]
+    assert [r["best"] for r in yale["recipes"]] == [False, False, True, False]
+    assert by_name["photometric jitter"]["paired"]["mean"] == pytest.approx(-21.0)
+    gain = by_name["Random Erasing + photometric jitter"]["paired"]
+    assert gain["mean"] == pytest.approx(4 / 3) and gain["status"] == "unresolved"  # sd 0.58 over 3 seeds
+    text = recipes_markdown({"Yale": yale})
+    assert (
+        "| Yale | **photometric jitter** | 42.0 ± 2.0 | 21.0 ± 2.0 | -21.00 [-21.00, -21.00] missed |" in text
+    )
+    # a study without the photometric rows: the two recipes it ran, its floor over its own columns
+    (tmp_path / "faces_recognizer_budget_k1_yale.json").write_text(
+        json.dumps({"sections": [{"rows": rows[:5]}]})
+    )
+    yale = verdict(tmp_path)["Extended Yale B 1-shot, 36-epoch recognizers"]
+    assert [r["recipe"] for r in yale["recipes"]] == ["none", "Random Erasing"]
+    assert yale["floor"] is True and yale["margins"]["floor"] == pytest.approx(4.0)
+
+
 def test_parallel_jobs_summary_against_hand_made_runs():
     from benchmarks.parallel_jobs import markdown, parse_mode, summarise
 

@@ -15,6 +15,7 @@ from rgsd_lightning import IdentityDataModule
 from rgsd_lightning.data import IdentityRecord, write_manifest
 from rgsd_lightning.data.face_loaders import VerificationSpec
 from rgsd_lightning.data.images import BadImageError
+from rgsd_lightning.data.transforms import PhotometricJitter
 
 
 def _dm(root, **kw) -> IdentityDataModule:
@@ -210,6 +211,22 @@ def test_face_task_verification_and_identification(toy_faces):
     assert dm.hparams.verification == [  # plain dicts: checkpoints load with weights_only
         {"kind": "auto", "path": None, "root": None, "name": None, "num_pairs": 20, "seed": 0}
     ]
+
+
+def test_photometric_jitter_reaches_the_recognizer_training_transforms(toy_faces, toy_market):
+    def jitter_strengths(dm, train):
+        steps = dm.task_loaders.transform(train).transforms
+        return [t.strength for t in steps if isinstance(t, PhotometricJitter)]
+
+    faces = IdentityDataModule(
+        root=toy_faces, format="toy_faces", task="face", train_per_identity=3, photometric=0.3
+    )
+    assert jitter_strengths(faces, True) == [0.3] and jitter_strengths(faces, False) == []
+    reid = _dm(toy_market, photometric=0.2)
+    assert jitter_strengths(reid, True) == [0.2] and jitter_strengths(reid, False) == []
+    assert jitter_strengths(_dm(toy_market), True) == []
+    with pytest.raises(ValueError, match="photometric must be a strength >= 0, got -0.5"):
+        _dm(toy_market, photometric=-0.5)
 
 
 def test_rl_task_serves_distinct_identities(toy_market):

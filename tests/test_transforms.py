@@ -7,8 +7,10 @@ from rgsd_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PadToSquare,
+    PhotometricJitter,
     face_transform,
     generator_transform,
+    photometric,
     reid_transform,
     to_recognizer_input,
 )
@@ -63,3 +65,70 @@ def test_tensor_path_channel_conversion_and_errors():
     assert to_recognizer_input(gray, (8, 8), [0.5], [0.5], channels=3).shape == (2, 3, 8, 8)
     with pytest.raises(ValueError, match="B, C, H, W"):
         to_recognizer_input(torch.zeros(3, 8, 8), (8, 8), [0.5], [0.5])
+
+
+def _photometric_numpy(x, gamma, brightness, contrast):
+    """Independent per-pixel computation of gamma -> brightness -> contrast around the mean luma."""
+    y = np.clip(x, 0, 1) ** gamma
+    y = np.clip(y * brightness, 0, 1)
+    grey = y[0] if y.shape[0] == 1 else 0.299 * y[0] + 0.587 * y[1] + 0.114 * y[2]
+    m = grey.mean()
+    return np.clip(m + contrast * (y - m), 0, 1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_photometric_against_numpy(channels):
+    rng = np.random.default_rng(1)
+    x = rng.random((channels, 6, 5)).astype(np.float64)
+    for factors in [(1.0, 1.0, 1.0), (0.5, 1.3, 0.7), (1.8, 0.6, 1.4)]:
+        got = photometric(torch.from_numpy(x), *factors).numpy()
+        np.testing.assert_allclose(got, _photometric_numpy(x, *factors), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(photometric(torch.from_numpy(x), 1.0, 1.0, 1.0).numpy(), x)
+    # a batch is changed image by image (each around its own mean)
+    batch = torch.from_numpy(np.stack([x, x * 0.5]))
+    got = photometric(batch, 0.5, 1.3, 0.7).numpy()
+    np.testing.assert_allclose(got[1], _photometric_numpy(x * 0.5, 0.5, 1.3, 0.7), rtol=1e-10, atol=1e-12)
+
+
+def test_photometric_hand_worked_case():
+    # one grey channel [0.25, 1.0]: gamma 0.5 -> [0.5, 1.0]; brightness 0.8 -> [0.4, 0.8];
+    # contrast 2 around the mean 0.6 -> [0.2, 1.0]
+    x = torch.tensor([[[0.25, 1.0]]])
+    torch.testing.assert_close(photometric(x, 0.5, 0.8, 2.0), torch.tensor([[[0.2, 1.0]]]))
+    with pytest.raises(ValueError, match="gamma > 0"):
+        photometric(x, 0.0, 1.0, 1.0)
+
+
+def test_photometric_jitter_draws_factors_in_their_ranges():
+    torch.manual_seed(0)
+    jitter = PhotometricJitter(0.5)
+    draws = np.array([jitter.factors() for _ in range(2000)])
+    gamma, brightness, contrast = draws.T
+    assert gamma.min() >= 1 / 1.5 - 1e-9 and gamma.max() <= 1.5 + 1e-9
+    assert abs(np.log(gamma).mean()) < 0.03  # log-uniform, symmetric around gamma 1
+    for f in (brightness, contrast):
+        assert f.min() >= 0.5 and f.max() <= 1.5 and abs(f.mean() - 1.0) < 0.03
+        assert f.min() < 0.55 and f.max() > 1.45  # the whole range is used
+    assert PhotometricJitter(2.0).factors()[1] >= 0.0  # the lower bound stops at 0
+    x = torch.rand(1, 4, 4)
+    assert PhotometricJitter(0.0)(x) is x
+    with pytest.raises(ValueError, match="strength must be >= 0"):
+        PhotometricJitter(-0.1)
+    with pytest.raises(ValueError, match="strength must be >= 0"):
+        face_transform(8, photometric=float("nan"))
+
+
+def test_recognizer_transforms_jitter_only_in_training():
+    def jitters(t):
+        return any(isinstance(step, PhotometricJitter) for step in t.transforms)
+
+    assert jitters(face_transform(8, photometric=0.4)) and jitters(reid_transform(16, 8, photometric=0.4))
+    assert not jitters(face_transform(8, train=False, photometric=0.4))
+    assert not jitters(reid_transform(16, 8, train=False, photometric=0.4))
+    assert not jitters(face_transform(8))
+    # the jitter changes pixel values, and differently from draw to draw
+    img = _person(8, 8)
+    torch.manual_seed(0)
+    a, b = (face_transform(8, flip=False, photometric=0.5)(img) for _ in range(2))
+    plain = face_transform(8, flip=False)(img)
+    assert not torch.allclose(a, plain) and not torch.allclose(a, b)

@@ -102,6 +102,8 @@ class IdentityDataModule(L.LightningDataModule):
         flip: random horizontal flip in training.
         pad: ReID pad-crop padding in training.
         random_erasing: Random Erasing probability for recognizer training (the real-augmentation baseline).
+        photometric: strength of the photometric jitter in recognizer training (gamma, brightness, contrast;
+            ``transforms.PhotometricJitter``; 0: none), the real-only baseline for lighting changes.
         batch_size: batch size of generator training and of every evaluation/predict loader.
         p: identities per recognizer training batch (and per RL rollout).
         k: images per identity in a recognizer training batch.
@@ -148,6 +150,7 @@ class IdentityDataModule(L.LightningDataModule):
         flip: bool = True,
         pad: int = 10,
         random_erasing: float = 0.0,
+        photometric: float = 0.0,
         batch_size: int = 32,
         p: int = 16,
         k: int = 4,
@@ -171,6 +174,8 @@ class IdentityDataModule(L.LightningDataModule):
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
+        if not photometric >= 0:
+            raise ValueError(f"photometric must be a strength >= 0, got {photometric}")
         check_synthetic_slots(synthetic_slots)
         if format == "cuhk03np" and cuhk03_variant is None:
             raise ValueError("format 'cuhk03np' needs cuhk03_variant: 'labeled' or 'detected'")

@@ -111,7 +111,12 @@ class FaceLoaders(RecognizerLoaders):
     def transform(self, train: bool) -> Callable[[Image.Image], torch.Tensor]:
         hp = self.dm.hparams
         return face_transform(
-            hp.face_size, train=train, flip=hp.flip, channels=hp.channels, random_erasing=hp.random_erasing
+            hp.face_size,
+            train=train,
+            flip=hp.flip,
+            channels=hp.channels,
+            random_erasing=hp.random_erasing,
+            photometric=hp.photometric,
         )
 
     def preprocessing(self) -> dict[str, Any]:

@@ -80,6 +80,7 @@ class ReIDLoaders(RecognizerLoaders):
             flip=hp.flip,
             pad=hp.pad,
             random_erasing=hp.random_erasing,
+            photometric=hp.photometric,
             channels=hp.channels,
         )
 

@@ -5,12 +5,17 @@
   (``reid_transform``, the paper's "flip and padding" baseline plus Random Erasing as its Table 1 row);
 * the face recognizer sees square faces in [-1, 1] (``face_transform``, the insightface normalisation).
 
+Both recognizer transforms take an optional photometric jitter (``PhotometricJitter``: gamma, brightness,
+contrast), the real-only augmentation to beat where the test images differ from the training ones in
+lighting (Extended Yale B).
+
 ``to_recognizer_input`` does on generator output tensors what the PIL path does on image files, so a
 reward feature extractor sees generated images exactly as downstream training will see them on disk.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -41,6 +46,63 @@ class PadToSquare:
 
     def __repr__(self) -> str:
         return f"PadToSquare(fill={self.fill})"
+
+
+def photometric(x: torch.Tensor, gamma: float, brightness: float, contrast: float) -> torch.Tensor:
+    """Gamma, then brightness, then contrast on images in [0, 1] (``(C, H, W)`` or ``(B, C, H, W)``).
+
+    ``x ** gamma``; times ``brightness``; then blended with its own mean grey level,
+    ``mean + contrast * (y - mean)`` (the grey level of RGB is the ITU-R 601 luma, as in torchvision's
+    ``adjust_contrast``). Each step clips to [0, 1]; factor 1 leaves the image as it is.
+    """
+    if gamma <= 0 or brightness < 0 or contrast < 0:
+        raise ValueError(
+            f"photometric factors must be gamma > 0, brightness >= 0, contrast >= 0; "
+            f"got gamma={gamma}, brightness={brightness}, contrast={contrast}"
+        )
+    y = x.clamp(0, 1) ** gamma
+    y = (y * brightness).clamp(0, 1)
+    grey = (
+        y
+        if y.shape[-3] == 1
+        else 0.299 * y[..., 0:1, :, :] + 0.587 * y[..., 1:2, :, :] + 0.114 * y[..., 2:3, :, :]
+    )
+    mean = grey.mean(dim=(-3, -2, -1), keepdim=True)
+    return (mean + contrast * (y - mean)).clamp(0, 1)
+
+
+class PhotometricJitter:
+    """Random ``photometric`` change of a ``(C, H, W)`` image in [0, 1] (after ``ToTensor``).
+
+    With strength ``s``: brightness and contrast factors uniform in [max(0, 1 - s), 1 + s], gamma
+    log-uniform in [1 / (1 + s), 1 + s]; drawn from torch's global generator (seeded per worker, like
+    ``RandomErasing``). Hue and saturation are left alone: clothing colour identifies a person in ReID.
+
+    Args:
+        strength: s >= 0 (0 leaves images unchanged).
+    """
+
+    def __init__(self, strength: float) -> None:
+        if not strength >= 0:
+            raise ValueError(f"photometric strength must be >= 0, got {strength}")
+        self.strength = float(strength)
+
+    def factors(self) -> tuple[float, float, float]:
+        """One draw of (gamma, brightness, contrast)."""
+        s = self.strength
+        u = torch.rand(3).tolist()
+        log_top = math.log1p(s)
+        gamma = math.exp((2 * u[0] - 1) * log_top)
+        low = max(0.0, 1.0 - s)
+        return gamma, low + u[1] * (1 + s - low), low + u[2] * (1 + s - low)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.strength == 0:
+            return x
+        return photometric(x, *self.factors())
+
+    def __repr__(self) -> str:
+        return f"PhotometricJitter(strength={self.strength})"
 
 
 def _channel_stats(values: Sequence[float], channels: int) -> tuple[float, ...]:
@@ -89,6 +151,7 @@ def reid_transform(
     flip: bool = True,
     pad: int = 10,
     random_erasing: float = 0.0,
+    photometric: float = 0.0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     channels: int = 3,
@@ -102,6 +165,7 @@ def reid_transform(
         flip: random horizontal flip (training).
         pad: zero padding before the random crop back to size (training; 0 disables).
         random_erasing: Random Erasing probability (Zhong et al. 2020), the paper's real-augmentation row.
+        photometric: ``PhotometricJitter`` strength (training; 0 disables).
         mean: normalisation mean (ImageNet by default, for timm backbones).
         std: normalisation std.
         channels: 3 or 1.
@@ -114,7 +178,10 @@ def reid_transform(
             steps.append(T.RandomHorizontalFlip())
         if pad > 0:
             steps += [T.Pad(pad), T.RandomCrop((height, width))]
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    steps.append(T.ToTensor())
+    if train and photometric != 0:
+        steps.append(PhotometricJitter(photometric))
+    steps.append(T.Normalize(mean, std))
     if train and random_erasing > 0:
         steps.append(T.RandomErasing(p=random_erasing, value="random"))
     return T.Compose(steps)
@@ -127,6 +194,7 @@ def face_transform(
     flip: bool = True,
     channels: int = 3,
     random_erasing: float = 0.0,
+    photometric: float = 0.0,
 ) -> T.Compose:
     """Face recognizer input in [-1, 1] (insightface normalisation), square ``size``.
 
@@ -136,12 +204,16 @@ def face_transform(
         flip: random horizontal flip (training).
         channels: 3 or 1.
         random_erasing: Random Erasing probability (training).
+        photometric: ``PhotometricJitter`` strength (training; 0 disables).
     """
     steps: list = [T.Grayscale(1)] if channels == 1 else []
     steps.append(T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True))
     if train and flip:
         steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(HALF[:channels], HALF[:channels])]
+    steps.append(T.ToTensor())
+    if train and photometric != 0:
+        steps.append(PhotometricJitter(photometric))
+    steps.append(T.Normalize(HALF[:channels], HALF[:channels]))
     if train and random_erasing > 0:
         steps.append(T.RandomErasing(p=random_erasing, value="random"))
     return T.Compose(steps)

@@ -83,3 +83,20 @@ def test_pipeline_dry_run_applies_repeated_set(capsys, tmp_path):
     assert "down_real_s7" in stages and not any(s.endswith("_s0") for s in stages)
     assert not (tmp_path / "pipeline.yaml").exists()  # a dry run writes nothing
     assert json.loads(printed[printed.index("{") : printed.index("\n}") + 2])["seed_everything"] == 0
+
+
+def test_pipeline_dry_run_shows_what_only_selects(capsys, tmp_path):
+    config = EXPERIMENTS / "toy" / "pipeline_quick.yaml"
+    argv = ["pipeline", "--config", str(config), "--dry-run", "--set", f"output={tmp_path}"]
+    assert main(argv) == 0
+    every = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    down = [name for name in every if name.startswith("down_")]
+    assert len(down) >= 2 and len(every) > len(down)
+    assert main([*argv, "--only", "down_*", every[0]]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"# --only 'down_*' selects {len(down)}: {', '.join(down)}"
+    assert printed[1] == f"# --only '{every[0]}' selects 1: {every[0]}"
+    listed = [line.split()[1] for line in printed[2:] if line.startswith("# ")]
+    assert listed == [name for name in every if name in {*down, every[0]}]  # pipeline order
+    with pytest.raises(ValueError, match=r"unknown stages \['nope_\*'\]"):
+        main([*argv, "--only", "nope_*"])

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from rgsd_lightning.commands.parser import run_command
 from rgsd_lightning.pipeline import expand, prepare, read_spec, run_stages
+from rgsd_lightning.pipeline.runner import select_stages, stages_to_run
 
 
 def command(
@@ -27,7 +28,8 @@ def command(
         set: overrides KEY=VALUE, e.g. vars.data_root=/d (repeatable).
         only: run only these stages.
         force: rerun these stages even if finished.
-        dry_run: print the stages and their configs, run nothing.
+        dry_run: print the stages and their configs, run nothing (with ``only``: the selected stages, after
+            a line per pattern naming the stages it matches).
         no_report: do not write the report at the end.
         jobs: run up to this many independent stages at once, each in a worker process of its own.
         threads: torch threads of each stage with jobs > 1 (default: the CPUs divided among the stages
@@ -36,7 +38,14 @@ def command(
     spec = read_spec(config, set or [])
     if dry_run:
         _, stages = expand(spec)
+        selected = stages_to_run(stages, only, force or [])
+        names = [stage.name for stage in stages]
+        for pattern in only or []:
+            matched = select_stages([pattern], names)
+            print(f"# --only {pattern!r} selects {len(matched)}: {', '.join(matched)}")
         for stage in stages:
+            if selected is not None and stage.name not in selected:
+                continue
             print(f"# {stage.name} ({stage.command}{', test' if stage.test else ''})")
             print(json.dumps(stage.config, indent=1))
         return 0

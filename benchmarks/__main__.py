@@ -13,6 +13,8 @@
 * ``prior_recipe`` - what makes a small from-scratch pixel DiT sample toy persons: schedule, min-SNR,
   x0 clipping, samplers, training steps, cold starts from the prior (``benchmarks.prior_recipe``);
 * ``parallel_jobs`` - a study's wall time as one process vs as parallel stages (``benchmarks.parallel_jobs``).
+* ``lighting_spread`` - whether synthetic sets vary an identity's lighting as its test images do
+  (``benchmarks.lighting_spread``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ COMMANDS = {
     "verdict": "benchmarks.verdict:main",
     "prior_recipe": "benchmarks.prior_recipe:main",
     "parallel_jobs": "benchmarks.parallel_jobs:main",
+    "lighting_spread": "benchmarks.lighting_spread:main",
 }
 
 

@@ -657,3 +657,62 @@ def test_list_schedule_follows_the_runners_rule_on_a_hand_case():
     assert list_schedule(order, deps, seconds, 2) == 22.0
     with pytest.raises(ValueError, match="never run"):
         list_schedule(["a"], {"a": {"b"}}, {"a": 1.0}, 2)
+
+
+def test_lighting_spread_statistics_by_hand_and_on_a_made_target(tmp_path):
+    from PIL import Image
+
+    from benchmarks.lighting_spread import lighting_stats, main, spread
+    from rgsd_lightning.data import IdentityRecord, write_manifest
+
+    # a 2x4 image lit from the left: left half 0.8, right half 0.2 (mean 0.5, std 0.3, left-right +0.6)
+    image = np.array([[0.8, 0.8, 0.2, 0.2], [0.8, 0.8, 0.2, 0.2]])
+    np.testing.assert_allclose(lighting_stats(image), [0.5, 0.3, 0.6])
+    # an odd width: the middle column belongs to neither half
+    np.testing.assert_allclose(lighting_stats(np.array([[1.0, 0.0, 0.0]]))[2], 1.0)
+    with pytest.raises(ValueError, match="grey"):
+        lighting_stats(np.zeros((2, 2, 3)))
+    stats = {
+        "a": np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 4.0]]),
+        "b": np.array([[3.0, 3.0, 3.0], [3.0, 3.0, 3.0]]),
+    }
+    np.testing.assert_allclose(spread(stats), [0.25, 0.5, 1.0])  # (0.5 + 0) / 2, (1 + 0) / 2, (2 + 0) / 2
+    with pytest.raises(ValueError, match="two images"):
+        spread({"a": np.zeros((1, 3))})
+
+    # a target of 2 identities: a flat training image, test images lit from the left and from the right
+    def save(path, array):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((array * 255).round().astype(np.uint8)).save(path)
+        return path
+
+    flat = np.full((8, 8), 0.5)
+    lit = np.concatenate([np.full((8, 4), 0.75), np.full((8, 4), 0.25)], axis=1)
+    for name in ("p1", "p2"):
+        save(tmp_path / "target" / name / "1.png", flat)
+        save(tmp_path / "target" / name / "2.png", lit)
+        save(tmp_path / "target" / name / "3.png", lit[:, ::-1])
+        save(tmp_path / "target" / name / "9_Ambient.png", np.zeros((8, 8)))  # left out by --exclude
+    # a synthetic set of copies of the training image: no spread, no distance
+    syn = [
+        IdentityRecord(str(save(tmp_path / "syn" / f"{n}_{i}.png", flat)), n, source="synthetic")
+        for n in ("p1", "p2")
+        for i in (0, 1)
+    ]
+    write_manifest(tmp_path / "syn" / "manifest.jsonl", syn)
+    (tmp_path / "run" / "copies").mkdir(parents=True)
+    (tmp_path / "run" / "copies" / "synthetic").symlink_to(tmp_path / "syn")
+    argv = ["--target", str(tmp_path / "target"), "--run", str(tmp_path / "run"), "--sets", "copies"]
+    argv += ["--size", "8", "--out", str(tmp_path / "out"), "--name", "spread"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "out" / "spread.json").read_text())["results"]
+    test = rows["test images (real, held out)"]
+    assert test["identities"] == 2
+    # left-right +-0.5 over the two test images: spread 0.5; brightness and contrast equal: spread 0
+    np.testing.assert_allclose(test["spread"], [0.0, 0.0, 0.5], atol=2e-3)
+    jitter = rows["training image + photometric jitter 0.4"]["spread"]
+    assert jitter[0] > 0.02 and abs(jitter[2]) < 1e-9  # the jitter moves brightness, never the side light
+    copies = rows["synthetic: copies"]
+    np.testing.assert_allclose(copies["spread"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(copies["distance"], 0.0, atol=1e-12)
+    assert "| synthetic: copies | 2 |" in (tmp_path / "out" / "spread.md").read_text()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import md_table, report_header, write_report
+from benchmarks.common import md_environment, md_table, report_header, write_report
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
 from rgsd_lightning.data.synthetic_set import manifest_path
@@ -120,7 +120,8 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     body = [
         "# Lighting spread: synthetic sets against the target's test images\n\n",
-        f"Command: `{report['command']}`\n\n",
+        md_environment(report["environment"]),
+        f"\nCommand: `{report['command']}`\n\n",
         f"Target {s['target']} ({s['train_per_identity']} training image(s) per identity), grey images at "
         f"{s['size']}x{s['size']}. Spread: standard deviation within an identity, averaged over identities; "
         "distance: a synthetic image's mean absolute difference from its identity's training image.\n\n",
@@ -142,7 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--target", default="../shared/data/CroppedYale", help="identity folders of the target")
     p.add_argument("--run", default="runs/utility/faces_recognizer_budget_k1_yale", help="study run folder")
-    p.add_argument("--sets", nargs="+", default=["k1_gen_cold", "k1_gen_rl_full", "k1_gen_rl_windowed"])
+    p.add_argument(
+        "--sets",
+        nargs="+",
+        default=["k1_gen_cold", "k1_gen_rl_full", "k1_gen_rl_windowed", "k1_gen_rl_full_unguided"],
+        help="synthetic-set stages of the run",
+    )
     p.add_argument("--exclude", nargs="*", default=["*_Ambient*"], help="file-name patterns to leave out")
     p.add_argument("--train-per-identity", type=int, default=1)
     p.add_argument("--size", type=int, default=32, help="side of the grey image the statistics are taken on")

@@ -251,6 +251,18 @@ def test_identity_folders_errors_and_exclude(tmp_path: Path) -> None:
         read_identity_folders(root, train_per_identity=0)
     kept = read_identity_folders(root, exclude=lambda name: name.startswith("1"))  # drops 1.pgm and 10.pgm
     assert [Path(r.path).name for r in kept if r.identity == "s2"] == [f"{i}.pgm" for i in range(2, 10)]
+    # an identity whose every image is excluded is left out (a split of the identities by file name) ...
+    for i in range(1, 11):
+        (root / "s2" / f"{i}.pgm").rename(root / "s2" / f"s2_{i}.pgm")
+    kept = read_identity_folders(root, train_per_identity=1, exclude=lambda name: name.startswith("s2_"))
+    assert sorted({r.identity for r in kept}) == ["s1", "s3"] and len(kept) == 20
+    # ... but a folder without any image is still an error, and so is excluding everything
+    (root / "s5").mkdir()
+    with pytest.raises(ValueError, match=re.escape(str(root / "s5")) + r" holds 0 images"):
+        read_identity_folders(root, exclude=lambda name: name.startswith("s2_"))
+    (root / "s5").rmdir()
+    with pytest.raises(ValueError, match="exclude leaves out every image of every identity"):
+        read_identity_folders(root, exclude=lambda name: True)
 
 
 def test_unlabelled_images_recursive_sorted(tmp_path: Path) -> None:

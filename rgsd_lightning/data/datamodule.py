@@ -78,7 +78,8 @@ class IdentityDataModule(L.LightningDataModule):
         train_per_identity: identity folders: the first k images of each identity train, the rest test.
         split_seed: identity folders: draw the k train images at random with this seed instead.
         max_train_per_identity: keep at most this many real training images per identity (few-shot).
-        exclude: file-name patterns (fnmatch) of real images to leave out, e.g. ``["*_Ambient*"]`` for Yale B.
+        exclude: file-name patterns (fnmatch) of real images to leave out, e.g. ``["*_Ambient*"]`` for Yale B;
+            identity folders whose every image is left out are left out (``"yaleB2*"``: split identities).
         synthetic: synthetic sets to mix into training (folders holding manifest.jsonl, or manifest files).
             The entry ``"@real"`` (``REAL_CONTROL``) fills the synthetic slots with the real training images
             themselves: the control row that separates what the batch composition does from what the

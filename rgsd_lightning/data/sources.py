@@ -146,7 +146,8 @@ def read_identity_folders(
             per identity by a NumPy Generator seeded with ``(seed, crc32(identity))``, so the draw is
             deterministic, independent of listing order and of which other identities exist.
         min_images: an identity folder with fewer images raises (a folder with none always raises).
-        exclude: skip files whose name makes it return True (e.g. Yale's ``*_Ambient.png``).
+        exclude: skip files whose name makes it return True (e.g. Yale's ``*_Ambient.png``); an identity
+            whose every image it skips is left out (e.g. ``yaleB2*``: a split of the identities).
     """
     base = existing_dir(root, "identity")
     if train_per_identity is not None and (isinstance(train_per_identity, bool) or train_per_identity < 1):
@@ -162,6 +163,8 @@ def read_identity_folders(
     records: list[IdentityRecord] = []
     for identity in folders:
         names = image_names(base / identity, exclude)
+        if not names and exclude is not None and image_names(base / identity, None):
+            continue  # every image excluded: the identity is left out, not a data error
         if len(names) < needed:
             why = (
                 f" (train_per_identity={train_per_identity} needs >= {needed})" if train_per_identity else ""
@@ -173,6 +176,8 @@ def read_identity_folders(
         for i, name in enumerate(names):
             split = "train" if train is None or i in train else "test"
             records.append(IdentityRecord(str(base / identity / name), identity, -1, "real", split))
+    if not records:
+        raise ValueError(f"{base}: exclude leaves out every image of every identity")
     return records
 
 

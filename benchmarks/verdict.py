@@ -58,6 +58,7 @@ RECIPES = (  # (real-only recipe, its stage suffix, the suffix of the recipe + R
     ("photometric jitter", "photometric", "photometric_rl_selection"),
     ("Random Erasing + photometric jitter", "erasing_photometric", "erasing_photometric_rl_selection"),
 )
+RECIPE_STAGE = {name: real for name, real, _ in RECIPES}
 EXTRA_SELECTION = [syn for _, real, syn in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
 COLD = "+ cold-start synthetic"
 FILTERED = (  # names of column groups, for the columns a setting has no rows for
@@ -226,6 +227,20 @@ def mark(met: bool | None, margin: float | None) -> str:
     return word if margin is None else f"{word} ({margin:+.2f})"
 
 
+OUTSIDE_MARK = " †"
+OUTSIDE_NOTE = (
+    "† the setting's best real-only recipe is outside these columns (the third table has it and what the "
+    "synthetic set adds on top of it).\n"
+)
+
+
+def best_outside(entry: dict[str, Any]) -> bool:
+    """Whether the setting's best real-only recipe is one the first table has no column for."""
+    columns = {real for _, real, _ in RECIPES if real in COLUMNS.values()}
+    best = [r for r in entry.get("recipes", []) if r["best"]]
+    return bool(best) and RECIPE_STAGE[best[0]["recipe"]] not in columns
+
+
 def markdown(table: dict[str, Any]) -> str:
     checks = ["floor", *GOALS]
     head = ["setting", *COLUMNS, *checks]
@@ -243,8 +258,10 @@ def markdown(table: dict[str, Any]) -> str:
                 text = f"{c[0]:.1f} ± {c[1]:.1f}"
                 cells.append(f"**{text}**" if c[0] == best else text)
         marks = [mark(entry[check], entry["margins"][check]) for check in checks]
-        lines.append("| " + " | ".join([label, *cells, *marks]) + " |")
-    return "\n".join(lines) + "\n"
+        name = label + (OUTSIDE_MARK if best_outside(entry) else "")
+        lines.append("| " + " | ".join([name, *cells, *marks]) + " |")
+    note = "\n" + OUTSIDE_NOTE if any(best_outside(entry) for entry in table.values()) else ""
+    return "\n".join(lines) + "\n" + note
 
 
 def paired_markdown(table: dict[str, Any]) -> str:

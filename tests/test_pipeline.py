@@ -397,6 +397,30 @@ def test_reuse_takes_finished_stages_from_another_run_folder(tmp_path: Path):
             reuse_plan({"reuse": bad})
 
 
+def test_the_report_reads_a_reused_stage_from_the_folder_it_ran_in(tmp_path: Path, toy_faces: str):
+    """A report section that rebuilds a reused stage's datamodule (a quality judge) reads the config.yaml of
+    the run the stage was taken from: the reusing run has only the stage's marker."""
+    from rgsd_lightning.pipeline.runner import StageResult
+    from rgsd_lightning.report.sections import RunContext
+
+    source, run = tmp_path / "study" / "judge", tmp_path / "budget"
+    source.mkdir(parents=True)
+    data = {"class_path": "rgsd_lightning.IdentityDataModule", "init_args": {"root": toy_faces}}
+    data["init_args"].update(format="toy_faces", task="face", train_per_identity=2, face_size=16)
+    (source / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+    (run / "judge").mkdir(parents=True)
+    (run / "judge" / "stage.json").write_text(json.dumps({"name": "judge", "reused_from": str(source)}))
+    (run / "real").mkdir()
+    (run / "real" / "stage.json").write_text(json.dumps({"name": "real"}))
+    results = {name: StageResult.from_marker(run / name) for name in ("judge", "real")}
+    ctx = RunContext(run, ["judge", "real", "later"], results, tmp_path / "out", "x")
+    assert ctx.folder("judge") == source and ctx.folder("real") == run / "real"
+    dm = ctx.datamodule("judge")
+    assert dm.root == toy_faces and len(dm.train_records) == 2 * dm.num_identities
+    with pytest.raises(KeyError, match="later"):
+        ctx.folder("later")
+
+
 def test_a_reused_stage_warns_only_about_settings_other_than_its_own_folder(tmp_path: Path):
     """The marker of a stage taken from another run records that run's folders; its own folder's paths are
     mapped before comparing, so only a real difference (here: an input from another stage) is reported."""

@@ -106,6 +106,14 @@ class RunContext:
             raise KeyError(f"stage {stage!r} wrote no synthetic set")
         return read_manifest(Path(result.output) / MANIFEST)
 
+    def folder(self, stage: str) -> Path:
+        """Where a finished stage's files are: its folder in this run, or for a stage taken from another run
+        (``reuse``) the folder it ran in."""
+        self.require(stage)
+        marker = self.run / stage / "stage.json"
+        reused = json.loads(marker.read_text()).get("reused_from") if marker.is_file() else None
+        return Path(reused) if reused else self.run / stage
+
     # -------------------------------------------------------------------------------- data + models
     def datamodule(self, stage: str) -> Any:
         """The stage's IdentityDataModule, rebuilt from its resolved config.yaml."""
@@ -113,8 +121,7 @@ class RunContext:
             from jsonargparse import ArgumentParser
             from lightning.pytorch import LightningDataModule
 
-            self.require(stage)
-            config = yaml.safe_load((self.run / stage / "config.yaml").read_text())
+            config = yaml.safe_load((self.folder(stage) / "config.yaml").read_text())
             parser = ArgumentParser(exit_on_error=False)
             parser.add_subclass_arguments(LightningDataModule, "data")
             parsed = parser.parse_object({"data": config["data"]})

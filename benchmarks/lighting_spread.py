@@ -62,11 +62,15 @@ def load_grey(path: str | Path, size: int) -> np.ndarray:
     return np.asarray(grey, dtype=np.float64) / 255.0
 
 
-def _by_identity(records: Sequence[IdentityRecord], size: int) -> dict[str, np.ndarray]:
+def _grey_by_identity(records: Sequence[IdentityRecord], size: int) -> dict[str, list[np.ndarray]]:
     out: dict[str, list[np.ndarray]] = {}
     for r in records:
-        out.setdefault(r.identity, []).append(lighting_stats(load_grey(r.path, size)))
-    return {name: np.stack(rows) for name, rows in out.items()}
+        out.setdefault(r.identity, []).append(load_grey(r.path, size))
+    return out
+
+
+def _stats_by_identity(images: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    return {name: np.stack([lighting_stats(x) for x in group]) for name, group in images.items()}
 
 
 def measure(
@@ -86,22 +90,22 @@ def measure(
         train_per_identity=train_per_identity,
         exclude=(lambda name: any(fnmatch.fnmatch(name, p) for p in exclude)) if exclude else None,
     )
-    train = _by_identity([r for r in records if r.split == "train"], size)
-    test = _by_identity([r for r in records if r.split == "test"], size)
+    train_images = _grey_by_identity([r for r in records if r.split == "train"], size)
+    train = _stats_by_identity(train_images)
+    test = _stats_by_identity(_grey_by_identity([r for r in records if r.split == "test"], size))
     rows: dict[str, Any] = {"test images (real, held out)": {"spread": spread(test), "identities": len(test)}}
     torch.manual_seed(seed)
     jitter = PhotometricJitter(photometric)
-    jittered = {}
-    for r in (r for r in records if r.split == "train"):
-        x = torch.from_numpy(load_grey(r.path, size))[None]
-        stats = [lighting_stats(jitter(x)[0].numpy()) for _ in range(draws)]
-        jittered.setdefault(r.identity, []).extend(stats)
+    jittered = {
+        name: [jitter(torch.from_numpy(x)[None])[0].numpy() for x in group for _ in range(draws)]
+        for name, group in train_images.items()
+    }
     rows[f"training image + photometric jitter {photometric}"] = {
-        "spread": spread({k: np.stack(v) for k, v in jittered.items()}),
+        "spread": spread(_stats_by_identity(jittered)),
         "identities": len(jittered),
     }
     for name, folder in sets.items():
-        synthetic = _by_identity(read_manifest(manifest_path(folder)), size)
+        synthetic = _stats_by_identity(_grey_by_identity(read_manifest(manifest_path(folder)), size))
         unknown = sorted(set(synthetic) - set(train))
         if unknown:
             raise ValueError(f"synthetic set {folder}: identities {unknown[:5]} are not target identities")

@@ -58,8 +58,7 @@ RECIPES = (  # (real-only recipe, its stage suffix, the suffix of the recipe + R
     ("photometric jitter", "photometric", "photometric_rl_selection"),
     ("Random Erasing + photometric jitter", "erasing_photometric", "erasing_photometric_rl_selection"),
 )
-RECIPE_STAGE = {name: real for name, real, _ in RECIPES}
-EXTRA_SELECTION = [syn for _, real, syn in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
+EXTRA_SELECTION = [syn for _, _, syn in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
 COLD = "+ cold-start synthetic"
 FILTERED = (  # names of column groups, for the columns a setting has no rows for
     "+ RL synthetic, reward-filtered, + selection",
@@ -177,17 +176,17 @@ def verdict(results: Path) -> dict[str, Any]:
         stats = stage_stats(json.loads(path.read_text())) if path.is_file() else {}
         cells = {col: cell(stats, f"{prefix}_{suffix}", metric) for col, suffix in COLUMNS.items()}
         real, erasing = cells["real only"], cells["+ Random Erasing"]
-        extra = {s: cell(stats, f"{prefix}_{s}", metric) for s in EXTRA_SELECTION}
-        cells_and_extra = {**cells, **{s: c for s, c in extra.items() if c is not None}}
+        extra = {s: cell(stats, f"{prefix}_{s}", metric) for s in EXTRA_SELECTION}  # keyed by suffix
+        found = {**cells, **extra}
         selection_columns = [col for col in COLUMNS if col.endswith("selection") and col not in absent]
         selection_columns += [s for s, c in extra.items() if c is not None]
-        selection = [cells_and_extra[col] for col in selection_columns]
+        selection = [found[col] for col in selection_columns]
         floor = real is not None and all(c is not None and c[0] >= real[0] for c in selection)
         complete = real is not None and selection and all(c is not None for c in selection)
         margins = {"floor": min(c[0] for c in selection) - real[0] if complete else None}
         suffixes = {**COLUMNS, **{s: s for s in EXTRA_SELECTION}}
         values = {col: seed_values(stats.get(f"{prefix}_{s}"), metric) for col, s in suffixes.items()}
-        lowest = min(selection_columns, key=lambda col: cells_and_extra[col][0]) if complete else None
+        lowest = min(selection_columns, key=lambda col: found[col][0]) if complete else None
         tests = {"floor": paired(values[lowest], values["real only"], 0.0) if complete else None}
         out[label] = {"cells": cells, "floor": floor, "absent": list(absent)}
         for check, column in GOALS.items():
@@ -213,7 +212,9 @@ def recipes(stats: dict[str, dict[str, Any]], prefix: str, metric: str) -> list[
             continue
         a = seed_values(stats.get(f"{prefix}_{synthetic}"), metric)
         gain = paired(a, seed_values(stats.get(f"{prefix}_{real}"), metric), 1.0)
-        out.append({"recipe": name, "real": base, "synthetic": both, "paired": gain, "best": False})
+        out.append(
+            {"recipe": name, "stage": real, "real": base, "synthetic": both, "paired": gain, "best": False}
+        )
     if out:
         max(out, key=lambda r: r["real"][0])["best"] = True
     return out
@@ -236,9 +237,7 @@ OUTSIDE_NOTE = (
 
 def best_outside(entry: dict[str, Any]) -> bool:
     """Whether the setting's best real-only recipe is one the first table has no column for."""
-    columns = {real for _, real, _ in RECIPES if real in COLUMNS.values()}
-    best = [r for r in entry.get("recipes", []) if r["best"]]
-    return bool(best) and RECIPE_STAGE[best[0]["recipe"]] not in columns
+    return any(r["best"] and r["stage"] not in COLUMNS.values() for r in entry.get("recipes", []))
 
 
 def markdown(table: dict[str, Any]) -> str:

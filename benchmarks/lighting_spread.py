@@ -17,7 +17,6 @@ the same ``train_per_identity`` and ``exclude``). Writes ``<out>/<name>.json`` a
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import md_environment, md_table, report_header, write_report
+from rgsd_lightning.data.listing import name_excluded
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
 from rgsd_lightning.data.synthetic_set import manifest_path
@@ -88,7 +88,7 @@ def measure(
     records = read_identity_folders(
         target,
         train_per_identity=train_per_identity,
-        exclude=(lambda name: any(fnmatch.fnmatch(name, p) for p in exclude)) if exclude else None,
+        exclude=(lambda name: name_excluded(name, exclude)) if exclude else None,
     )
     train_images = _grey_by_identity([r for r in records if r.split == "train"], size)
     train = _stats_by_identity(train_images)

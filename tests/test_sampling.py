@@ -273,3 +273,24 @@ def test_eta_must_be_a_non_negative_number(gen):
         with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
             sample(gen, [0, 1], seeds=[1, 2], num_steps=2, eta=eta)
     assert torch.isfinite(step_with_logprob(eps, x, 500, 480, AC, eta=0.0).prev_sample).all()
+
+
+def test_ddim_from_init_equals_diffusers_img2img(gen):
+    """The DDIM branch started from images: diffusers' DDIMScheduler on the last ⌊N·strength⌋ steps of its
+    grid from its add_noise of the start images (η = 0, the same model and noise)."""
+    labels, seeds, steps, strength = [1, 0], [7, 8], 20, 0.5
+    init = torch.rand(2, *gen.latent_shape, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    out = sample(gen, labels, seeds=seeds, num_steps=steps, guidance_scale=1.5, init=init, strength=strength)
+    noise = torch.stack(
+        [torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+    sched = _dit_ddim()
+    sched.set_timesteps(steps)
+    timesteps = sched.timesteps[steps - int(steps * strength) :]
+    x = sched.add_noise(init, noise, timesteps[:1])
+    with torch.no_grad():
+        for t in timesteps:
+            eps = guided_eps(gen, x, int(t), torch.tensor(labels), guidance_scale=1.5)
+            x = sched.step(eps, int(t), x, eta=0.0).prev_sample
+    assert torch.equal(out.timesteps, timesteps.long()) and len(timesteps) == 10
+    assert_close_to_scale(out.latents, x, rtol=1e-4)

@@ -9,6 +9,7 @@ from conftest import random_tiny_generator
 from diffusers import DPMSolverMultistepScheduler
 
 from rgsd_lightning.diffusion import alphas_cumprod, guided_eps, make_timesteps, sample
+from rgsd_lightning.diffusion.sampling import steps_from_init
 from rgsd_lightning.diffusion.solvers import dpmsolver_step, dpmsolver_timesteps, solve
 from rgsd_lightning.modules.config import SamplerConfig
 
@@ -191,3 +192,82 @@ def test_rl_rollouts_refuse_the_deterministic_solver():
 
     with pytest.raises(ValueError, match="generation-only solver"):
         RewardDPOK(num_identities=2, generator="unused", sampler={"method": "dpmsolver", "steps": 5})
+
+
+@pytest.mark.parametrize(("steps", "strength"), [(10, 0.4), (25, 0.6), (7, 1.0)])
+def test_sample_from_init_equals_diffusers_img2img(gen, steps, strength):
+    """SDEdit: diffusers' img2img rule (the last ⌊N·strength⌋ steps of the grid, the start image noised to
+    the first of them by the scheduler's add_noise) driven step by step with the same model and noise."""
+    labels, seeds = [0, 2, 1], [3, 4, 5]
+    init = torch.rand(3, *gen.latent_shape, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    out = sample(
+        gen,
+        labels,
+        seeds=seeds,
+        num_steps=steps,
+        guidance_scale=2.0,
+        method="dpmsolver",
+        decode=False,
+        init=init,
+        strength=strength,
+    )
+    noise = torch.stack(
+        [torch.randn(gen.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+    sched = _diffusers_dpm()
+    sched.set_timesteps(steps)
+    start = steps - int(steps * strength)
+    timesteps = sched.timesteps[start:]
+    sched.set_begin_index(start)
+    x = sched.add_noise(init, noise, timesteps[:1])
+    with torch.no_grad():
+        for t in timesteps:
+            x = sched.step(
+                guided_eps(gen, x, int(t), torch.tensor(labels), guidance_scale=2.0), t, x
+            ).prev_sample
+    assert torch.equal(out.timesteps, timesteps.long())
+    assert _close(out.latents, x)
+
+
+def test_closed_form_point_mass_from_an_init_image():
+    """With the exact ε of one data point x*, a run started from any noised image lands on x*, and a run
+    of a part of the grid passes α_s x* + σ_s ε̂ with ε̂ the start's exact ε (the ODE keeps it fixed)."""
+    target, init, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+
+    def exact_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        a = AC[t].double()
+        return ((x.double() - a.sqrt() * target.double()) / (1 - a).sqrt()).float()
+
+    timesteps, prev = dpmsolver_timesteps(1000, 10)
+    t0 = int(timesteps[6])  # strength 0.4: the last 4 of 10 steps
+    x_start = AC[t0].sqrt() * init + (1 - AC[t0]).sqrt() * noise
+    assert _close(solve(exact_eps, x_start, timesteps[6:], prev[6:], AC), target, 1e-4)
+
+
+def test_low_strength_keeps_the_init_image(gen):
+    """The start image is used and paired with its sample: at strength 0.2 each sample is nearer its own
+    start image than the other one (same label and noise), and the pair's difference follows the starts'."""
+    a = torch.full((1, *gen.latent_shape), -0.8)
+    b = torch.full((1, *gen.latent_shape), 0.8)
+    kw = dict(seeds=[1, 1], num_steps=10, guidance_scale=2.0, method="dpmsolver", decode=False)
+    out = sample(gen, [0, 0], init=torch.cat([a, b]), strength=0.2, **kw).latents
+    assert (out[0] - a[0]).abs().mean() < (out[0] - b[0]).abs().mean()
+    assert (out[1] - b[0]).abs().mean() < (out[1] - a[0]).abs().mean()
+    assert float((out[1] - out[0]).mean()) > 0.8  # the starts differ by 1.6
+    pure = sample(gen, [0, 0], **kw).latents  # no init: both samples equal
+    assert torch.allclose(pure[0], pure[1], atol=1e-5 * float(pure.abs().max()))
+
+
+def test_steps_from_init_rule_and_bad_input(gen):
+    assert (
+        steps_from_init(25, 0.4) == 10 and steps_from_init(25, 1.0) == 25 and steps_from_init(10, 0.15) == 1
+    )
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="strength must be in"):
+            steps_from_init(10, bad)
+    with pytest.raises(ValueError, match="runs no step"):
+        steps_from_init(10, 0.05)
+    with pytest.raises(ValueError, match="needs init images"):
+        sample(gen, [0], seeds=[1], num_steps=4, strength=0.5)
+    with pytest.raises(ValueError, match="init has shape"):
+        sample(gen, [0, 1], seeds=[1, 2], num_steps=4, init=torch.zeros(1, *gen.latent_shape), strength=0.5)

@@ -59,7 +59,8 @@ class SyntheticSetWriter(BasePredictionWriter):
 
     The module's ``predict_step`` returns a dict with ``images`` (B, C, H, W) in [-1, 1], ``identity``
     (list of names), ``seed`` (B,), and optionally ``request`` (B,), ``rewards`` (dict of (B,) tensors)
-    and ``meta`` (dict of settings shared by the batch, e.g. sampler and generator hash).
+    and ``meta`` (dict of settings shared by the batch, e.g. sampler and generator hash), and ``per_image``
+    (dict of per-image values, e.g. each image's start image when generating from images).
 
     Args:
         output_dir: the synthetic set folder.
@@ -125,6 +126,7 @@ class SyntheticSetWriter(BasePredictionWriter):
         requests = _as_list(prediction.get("request", [None] * len(seeds)))
         rewards = {k: _as_list(v) for k, v in (prediction.get("rewards") or {}).items()}
         meta = dict(prediction.get("meta") or {})
+        per_image = dict(prediction.get("per_image") or {})
         shard = self._open_shard(trainer.global_rank)
         for i, (identity, seed) in enumerate(zip(identities, seeds, strict=True)):
             rel = image_path(identity, seed)
@@ -142,6 +144,7 @@ class SyntheticSetWriter(BasePredictionWriter):
                 row["request"] = int(requests[i])
             row.update({k: float(v[i]) for k, v in rewards.items()})
             row.update(meta)
+            row.update({k: v[i] for k, v in per_image.items()})
             shard.write(json.dumps(row) + "\n")
         shard.flush()
         os.fsync(shard.fileno())

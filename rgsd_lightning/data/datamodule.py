@@ -23,9 +23,7 @@ trainer runs with ``use_distributed_sampler=False``, which the CLI sets).
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +41,7 @@ from rgsd_lightning.data.datasets import (
 )
 from rgsd_lightning.data.face_loaders import FaceLoaders, VerificationSpec
 from rgsd_lightning.data.generator_loaders import GeneratorLoaders, RLLoaders
+from rgsd_lightning.data.listing import name_excluded
 from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.data.recognizer_loaders import RecognizerLoaders, ReIDLoaders
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
@@ -207,7 +206,7 @@ class IdentityDataModule(L.LightningDataModule):
         splits = self._parse_real()
         patterns = self.hparams.exclude or []
         if patterns:
-            splits = {k: [r for r in v if not _excluded(r.path, patterns)] for k, v in splits.items()}
+            splits = {k: [r for r in v if not name_excluded(r.path, patterns)] for k, v in splits.items()}
         return splits
 
     def _parse_real(self) -> dict[str, list[IdentityRecord]]:
@@ -227,7 +226,7 @@ class IdentityDataModule(L.LightningDataModule):
                 root,
                 train_per_identity=hp.train_per_identity,
                 seed=hp.split_seed,
-                exclude=(lambda name: _excluded(name, hp.exclude)) if hp.exclude else None,
+                exclude=(lambda name: name_excluded(name, hp.exclude)) if hp.exclude else None,
             )
             return _group_by_split(records)
         if fmt == "unlabelled":
@@ -466,12 +465,6 @@ def _group_by_split(records: list[IdentityRecord]) -> dict[str, list[IdentityRec
 
 
 _replace = dataclasses.replace
-
-
-def _excluded(path: str, patterns: list[str]) -> bool:
-    """True when the file name of ``path`` matches one of the fnmatch ``patterns``."""
-    name = os.path.basename(path)
-    return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
 def _spec_dict(spec: VerificationSpec | dict) -> dict:

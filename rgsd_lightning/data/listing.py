@@ -6,9 +6,10 @@ with a ``FileNotFoundError`` naming it.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rgsd_lightning.data.images import is_image_file
@@ -35,6 +36,12 @@ def image_names(folder: Path, exclude: Callable[[str], bool] | None = None) -> l
     if exclude is not None:
         names = [n for n in names if not exclude(n)]
     return sorted(names, key=natural_key)
+
+
+def name_excluded(path: PathLike, patterns: Sequence[str]) -> bool:
+    """True when the file name of ``path`` matches one of the fnmatch ``patterns`` (e.g. ``*_Ambient*``)."""
+    name = os.path.basename(path)
+    return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
 def existing_dir(root: PathLike, what: str) -> Path:

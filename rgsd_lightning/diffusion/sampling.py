@@ -16,7 +16,13 @@ from typing import Any
 import torch
 
 from rgsd_lightning.diffusion.generator import as_labels
-from rgsd_lightning.diffusion.schedule import SIGMA_MIN, alpha_bar, make_timesteps, posterior_variance
+from rgsd_lightning.diffusion.schedule import (
+    SIGMA_MIN,
+    add_noise,
+    alpha_bar,
+    make_timesteps,
+    posterior_variance,
+)
 from rgsd_lightning.diffusion.solvers import SOLVERS, dpmsolver_timesteps, solve
 
 METHODS = ("ddim", "ddpm", *SOLVERS)
@@ -170,6 +176,20 @@ def step_with_logprob(
     return StepOutput(prev_sample=prev, log_prob=log_prob, mean=mean, std=std)
 
 
+def steps_from_init(num_steps: int, strength: float) -> int:
+    """How many of ``num_steps`` grid steps run from an init image: ⌊N·strength⌋ (diffusers' img2img rule).
+
+    ValueError unless 0 < strength <= 1 and at least one step runs.
+    """
+    value = float(strength)
+    if not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ValueError(f"strength must be in (0, 1] (1 = start from pure noise), got {strength}")
+    run = min(int(num_steps * value), num_steps)
+    if run < 1:
+        raise ValueError(f"strength={strength} runs no step of {num_steps}: raise strength or steps")
+    return run
+
+
 def _noise(
     shape: tuple[int, ...],
     rngs: list[torch.Generator] | None,
@@ -200,6 +220,8 @@ def sample(
     clip_x0: bool = False,
     record_trajectory: bool = False,
     decode: bool = True,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> SampleOutput:
     """Generate images of ``labels`` (identity indices; N = unconditional) with ``model`` (a DiTGenerator).
 
@@ -210,6 +232,11 @@ def sample(
     ``method``: "ddim" (with ``eta``; ``spacing`` of its grid), "ddpm", or "dpmsolver" - DPM-Solver++(2M),
     deterministic (``eta`` must be 0, no log-probs: zeros), on diffusers' "linspace" grid
     (:mod:`rgsd_lightning.diffusion.solvers`), for fast generation at few steps.
+
+    ``init`` (B, C, h, w) in the transformer's space (an encoded image per sample) with ``strength`` < 1
+    starts from that image instead of pure noise (SDEdit, diffusers' img2img): only the last
+    :func:`steps_from_init` steps of the grid run, from x_t = √ᾱ_t init + √(1-ᾱ_t) ε at the first of them,
+    with ε the sample's own initial noise. The returned ``timesteps`` are the steps that ran.
     """
     if seeds is not None and generator is not None:
         raise ValueError("give either `seeds` or `generator`, not both")
@@ -237,6 +264,15 @@ def sample(
     sample_shape = tuple(shape) if rngs is not None else (batch, *shape)
 
     x = _noise(sample_shape, rngs, generator, device).float()
+    if init is not None:
+        if tuple(init.shape) != (batch, *shape):
+            expected = (batch, *shape)
+            raise ValueError(f"init has shape {tuple(init.shape)}, expected {expected} (one per label)")
+        start = len(timesteps) - steps_from_init(len(timesteps), strength)
+        timesteps, prev_timesteps = timesteps[start:], prev_timesteps[start:]
+        x = add_noise(init.to(device).float(), x, int(timesteps[0]), alphas)
+    elif strength != 1.0:
+        raise ValueError(f"strength={strength} needs init images (strength < 1 starts from them)")
     if method in SOLVERS:  # deterministic: the initial noise is all the randomness
         return _solver_sample(
             model, x, labels, timesteps, prev_timesteps, guidance_scale, clip_x0, record_trajectory, decode

@@ -1,18 +1,19 @@
 """Grouped, typed configuration of the stage modules: the nested blocks of a stage YAML.
 
-==============  =============================  =======================================================
-block           dataclass                      used by
-==============  =============================  =======================================================
-``sampler:``    :class:`SamplerConfig`         ColdStartDiT, RewardDPOK, SyntheticGenerator
-``grid:``       :class:`GridConfig`            ColdStartDiT, RewardDPOK, SyntheticGenerator
-``reward:``     :class:`RewardConfig`          RewardDPOK; scoring in ColdStartDiT, SyntheticGenerator
-``lora:``       :class:`LoRAConfig`            RewardDPOK
-``objective:``  :class:`PolicyGradientConfig`  RewardDPOK
-``update:``     :class:`UpdateConfig`          RewardDPOK
-``window:``     :class:`WindowConfig`          RewardDPOK (``mode="windowed"``)
-``draft:``      :class:`DraftConfig`           RewardDPOK (``mode="draft"``)
-``net:``        :class:`EmbeddingNetConfig`    LookaheadReID, CosFaceRecognizer
-==============  =============================  =======================================================
+================  =============================  =======================================================
+block             dataclass                      used by
+================  =============================  =======================================================
+``sampler:``      :class:`SamplerConfig`         ColdStartDiT, RewardDPOK, SyntheticGenerator
+``grid:``         :class:`GridConfig`            ColdStartDiT, RewardDPOK, SyntheticGenerator
+``init_images:``  :class:`InitImagesConfig`      SyntheticGenerator
+``reward:``       :class:`RewardConfig`          RewardDPOK; scoring in ColdStartDiT, SyntheticGenerator
+``lora:``         :class:`LoRAConfig`            RewardDPOK
+``objective:``    :class:`PolicyGradientConfig`  RewardDPOK
+``update:``       :class:`UpdateConfig`          RewardDPOK
+``window:``       :class:`WindowConfig`          RewardDPOK (``mode="windowed"``)
+``draft:``        :class:`DraftConfig`           RewardDPOK (``mode="draft"``)
+``net:``          :class:`EmbeddingNetConfig`    LookaheadReID, CosFaceRecognizer
+================  =============================  =======================================================
 
 (The recognizers' ``selection:`` block is :class:`rgsd_lightning.selection.SelectionConfig`.)
 
@@ -163,6 +164,37 @@ class GridConfig:
         for field in ("identities", "samples", "every_n_steps"):
             value = getattr(self, field)
             _check(value >= 0, f"grid.{field} must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class InitImagesConfig:
+    """Generation from images (SDEdit): every sample starts from a noised image of a pool, not pure noise.
+
+    Attributes:
+        root: folder of the starting images (e.g. the prior corpus: other people under other lightings and
+            poses); None generates from pure noise (the default).
+        exclude: fnmatch patterns over file names to leave out of the pool (e.g. the target's own images).
+        strength: share of the sampler's steps that run (diffusers' img2img ``strength``): the start image
+            is noised to the first of the last ⌊steps x strength⌋ steps. Low keeps more of the start image
+            (its lighting, and more of its identity), 1 keeps almost nothing of it.
+        seed: seed of the draw of a start image per (identity, seed) request.
+    """
+
+    root: str | None = None
+    exclude: tuple[str, ...] = ()
+    strength: float = 0.6
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude))
+        _check(
+            math.isfinite(self.strength) and 0.0 < self.strength <= 1.0,
+            f"init_images.strength must be in (0, 1] (1 = start from pure noise), got {self.strength}",
+        )
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            f"init_images.seed must be a non-negative integer, got {self.seed!r}",
+        )
 
 
 @dataclass(frozen=True)

@@ -107,8 +107,15 @@ class GeneratorModule(L.LightningModule):
         return self.sampler.record(latent=self.generator.vae is not None)
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1] for the labels, one seeded image per request."""
+    def generate(
+        self,
+        labels: torch.Tensor,
+        seeds: list[int],
+        init: torch.Tensor | None = None,
+        strength: float = 1.0,
+    ) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1] for the labels, one seeded image per request; with ``init`` (B, C,
+        H, W) images in [-1, 1], each sample starts from its noised image (``strength``, SDEdit)."""
         s = self.sampler
         was_training = self.generator.training
         self.generator.eval()
@@ -123,6 +130,8 @@ class GeneratorModule(L.LightningModule):
                     eta=s.eta,
                     method=s.method,
                     clip_x0=self.clip_x0,
+                    init=None if init is None else self.generator.encode(init.to(self.device)),
+                    strength=strength,
                 )
         finally:
             self.generator.train(was_training)
@@ -166,19 +175,31 @@ class GeneratorModule(L.LightningModule):
         with self.sampling_weights():
             self._fingerprint = tensor_fingerprint(self.generator.transformer.state_dict().items())
 
+    def start_images(self, identities: list[str], seeds: list[int]) -> tuple[torch.Tensor | None, dict]:
+        """Start images of the requests (None: pure noise, the default), with the settings recorded with
+        them: ``{"shared": {...}, "per_image": {field: [value per request]}}``."""
+        return None, {}
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         labels = batch["label"]
-        images = self.generate(labels, [int(s) for s in batch["seed"]])
+        identities, seeds = list(batch["identity"]), [int(s) for s in batch["seed"]]
+        init, record = self.start_images(identities, seeds)
+        strength = record.get("shared", {}).get("init_strength", 1.0)
+        images = self.generate(labels, seeds, init=init, strength=strength)
         meta = dict(
-            self.sampler_settings(), generator=getattr(self, "_fingerprint", None), stage=type(self).__name__
+            self.sampler_settings(),
+            generator=getattr(self, "_fingerprint", None),
+            stage=type(self).__name__,
+            **record.get("shared", {}),
         )
         return {
             "images": images.cpu(),
-            "identity": list(batch["identity"]),
+            "identity": identities,
             "seed": batch["seed"],
             "request": batch["request"],
             "rewards": self.score(images, labels),
             "meta": meta,
+            "per_image": record.get("per_image", {}),
         }
 
     def card_info(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ the same ``train_per_identity`` and ``exclude``). Writes ``<out>/<name>.json`` a
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,6 +142,14 @@ def markdown(report: dict[str, Any]) -> str:
     return "".join(body) + md_table(headers, table)
 
 
+def set_folder(run: str | Path, stage: str) -> Path:
+    """The synthetic set a generation stage of a run wrote: its ``stage.json`` output (which points into the
+    original run for a stage the run reused), else ``<run>/<stage>/synthetic``."""
+    marker = Path(run) / stage / "stage.json"
+    output = json.loads(marker.read_text()).get("output") if marker.is_file() else None
+    return Path(output) if output else Path(run) / stage / "synthetic"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks lighting_spread", description=__doc__.split("\n")[0]
@@ -161,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default="lighting_spread_yale")
     args = p.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
-    sets = {name: Path(args.run) / name / "synthetic" for name in args.sets}
+    sets = {name: set_folder(args.run, name) for name in args.sets}
     command = "python -m benchmarks lighting_spread " + " ".join(argv if argv is not None else sys.argv[1:])
     report = report_header("lighting_spread", False, command.strip(), settings)
     report["results"] = measure(

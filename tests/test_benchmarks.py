@@ -706,7 +706,19 @@ def test_lighting_spread_statistics_by_hand_and_on_a_made_target(tmp_path):
     write_manifest(tmp_path / "syn" / "manifest.jsonl", syn)
     (tmp_path / "run" / "copies").mkdir(parents=True)
     (tmp_path / "run" / "copies" / "synthetic").symlink_to(tmp_path / "syn")
-    argv = ["--target", str(tmp_path / "target"), "--run", str(tmp_path / "run"), "--sets", "copies"]
+    # a stage the run reused from another run: its stage.json points at the set where it lies
+    (tmp_path / "run" / "reused").mkdir()
+    marker = {"name": "reused", "output": str(tmp_path / "syn"), "reused_from": str(tmp_path / "other")}
+    (tmp_path / "run" / "reused" / "stage.json").write_text(json.dumps(marker))
+    argv = [
+        "--target",
+        str(tmp_path / "target"),
+        "--run",
+        str(tmp_path / "run"),
+        "--sets",
+        "copies",
+        "reused",
+    ]
     argv += ["--size", "8", "--out", str(tmp_path / "out"), "--name", "spread"]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "out" / "spread.json").read_text())["results"]
@@ -720,3 +732,4 @@ def test_lighting_spread_statistics_by_hand_and_on_a_made_target(tmp_path):
     np.testing.assert_allclose(copies["spread"], 0.0, atol=1e-12)
     np.testing.assert_allclose(copies["distance"], 0.0, atol=1e-12)
     assert "| synthetic: copies | 2 |" in (tmp_path / "out" / "spread.md").read_text()
+    assert rows["synthetic: reused"] == copies

@@ -19,8 +19,9 @@ A second table gives each check as a paired comparison over seeds: the mean of t
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
 A third asks the issue's question directly for every real-only recipe a study ran (no augmentation, Random
 Erasing, and where a study has them photometric jitter and both): what the RL set with selection adds on
-top of the recipe, paired over seeds, with the best real-only recipe of each setting marked. Rows beyond the
-first table's columns (the photometric ones) count towards the floor where a study ran them.
+top of the recipe - and, where a study ran them, the RL generator's sets started from prior images (SDEdit)
+- paired over seeds, with the best real-only recipe of each setting marked. Rows beyond the first table's
+columns (the photometric and from-prior-images ones) count towards the floor where a study ran them.
 """
 
 from __future__ import annotations
@@ -52,13 +53,25 @@ GOALS = {  # check -> the column that must beat "+ Random Erasing" by one point
     "goal, windowed": "+ Random Erasing + windowed-RL synthetic + selection",
     "goal, copy-free": "+ Random Erasing + copy-free synthetic + selection",
 }
-RECIPES = (  # (real-only recipe, its stage suffix, the suffix of the recipe + RL synthetic + selection)
-    ("none", "real", "rl_selection"),
-    ("Random Erasing", "erasing", "erasing_rl_selection"),
-    ("photometric jitter", "photometric", "photometric_rl_selection"),
-    ("Random Erasing + photometric jitter", "erasing_photometric", "erasing_photometric_rl_selection"),
+RECIPES = (  # (real-only recipe, its stage suffix, the suffix of recipe + synthetic set + selection, set)
+    ("none", "real", "rl_selection", "RL"),
+    ("Random Erasing", "erasing", "erasing_rl_selection", "RL"),
+    ("photometric jitter", "photometric", "photometric_rl_selection", "RL"),
+    ("Random Erasing + photometric jitter", "erasing_photometric", "erasing_photometric_rl_selection", "RL"),
+    (
+        "Random Erasing + photometric jitter",
+        "erasing_photometric",
+        "erasing_photometric_sdedit60_selection",
+        "RL from prior images, strength 0.6",
+    ),
+    (
+        "Random Erasing + photometric jitter",
+        "erasing_photometric",
+        "erasing_photometric_sdedit80_selection",
+        "RL from prior images, strength 0.8",
+    ),
 )
-EXTRA_SELECTION = [syn for _, _, syn in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
+EXTRA_SELECTION = [syn for _, _, syn, _ in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
 COLD = "+ cold-start synthetic"
 FILTERED = (  # names of column groups, for the columns a setting has no rows for
     "+ RL synthetic, reward-filtered, + selection",
@@ -202,21 +215,31 @@ def verdict(results: Path) -> dict[str, Any]:
 
 
 def recipes(stats: dict[str, dict[str, Any]], prefix: str, metric: str) -> list[dict[str, Any]]:
-    """What the RL set with selection adds on top of each real-only recipe the study ran: the recipe's mean,
-    the mean with the synthetic set, their paired difference against +1 point, and whether the recipe is
-    the setting's best real-only one (highest mean)."""
+    """What each synthetic set with selection adds on top of each real-only recipe the study ran: the
+    recipe's mean, the mean with the synthetic set, their paired difference against +1 point, and whether
+    the recipe is the setting's best real-only one (highest mean)."""
     out = []
-    for name, real, synthetic in RECIPES:
+    for name, real, synthetic, set_name in RECIPES:
         base, both = cell(stats, f"{prefix}_{real}", metric), cell(stats, f"{prefix}_{synthetic}", metric)
         if base is None or both is None:
             continue
         a = seed_values(stats.get(f"{prefix}_{synthetic}"), metric)
         gain = paired(a, seed_values(stats.get(f"{prefix}_{real}"), metric), 1.0)
         out.append(
-            {"recipe": name, "stage": real, "real": base, "synthetic": both, "paired": gain, "best": False}
+            {
+                "recipe": name,
+                "stage": real,
+                "set": set_name,
+                "real": base,
+                "synthetic": both,
+                "paired": gain,
+                "best": False,
+            }
         )
     if out:
-        max(out, key=lambda r: r["real"][0])["best"] = True
+        best = max(out, key=lambda r: r["real"][0])["stage"]
+        for r in out:
+            r["best"] = r["stage"] == best
     return out
 
 
@@ -284,17 +307,19 @@ def paired_markdown(table: dict[str, Any]) -> str:
 
 
 RECIPES_CAPTION = (
-    "What the RL synthetic set with selection adds on top of each real-only recipe a study ran (mean ± std "
-    "over seeds in %; the gain paired over seeds, mean [95 % Student-t interval] in points, against the "
-    "goal's +1 point; **bold**: the setting's best real-only recipe).\n"
+    "What a synthetic set with selection adds on top of each real-only recipe a study ran (mean ± std over "
+    "seeds in %; the gain paired over seeds, mean [95 % Student-t interval] in points, against the goal's +1 "
+    "point; **bold**: the setting's best real-only recipe). RL: the RL generator's set; from prior images: "
+    "the same generator, every sample started from a noised image of the prior corpus (SDEdit, "
+    "``init_images``) at the strength given.\n"
 )
 
 
 def recipes_markdown(table: dict[str, Any]) -> str:
     """One line per (setting, real-only recipe) that has both rows."""
     lines = [
-        "| setting | real-only recipe | recipe | + RL syn + sel | gain |",
-        "|---|---|---:|---:|:---:|",
+        "| setting | real-only recipe | recipe | synthetic set | + syn + sel | gain |",
+        "|---|---|---:|---|---:|:---:|",
     ]
     for label, entry in table.items():
         for r in entry["recipes"]:
@@ -302,7 +327,7 @@ def recipes_markdown(table: dict[str, Any]) -> str:
             p = r["paired"]
             gain = "-" if p is None else f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['status']}"
             real, syn = (f"{c[0]:.1f} ± {c[1]:.1f}" for c in (r["real"], r["synthetic"]))
-            lines.append(f"| {label} | {name} | {real} | {syn} | {gain} |")
+            lines.append(f"| {label} | {name} | {real} | {r['set']} | {syn} | {gain} |")
     return "\n".join(lines) + "\n"
 
 

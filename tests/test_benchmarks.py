@@ -571,20 +571,24 @@ def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
         row("photometric_rl_selection", [0.19, 0.21, 0.23]),  # below "real only": the floor is missed
         row("erasing_photometric", [0.38, 0.40, 0.42]),
         row("erasing_photometric_rl_selection", [0.39, 0.42, 0.43]),  # gains +1, +2, +1 points
+        row("erasing_photometric_sdedit60_selection", [0.43, 0.45, 0.47]),  # from prior images: +5 each
     ]
     (tmp_path / "faces_recognizer_budget_k1_yale.json").write_text(json.dumps({"sections": [{"rows": rows}]}))
     yale = verdict(tmp_path)["Extended Yale B 1-shot, 36-epoch recognizers"]
     assert yale["floor"] is False and yale["margins"]["floor"] == pytest.approx(-1.0)
     assert yale["paired"]["floor"]["mean"] == pytest.approx(-1.0)  # photometric_rl_selection - real
     assert yale["goal"] is True  # the goal still compares with Random Erasing alone
-    by_name = {r["recipe"]: r for r in yale["recipes"]}
-    assert list(by_name) == [
-        "none",
-        "Random Erasing",
-        "photometric jitter",
-        "Random Erasing + photometric jitter",
+    by_name = {r["recipe"]: r for r in yale["recipes"] if r["set"] == "RL"}
+    assert [(r["recipe"], r["set"]) for r in yale["recipes"]] == [
+        ("none", "RL"),
+        ("Random Erasing", "RL"),
+        ("photometric jitter", "RL"),
+        ("Random Erasing + photometric jitter", "RL"),
+        ("Random Erasing + photometric jitter", "RL from prior images, strength 0.6"),
     ]
-    assert [r["best"] for r in yale["recipes"]] == [False, False, True, False]
+    assert [r["best"] for r in yale["recipes"]] == [False, False, True, False, False]
+    sdedit = yale["recipes"][-1]["paired"]
+    assert sdedit["mean"] == pytest.approx(5.0) and sdedit["status"] == "met"  # +5 on every seed
     assert by_name["photometric jitter"]["paired"]["mean"] == pytest.approx(-21.0)
     gain = by_name["Random Erasing + photometric jitter"]["paired"]
     assert gain["mean"] == pytest.approx(4 / 3) and gain["status"] == "unresolved"  # sd 0.58 over 3 seeds
@@ -593,7 +597,8 @@ def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
     assert first.splitlines()[2].startswith("| Yale † |") and first.endswith("\n" + OUTSIDE_NOTE)
     text = recipes_markdown({"Yale": yale})
     assert (
-        "| Yale | **photometric jitter** | 42.0 ± 2.0 | 21.0 ± 2.0 | -21.00 [-21.00, -21.00] missed |" in text
+        "| Yale | **photometric jitter** | 42.0 ± 2.0 | RL | 21.0 ± 2.0 | -21.00 [-21.00, -21.00] missed |"
+        in text
     )
     # a study without the photometric rows: the two recipes it ran, its floor over its own columns
     (tmp_path / "faces_recognizer_budget_k1_yale.json").write_text(

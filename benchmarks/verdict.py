@@ -70,6 +70,8 @@ RECIPES = (  # (real-only recipe, its stage suffix, the suffix of recipe + synth
         "erasing_photometric_sdedit80_selection",
         "RL from prior images, strength 0.8",
     ),
+    ("Random Erasing", "erasing", "erasing_sdedit80_selection", "RL from prior images, strength 0.8"),
+    ("Random Erasing", "erasing", "erasing_sdedit80utk_selection", "RL from UTKFace images, strength 0.8"),
 )
 EXTRA_SELECTION = [syn for _, _, syn, _ in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
 COLD = "+ cold-start synthetic"

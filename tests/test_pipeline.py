@@ -389,6 +389,11 @@ def test_reuse_takes_finished_stages_from_another_run_folder(tmp_path: Path):
     finished = finished_outside(output, stages, ["rows_s0"])  # the selected row may now run
     assert finished["gen_a"].refs()["output"] == str(source / "gen_a" / "synthetic")
     assert adopt_stages(output, stages, source, ["prior", "gen_a"]) == []  # already here: left alone
+    # a third run reusing from the second points to the folder the stage ran in, not to a marker
+    third = tmp_path / "seeds"
+    assert adopt_stages(third, stages, output, ["gen_a"]) == ["gen_a"]
+    chained = json.loads((third / "gen_a" / "stage.json").read_text())
+    assert chained["reused_from"] == str(source / "gen_a") and chained["output"] == saved["output"]
 
     assert reuse_plan({"stages": []}) is None
     assert reuse_plan({"reuse": {"from": "runs/x", "stages": ["a*"]}}) == (Path("runs/x"), ["a*"])

@@ -284,7 +284,8 @@ def adopt_stages(
 ) -> list[str]:
     """Let the finished stages of run folder ``source`` that match ``patterns`` stand in for this run's
     stages of the same names (a pipeline's ``reuse`` block): each gets a ``stage.json`` in ``output`` that
-    records the original's results and artifact paths (which stay in ``source``) and ``reused_from``.
+    records the original's results and artifact paths (which stay in ``source``) and ``reused_from``, the
+    folder the stage ran in (for a stage ``source`` itself reused, that stage's own ``reused_from``).
 
     A stage already finished here is left alone. Returns the names adopted now; ValueError, before any
     marker is written, naming a matched stage that has not finished in ``source``.
@@ -301,8 +302,10 @@ def adopt_stages(
         )
     for name in todo:
         marker = json.loads((source / name / "stage.json").read_text())
+        # a stage the source itself took from a third run points to the folder it ran in
+        ran_in = marker.get("reused_from") or str(source / name)
         (output / name).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(output / name / "stage.json", {**marker, "reused_from": str(source / name)})
+        atomic_write_json(output / name / "stage.json", {**marker, "reused_from": ran_in})
     return todo
 
 

@@ -15,6 +15,8 @@
 * ``parallel_jobs`` - a study's wall time as one process vs as parallel stages (``benchmarks.parallel_jobs``).
 * ``lighting_spread`` - whether synthetic sets vary an identity's lighting as its test images do
   (``benchmarks.lighting_spread``).
+* ``lowfreq_control`` - the non-generative control of a set generated from images: the training image with
+  each start image's low frequencies (``benchmarks.lowfreq_control``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ COMMANDS = {
     "prior_recipe": "benchmarks.prior_recipe:main",
     "parallel_jobs": "benchmarks.parallel_jobs:main",
     "lighting_spread": "benchmarks.lighting_spread:main",
+    "lowfreq_control": "benchmarks.lowfreq_control:main",
 }
 
 

@@ -738,3 +738,70 @@ def test_lighting_spread_statistics_by_hand_and_on_a_made_target(tmp_path):
     np.testing.assert_allclose(copies["distance"], 0.0, atol=1e-12)
     assert "| synthetic: copies | 2 |" in (tmp_path / "out" / "spread.md").read_text()
     assert rows["synthetic: reused"] == copies
+
+
+def test_lowfreq_control_by_hand_and_on_a_made_set(tmp_path):
+    """The control keeps the training image's detail and takes the start image's low frequencies: a flat
+    start image scales a flat training image to its own level, an image given itself is unchanged, and the
+    set has one image per image of its source with the same identity, seed and start image."""
+    from PIL import Image
+
+    from benchmarks.lowfreq_control import EPS, build, transfer_low_frequencies
+    from rgsd_lightning.data import IdentityRecord, read_manifest, write_manifest
+
+    flat, bright = np.full((8, 8), 0.4), np.full((8, 8), 0.6)
+    np.testing.assert_allclose(transfer_low_frequencies(flat, bright, 2.0), 0.4 * (0.6 + EPS) / (0.4 + EPS))
+    rng = np.random.default_rng(0)
+    face = rng.uniform(0.2, 0.8, (8, 8))
+    np.testing.assert_allclose(transfer_low_frequencies(face, face, 2.0), face)
+    lit = np.concatenate([np.full((8, 4), 0.9), np.full((8, 4), 0.1)], axis=1)  # lit from the left
+    out = transfer_low_frequencies(face, lit, 1.0)
+    assert out[:, :3].mean() > face[:, :3].mean() and out[:, 5:].mean() < face[:, 5:].mean()
+    assert out.min() >= 0.0 and out.max() <= 1.0
+    with pytest.raises(ValueError, match="one shape"):
+        transfer_low_frequencies(face, lit[:4], 1.0)
+
+    def save(path, array):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((array * 255).round().astype(np.uint8)).save(path)
+        return path
+
+    for name in ("p1", "p2"):
+        save(tmp_path / "target" / name / "1.png", flat)
+        save(tmp_path / "target" / name / "2.png", lit)
+    start = save(tmp_path / "pool" / "other.png", bright)
+    rows = [
+        IdentityRecord(
+            str(save(tmp_path / "set" / f"{n}_{seed}.png", flat)),
+            n,
+            source="synthetic",
+            extra={"seed": seed, "init_image": str(start)},
+        )
+        for n in ("p1", "p2")
+        for seed in (5, 6)
+    ]
+    write_manifest(tmp_path / "set" / "manifest.jsonl", rows)
+    assert build(tmp_path / "set", tmp_path / "target", tmp_path / "control", sigma=1.0) == 4
+    control = read_manifest(tmp_path / "control" / "manifest.jsonl")
+    assert sorted((r.identity, r.extra["seed"]) for r in control) == [
+        ("p1", 5),
+        ("p1", 6),
+        ("p2", 5),
+        ("p2", 6),
+    ]
+    level = np.asarray(Image.open(control[0].path), dtype=np.float64) / 255
+    np.testing.assert_allclose(level, 0.4 * (0.6 + EPS) / (0.4 + EPS), atol=1 / 255)
+    assert all(r.extra["init_image"] == str(start) for r in control)
+    # a set not generated from images, or of identities without a training image, is refused
+    write_manifest(
+        tmp_path / "plain" / "manifest.jsonl", [IdentityRecord(rows[0].path, "p1", source="synthetic")]
+    )
+    with pytest.raises(ValueError, match="no init_image"):
+        build(tmp_path / "plain", tmp_path / "target", tmp_path / "c2")
+    stranger = IdentityRecord(
+        rows[0].path, "p9", source="synthetic", extra={"seed": 1, "init_image": str(start)}
+    )
+    write_manifest(tmp_path / "stranger" / "manifest.jsonl", [stranger])
+    with pytest.raises(ValueError, match="no training image"):
+        build(tmp_path / "stranger", tmp_path / "target", tmp_path / "c3")
+    assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()

@@ -159,7 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--sets",
         nargs="+",
-        default=["k1_gen_cold", "k1_gen_rl_full", "k1_gen_rl_windowed", "k1_gen_rl_full_unguided"],
+        default=[
+            "k1_gen_cold",
+            "k1_gen_rl_full",
+            "k1_gen_rl_windowed",
+            "k1_gen_rl_full_unguided",
+            "k1_gen_sdedit60",
+            "k1_gen_sdedit80",
+        ],
         help="synthetic-set stages of the run",
     )
     p.add_argument("--exclude", nargs="*", default=["*_Ambient*"], help="file-name patterns to leave out")

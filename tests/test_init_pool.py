@@ -92,6 +92,7 @@ def test_generation_from_images_records_each_start_image(toy_market, pool_root, 
     out = {}
     for name, cfg in (("plain", InitImagesConfig()), ("sdedit", init)):
         model = SyntheticGenerator(dm.num_identities, export=str(export), sampler=sampler, init_images=cfg)
+        assert model.hparams["init_images"] == {**cfg.__dict__, "exclude": list(cfg.exclude)}  # plain dict
         writer = SyntheticSetWriter(str(tmp_path / name))
         dm = IdentityDataModule(**dm_args, generate_per_identity=2)
         quiet_trainer(tmp_path / f"run_{name}", callbacks=[writer]).predict(

@@ -70,6 +70,12 @@ RECIPES = (  # (real-only recipe, its stage suffix, the suffix of recipe + synth
         "erasing_photometric_sdedit80_selection",
         "RL from prior images, strength 0.8",
     ),
+    (
+        "Random Erasing + photometric jitter",
+        "erasing_photometric",
+        "erasing_photometric_lowfreq_selection",
+        "control: training image + prior images' low frequencies",
+    ),
     ("Random Erasing", "erasing", "erasing_sdedit80_selection", "RL from prior images, strength 0.8"),
     ("Random Erasing", "erasing", "erasing_sdedit80utk_selection", "RL from UTKFace images, strength 0.8"),
 )
@@ -313,7 +319,8 @@ RECIPES_CAPTION = (
     "seeds in %; the gain paired over seeds, mean [95 % Student-t interval] in points, against the goal's +1 "
     "point; **bold**: the setting's best real-only recipe). RL: the RL generator's set; from prior images: "
     "the same generator, every sample started from a noised image of the prior corpus (SDEdit, "
-    "``init_images``) at the strength given.\n"
+    "``init_images``) at the strength given; control: no generator, the training image with those start "
+    "images' low frequencies (``python -m benchmarks lowfreq_control``).\n"
 )
 
 

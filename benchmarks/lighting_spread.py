@@ -144,10 +144,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 def set_folder(run: str | Path, stage: str) -> Path:
     """The synthetic set a generation stage of a run wrote: its ``stage.json`` output (which points into the
-    original run for a stage the run reused), else ``<run>/<stage>/synthetic``."""
+    original run for a stage the run reused), else ``<run>/<stage>/synthetic``, else ``<run>/<stage>`` (a
+    set written into the run folder outside the pipeline, e.g. by ``lowfreq_control``)."""
     marker = Path(run) / stage / "stage.json"
     output = json.loads(marker.read_text()).get("output") if marker.is_file() else None
-    return Path(output) if output else Path(run) / stage / "synthetic"
+    if output:
+        return Path(output)
+    nested = Path(run) / stage / "synthetic"
+    return nested if nested.is_dir() else Path(run) / stage
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -715,15 +715,9 @@ def test_lighting_spread_statistics_by_hand_and_on_a_made_target(tmp_path):
     (tmp_path / "run" / "reused").mkdir()
     marker = {"name": "reused", "output": str(tmp_path / "syn"), "reused_from": str(tmp_path / "other")}
     (tmp_path / "run" / "reused" / "stage.json").write_text(json.dumps(marker))
-    argv = [
-        "--target",
-        str(tmp_path / "target"),
-        "--run",
-        str(tmp_path / "run"),
-        "--sets",
-        "copies",
-        "reused",
-    ]
+    (tmp_path / "run" / "loose").symlink_to(tmp_path / "syn")  # a set written straight into the run folder
+    argv = ["--target", str(tmp_path / "target"), "--run", str(tmp_path / "run")]
+    argv += ["--sets", "copies", "reused", "loose"]
     argv += ["--size", "8", "--out", str(tmp_path / "out"), "--name", "spread"]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "out" / "spread.json").read_text())["results"]
@@ -737,7 +731,7 @@ def test_lighting_spread_statistics_by_hand_and_on_a_made_target(tmp_path):
     np.testing.assert_allclose(copies["spread"], 0.0, atol=1e-12)
     np.testing.assert_allclose(copies["distance"], 0.0, atol=1e-12)
     assert "| synthetic: copies | 2 |" in (tmp_path / "out" / "spread.md").read_text()
-    assert rows["synthetic: reused"] == copies
+    assert rows["synthetic: reused"] == copies and rows["synthetic: loose"] == copies
 
 
 def test_lowfreq_control_by_hand_and_on_a_made_set(tmp_path):

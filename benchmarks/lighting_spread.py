@@ -170,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "k1_gen_rl_full_unguided",
             "k1_gen_sdedit60",
             "k1_gen_sdedit80",
+            "lowfreq_utk",
         ],
         help="synthetic-set stages of the run",
     )

@@ -78,6 +78,12 @@ RECIPES = (  # (real-only recipe, its stage suffix, the suffix of recipe + synth
     ),
     ("Random Erasing", "erasing", "erasing_sdedit80_selection", "RL from prior images, strength 0.8"),
     ("Random Erasing", "erasing", "erasing_sdedit80utk_selection", "RL from UTKFace images, strength 0.8"),
+    (
+        "Random Erasing",
+        "erasing",
+        "erasing_lowfreq_selection",
+        "control: training image + prior images' low frequencies",
+    ),
 )
 EXTRA_SELECTION = [syn for _, _, syn, _ in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
 COLD = "+ cold-start synthetic"

@@ -7,9 +7,10 @@ recognizers trained 3x longer), and prints, as markdown, the headline table (mea
 seeds, in %) and the checks of the downstream issue: the floor (every row with selection at or above "real
 only") and the goal ("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random
 Erasing"; "goal, filtered": the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal,
-copy-free" with the copy-free synthetic set). Each check shows its margin in points, from the unrounded means:
-for the floor the lowest selection row minus "real only" (met at >= 0), for a goal its row minus "+ Random
-Erasing" (met at >= +1). A row a study has not run yet shows "-" and counts as not met;
+copy-free" with the copy-free synthetic set, "goal, from prior images" with the RL generator's samples started
+from noised prior images, run on the 16-seed 1-shot rows only). Each check shows its margin in points, from
+the unrounded means: for the floor the lowest selection row minus "real only" (met at >= 0), for a goal its
+row minus "+ Random Erasing" (met at >= +1). A row a study has not run yet shows "-" and counts as not met;
 "n/a": a row the study has by design not (the ReID study has no windowed-RL or copy-free rows, its budget
 run no cold-start row; the seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold
 only the rows that decide their setting's checks, as does ``faces_recognizer_budget_k1_yale.json``, the
@@ -46,12 +47,14 @@ COLUMNS = {  # column -> stage suffix of the studies' downstream rows
     "+ Random Erasing + windowed-RL synthetic + selection": "erasing_rl_windowed_selection",
     "+ copy-free synthetic + selection": "private_selection",
     "+ Random Erasing + copy-free synthetic + selection": "erasing_private_selection",
+    "+ Random Erasing + RL synthetic from prior images + selection": "erasing_sdedit80_selection",
 }
 GOALS = {  # check -> the column that must beat "+ Random Erasing" by one point
     "goal": "+ Random Erasing + RL synthetic + selection",
     "goal, filtered": "+ Random Erasing + RL synthetic, reward-filtered, + selection",
     "goal, windowed": "+ Random Erasing + windowed-RL synthetic + selection",
     "goal, copy-free": "+ Random Erasing + copy-free synthetic + selection",
+    "goal, from prior images": "+ Random Erasing + RL synthetic from prior images + selection",
 }
 RECIPES = (  # (real-only recipe, its stage suffix, the suffix of recipe + synthetic set + selection, set)
     ("none", "real", "rl_selection", "RL"),
@@ -94,22 +97,29 @@ FILTERED = (  # names of column groups, for the columns a setting has no rows fo
 WINDOWED = ("+ windowed-RL synthetic + selection", "+ Random Erasing + windowed-RL synthetic + selection")
 COPY_FREE = ("+ copy-free synthetic + selection", "+ Random Erasing + copy-free synthetic + selection")
 FACES_ONLY = (*WINDOWED, *COPY_FREE)  # rows the ReID study has not (0.2 % near copies; its RL stays DPOK)
+FROM_PRIOR = ("+ Random Erasing + RL synthetic from prior images + selection",)  # the 16-seed 1-shot run only
 SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has no rows for by design)
-    ("ORL 1-shot, identification %", "utility_faces", "k1", "test/id_acc", ()),
-    ("ORL 3-shot, identification %", "utility_faces", "k3", "test/id_acc", ()),
-    ("4-dataset ReID, mAP %", "utility_reid", "all", "test/mAP", FACES_ONLY),
+    ("ORL 1-shot, identification %", "utility_faces", "k1", "test/id_acc", FROM_PRIOR),
+    ("ORL 3-shot, identification %", "utility_faces", "k3", "test/id_acc", FROM_PRIOR),
+    ("4-dataset ReID, mAP %", "utility_reid", "all", "test/mAP", (*FACES_ONLY, *FROM_PRIOR)),
     # the recognizer-budget files: the same rows with 3x longer recognizer training
-    ("ORL 1-shot, 36-epoch recognizers", "faces_recognizer_budget_k1", "k1", "test/id_acc", ()),
-    ("ORL 3-shot, 36-epoch recognizers", "faces_recognizer_budget", "k3", "test/id_acc", ()),
+    ("ORL 1-shot, 36-epoch recognizers", "faces_recognizer_budget_k1", "k1", "test/id_acc", FROM_PRIOR),
+    ("ORL 3-shot, 36-epoch recognizers", "faces_recognizer_budget", "k3", "test/id_acc", FROM_PRIOR),
     (
         "4-dataset ReID, 30-epoch recognizers",
         "reid_recognizer_budget",
         "all",
         "test/mAP",
-        (COLD, *FACES_ONLY),
+        (COLD, *FACES_ONLY, *FROM_PRIOR),
     ),
     # the seed-noise files: the rows that decide a setting's checks, over more seeds
-    ("ORL 3-shot, 8 seeds", "seed_noise_faces", "k3", "test/id_acc", (*FILTERED, *WINDOWED, COLD)),
+    (
+        "ORL 3-shot, 8 seeds",
+        "seed_noise_faces",
+        "k3",
+        "test/id_acc",
+        (*FILTERED, *WINDOWED, COLD, *FROM_PRIOR),
+    ),
     (
         "ORL 1-shot, 36-epoch recognizers, 16 seeds",
         "seed_noise_faces_k1",
@@ -123,7 +133,7 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "faces_recognizer_budget_k1_yale",
         "k1",
         "test/id_acc",
-        (COLD, "+ RL synthetic", *FILTERED, WINDOWED[0], *COPY_FREE),
+        (COLD, "+ RL synthetic", *FILTERED, WINDOWED[0], *COPY_FREE, *FROM_PRIOR),
     ),
 )
 

@@ -69,7 +69,8 @@ def build(
     unknown = sorted({r.identity for r in rows} - set(train))
     if unknown:
         raise ValueError(f"{source}: identities {unknown[:5]} have no training image in {target}")
-    size = Image.open(rows[0].path).size[0]
+    with Image.open(rows[0].path) as first:
+        size = first.size[0]
     written = []
     with atomic_folder(out) as tmp:
         for r in rows:

@@ -56,37 +56,42 @@ GOALS = {  # check -> the column that must beat "+ Random Erasing" by one point
     "goal, copy-free": "+ Random Erasing + copy-free synthetic + selection",
     "goal, from prior images": "+ Random Erasing + RL synthetic from prior images + selection",
 }
-RECIPES = (  # (real-only recipe, its stage suffix, the suffix of recipe + synthetic set + selection, set)
-    ("none", "real", "rl_selection", "RL"),
-    ("Random Erasing", "erasing", "erasing_rl_selection", "RL"),
-    ("photometric jitter", "photometric", "photometric_rl_selection", "RL"),
-    ("Random Erasing + photometric jitter", "erasing_photometric", "erasing_photometric_rl_selection", "RL"),
-    (
-        "Random Erasing + photometric jitter",
-        "erasing_photometric",
-        "erasing_photometric_sdedit60_selection",
-        "RL from prior images, strength 0.6",
-    ),
-    (
-        "Random Erasing + photometric jitter",
-        "erasing_photometric",
-        "erasing_photometric_sdedit80_selection",
-        "RL from prior images, strength 0.8",
-    ),
-    (
-        "Random Erasing + photometric jitter",
-        "erasing_photometric",
-        "erasing_photometric_lowfreq_selection",
-        "control: training image + prior images' low frequencies",
-    ),
-    ("Random Erasing", "erasing", "erasing_sdedit80_selection", "RL from prior images, strength 0.8"),
-    ("Random Erasing", "erasing", "erasing_sdedit80utk_selection", "RL from UTKFace images, strength 0.8"),
-    (
-        "Random Erasing",
-        "erasing",
-        "erasing_lowfreq_selection",
-        "control: training image + prior images' low frequencies",
-    ),
+REAL_RECIPES = {  # real-only recipe -> its stage suffix
+    "none": "real",
+    "Random Erasing": "erasing",
+    "photometric jitter": "photometric",
+    "Random Erasing + photometric jitter": "erasing_photometric",
+}
+SETS = {  # synthetic set of a study's "<recipe>_<set>_selection" rows -> its name in the third table
+    "rl": "RL",
+    "sdedit60": "RL from prior images, strength 0.6",
+    "sdedit80": "RL from prior images, strength 0.8",
+    "sdedit80utk": "RL from UTKFace images, strength 0.8",
+    "lowfreq": "control: training image + prior images' low frequencies",
+}
+
+
+def _recipe(name: str, synthetic: str) -> tuple[str, str, str, str]:
+    """(recipe, its stage suffix, the suffix of recipe + synthetic set + selection, the set's name)."""
+    stage = REAL_RECIPES[name]
+    prefix = "" if stage == "real" else f"{stage}_"
+    return name, stage, f"{prefix}{synthetic}_selection", SETS[synthetic]
+
+
+RECIPES = tuple(
+    _recipe(name, synthetic)
+    for name, synthetic in (
+        ("none", "rl"),
+        ("Random Erasing", "rl"),
+        ("photometric jitter", "rl"),
+        ("Random Erasing + photometric jitter", "rl"),
+        ("Random Erasing + photometric jitter", "sdedit60"),
+        ("Random Erasing + photometric jitter", "sdedit80"),
+        ("Random Erasing + photometric jitter", "lowfreq"),
+        ("Random Erasing", "sdedit80"),
+        ("Random Erasing", "sdedit80utk"),
+        ("Random Erasing", "lowfreq"),
+    )
 )
 EXTRA_SELECTION = [syn for _, _, syn, _ in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
 COLD = "+ cold-start synthetic"

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from rgsd_lightning.data.init_pool import InitPool
 from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
 from rgsd_lightning.modules.config import (
@@ -22,7 +20,7 @@ from rgsd_lightning.modules.config import (
     as_config,
     plain,
 )
-from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule
+from rgsd_lightning.modules.generator_base import GROUPS, GeneratorModule, StartImages
 
 
 class SyntheticGenerator(GeneratorModule):
@@ -93,13 +91,14 @@ class SyntheticGenerator(GeneratorModule):
                     seed=cfg.seed,
                 )
 
-    def start_images(self, identities: list[str], seeds: list[int]) -> tuple[torch.Tensor | None, dict]:
+    def start_images(self, identities: list[str], seeds: list[int]) -> StartImages | None:
         """The requests' start images from the ``init_images`` pool (None without one)."""
         if self.init_pool is None:
-            return None, {}
+            return None
         images, paths = self.init_pool.images(identities, seeds)
-        shared = {"init_strength": self.init_images.strength, "init_root": self.init_images.root}
-        return images, {"shared": shared, "per_image": {"init_image": paths}}
+        strength = self.init_images.strength
+        meta = {"init_strength": strength, "init_root": self.init_images.root}
+        return StartImages(images, strength, meta, {"init_image": paths})
 
     def on_predict_end(self) -> None:
         if self.grid.identities > 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,18 @@ from rgsd_lightning.rewards import CompositeReward, MemoryBank
 
 GROUPS = ("sampler", "grid", "reward")
 """The constructor arguments of every generator stage that are config groups (saved as plain dicts)."""
+
+
+@dataclass(frozen=True)
+class StartImages:
+    """What generation starts from (:meth:`GeneratorModule.start_images`): images (B, C, H, W) in [-1, 1]
+    and the strength of :func:`~rgsd_lightning.diffusion.sample` (None, 1: pure noise), with the settings
+    recorded with every image of the batch (``meta``) and per image (``per_image``: field -> B values)."""
+
+    images: torch.Tensor | None = None
+    strength: float = 1.0
+    meta: dict[str, Any] = field(default_factory=dict)
+    per_image: dict[str, list[Any]] = field(default_factory=dict)
 
 
 class GeneratorModule(L.LightningModule):
@@ -175,22 +188,20 @@ class GeneratorModule(L.LightningModule):
         with self.sampling_weights():
             self._fingerprint = tensor_fingerprint(self.generator.transformer.state_dict().items())
 
-    def start_images(self, identities: list[str], seeds: list[int]) -> tuple[torch.Tensor | None, dict]:
-        """Start images of the requests (None: pure noise, the default), with the settings recorded with
-        them: ``{"shared": {...}, "per_image": {field: [value per request]}}``."""
-        return None, {}
+    def start_images(self, identities: list[str], seeds: list[int]) -> StartImages | None:
+        """Start images of the requests; None (the default): pure noise."""
+        return None
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         labels = batch["label"]
         identities, seeds = list(batch["identity"]), [int(s) for s in batch["seed"]]
-        init, record = self.start_images(identities, seeds)
-        strength = record.get("shared", {}).get("init_strength", 1.0)
-        images = self.generate(labels, seeds, init=init, strength=strength)
+        start = self.start_images(identities, seeds) or StartImages()
+        images = self.generate(labels, seeds, init=start.images, strength=start.strength)
         meta = dict(
             self.sampler_settings(),
             generator=getattr(self, "_fingerprint", None),
             stage=type(self).__name__,
-            **record.get("shared", {}),
+            **start.meta,
         )
         return {
             "images": images.cpu(),
@@ -199,7 +210,7 @@ class GeneratorModule(L.LightningModule):
             "request": batch["request"],
             "rewards": self.score(images, labels),
             "meta": meta,
-            "per_image": record.get("per_image", {}),
+            "per_image": start.per_image,
         }
 
     def card_info(self) -> dict[str, Any]:

@@ -3,18 +3,19 @@
 Reads ``benchmarks/results/utility_faces.json`` and ``utility_reid.json`` (written by ``python -m benchmarks
 utility``) and their recognizer-budget runs (``faces_recognizer_budget_k1.json`` and
 ``faces_recognizer_budget.json`` for 1 and 3 shots, ``reid_recognizer_budget.json`` - the same rows,
-recognizers trained 3x longer), and prints, as markdown, the headline table (mean ± std over
-seeds, in %) and the checks of the downstream issue: the floor (every row with selection at or above "real
-only") and the goal ("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random
-Erasing"; "goal, filtered": the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal,
-copy-free" with the copy-free synthetic set, "goal, from prior images" with the RL generator's samples started
-from noised prior images, run on the 16-seed 1-shot rows only). Each check shows its margin in points, from
+recognizers trained 3x longer), and prints, as markdown, the headline table (mean ± std over seeds, in %) and
+the checks of the downstream issue: the floor (every row with selection at or above "real only") and the goal
+("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random Erasing"; "goal, filtered":
+the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal, copy-free" with the copy-free
+synthetic set, "goal, from prior images" with the RL generator's samples started from noised prior images, run
+on the 16-seed 1-shot and the 8-seed 3-shot 36-epoch rows only). Each check shows its margin in points, from
 the unrounded means: for the floor the lowest selection row minus "real only" (met at >= 0), for a goal its
 row minus "+ Random Erasing" (met at >= +1). A row a study has not run yet shows "-" and counts as not met;
-"n/a": a row the study has by design not (the ReID study has no windowed-RL or copy-free rows, its budget
-run no cold-start row; the seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold
-only the rows that decide their setting's checks, as does ``faces_recognizer_budget_k1_yale.json``, the
-1-shot rows on a second target).
+"n/a": a row the study has by design not (the ReID study has no windowed-RL or copy-free rows, its budget run
+no cold-start row; the seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold only
+the rows that decide their setting's checks, as do ``faces_recognizer_budget_k1_yale.json``, the 1-shot rows
+on a second target, and ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with
+the set from prior images).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -88,6 +89,8 @@ RECIPES = tuple(
         ("Random Erasing + photometric jitter", "sdedit60"),
         ("Random Erasing + photometric jitter", "sdedit80"),
         ("Random Erasing + photometric jitter", "lowfreq"),
+        ("none", "sdedit80"),
+        ("none", "lowfreq"),
         ("Random Erasing", "sdedit80"),
         ("Random Erasing", "sdedit80utk"),
         ("Random Erasing", "lowfreq"),
@@ -102,7 +105,8 @@ FILTERED = (  # names of column groups, for the columns a setting has no rows fo
 WINDOWED = ("+ windowed-RL synthetic + selection", "+ Random Erasing + windowed-RL synthetic + selection")
 COPY_FREE = ("+ copy-free synthetic + selection", "+ Random Erasing + copy-free synthetic + selection")
 FACES_ONLY = (*WINDOWED, *COPY_FREE)  # rows the ReID study has not (0.2 % near copies; its RL stays DPOK)
-FROM_PRIOR = ("+ Random Erasing + RL synthetic from prior images + selection",)  # the 16-seed 1-shot run only
+# run in the ORL 16-seed 1-shot and 8-seed 3-shot settings only
+FROM_PRIOR = ("+ Random Erasing + RL synthetic from prior images + selection",)
 SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has no rows for by design)
     ("ORL 1-shot, identification %", "utility_faces", "k1", "test/id_acc", FROM_PRIOR),
     ("ORL 3-shot, identification %", "utility_faces", "k3", "test/id_acc", FROM_PRIOR),
@@ -131,6 +135,13 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "k1",
         "test/id_acc",
         (COLD, "+ RL synthetic", *FILTERED, *COPY_FREE),
+    ),
+    (
+        "ORL 3-shot, 36-epoch recognizers, 8 seeds",
+        "faces_recognizer_budget_k3_prior",
+        "k3",
+        "test/id_acc",
+        (COLD, "+ RL synthetic", *FILTERED, *WINDOWED, *COPY_FREE),
     ),
     # a second target for the 1-shot, 36-epoch rows: Extended Yale B (UTKFace prior), 5 seeds
     (

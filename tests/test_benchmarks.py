@@ -610,6 +610,43 @@ def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
     assert "†" not in markdown({"Yale": yale})  # Random Erasing, a column of the first table, is best
 
 
+def test_verdict_counts_the_sets_from_prior_images_without_augmentation_in_the_floor(tmp_path):
+    from benchmarks.verdict import verdict
+
+    def row(stage, values):
+        return {
+            "stage": f"k3_{stage}",
+            "runs": [{"test/id_acc": v} for v in values],
+            "copies": [f"k3_{stage}_s{i}" for i in range(len(values))],
+            "mean": {"test/id_acc": sum(values) / len(values)},
+            "std": {"test/id_acc": 0.0},
+        }
+
+    rows = [
+        row("real", [0.80, 0.84]),
+        row("erasing", [0.90, 0.92]),
+        row("rl_selection", [0.81, 0.85]),
+        row("erasing_rl_selection", [0.90, 0.93]),
+        row("sdedit80_selection", [0.79, 0.81]),  # the lowest selection row: 2 points under "real only"
+        row("erasing_sdedit80_selection", [0.92, 0.94]),  # +2 points over Random Erasing on both seeds
+    ]
+    report = json.dumps({"sections": [{"rows": rows}]})
+    (tmp_path / "faces_recognizer_budget_k3_prior.json").write_text(report)
+    k3 = verdict(tmp_path)["ORL 3-shot, 36-epoch recognizers, 8 seeds"]
+    assert k3["floor"] is False and k3["margins"]["floor"] == pytest.approx(-2.0)
+    assert k3["paired"]["floor"]["mean"] == pytest.approx(-2.0)  # sdedit80_selection - real, per seed
+    assert k3["goal, from prior images"] is True
+    assert k3["margins"]["goal, from prior images"] == pytest.approx(2.0)
+    assert k3["goal, windowed"] is None  # a column the setting has by design not
+    assert k3["cells"]["+ RL synthetic + selection"][0] == pytest.approx(83.0)
+    assert [(r["recipe"], r["set"]) for r in k3["recipes"]] == [
+        ("none", "RL"),
+        ("Random Erasing", "RL"),
+        ("none", "RL from prior images, strength 0.8"),
+        ("Random Erasing", "RL from prior images, strength 0.8"),
+    ]
+
+
 def test_parallel_jobs_summary_against_hand_made_runs():
     from benchmarks.parallel_jobs import markdown, parse_mode, summarise
 

@@ -2,15 +2,16 @@
 
 A set generated from start images (SDEdit, ``SyntheticGenerator(init_images=...)``) takes its lighting from
 the low frequencies of each start image and its identity from the generator. Does the generator matter, or
-would moving the start image's low frequencies onto the one training image do the same? This writes, for
-every image of such a set, the training image of its identity with its low frequencies replaced by those of
-the same start image:
+would moving the start image's low frequencies onto the training image do the same? This writes, for every
+image of such a set, a training image of its identity with its low frequencies replaced by those of the same
+start image:
 
     out = clip(T * (blur(S) + eps) / (blur(T) + eps), 0, 1)
 
 (T the training image, S the start image, grey in [0, 1], blur a Gaussian of ``--sigma`` pixels: a
-quotient-image relighting without a model). The result is a synthetic set (manifest + PNGs) with the same
-identities, seeds and start images, for the same downstream rows.
+quotient-image relighting without a model). With several training images per identity
+(``--train-per-identity``) an identity's images take them in turn, in seed order. The result is a synthetic
+set (manifest + PNGs) with the same identities, seeds and start images, for the same downstream rows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +48,17 @@ def transfer_low_frequencies(train: np.ndarray, start: np.ndarray, sigma: float)
     return np.clip(train * ratio, 0.0, 1.0)
 
 
+def training_images_in_turn(rows: Sequence[IdentityRecord], train: dict[str, list[str]]) -> list[str]:
+    """Each row's training image: the rows of an identity, in seed order, take its training images in turn."""
+    chosen = [""] * len(rows)
+    used: Counter[str] = Counter()
+    for i in sorted(range(len(rows)), key=lambda i: (rows[i].identity, int(rows[i].extra["seed"]))):
+        paths = train[rows[i].identity]
+        chosen[i] = paths[used[rows[i].identity] % len(paths)]
+        used[rows[i].identity] += 1
+    return chosen
+
+
 def build(
     source: str | Path,
     target: str | Path,
@@ -65,7 +78,10 @@ def build(
         train_per_identity=train_per_identity,
         exclude=(lambda name: name_excluded(name, exclude)) if exclude else None,
     )
-    train = {r.identity: r.path for r in records if r.split == "train"}
+    train: dict[str, list[str]] = {}
+    for r in records:
+        if r.split == "train":
+            train.setdefault(r.identity, []).append(r.path)
     unknown = sorted({r.identity for r in rows} - set(train))
     if unknown:
         raise ValueError(f"{source}: identities {unknown[:5]} have no training image in {target}")
@@ -73,20 +89,31 @@ def build(
         size = first.size[0]
     written = []
     with atomic_folder(out) as tmp:
-        for r in rows:
+        for r, train_image in zip(rows, training_images_in_turn(rows, train), strict=True):
             seed = int(r.extra["seed"])
             image = transfer_low_frequencies(
-                load_grey(train[r.identity], size), load_grey(r.extra["init_image"], size), sigma
+                load_grey(train_image, size), load_grey(r.extra["init_image"], size), sigma
             )
             rel = image_path(r.identity, seed)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp / rel)
-            extra = {"seed": seed, "init_image": r.extra["init_image"], "control_of": str(source)}
+            extra = {
+                "seed": seed,
+                "init_image": r.extra["init_image"],
+                "train_image": train_image,
+                "control_of": str(source),
+            }
             written.append(IdentityRecord(str(tmp / rel), r.identity, source="synthetic", extra=extra))
         write_manifest(tmp / "manifest.jsonl", written)
         atomic_write_json(
             tmp / "card.json",
-            {"kind": "lowfreq_control", "source": str(source), "sigma": sigma, "num_images": len(written)},
+            {
+                "kind": "lowfreq_control",
+                "source": str(source),
+                "sigma": sigma,
+                "train_per_identity": train_per_identity,
+                "num_images": len(written),
+            },
         )
     return len(written)
 

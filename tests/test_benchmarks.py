@@ -800,6 +800,7 @@ def test_lowfreq_control_by_hand_and_on_a_made_set(tmp_path):
     for name in ("p1", "p2"):
         save(tmp_path / "target" / name / "1.png", flat)
         save(tmp_path / "target" / name / "2.png", lit)
+        save(tmp_path / "target" / name / "3.png", face)  # a test image at 2 training images per identity
     start = save(tmp_path / "pool" / "other.png", bright)
     rows = [
         IdentityRecord(
@@ -823,6 +824,21 @@ def test_lowfreq_control_by_hand_and_on_a_made_set(tmp_path):
     level = np.asarray(Image.open(control[0].path), dtype=np.float64) / 255
     np.testing.assert_allclose(level, 0.4 * (0.6 + EPS) / (0.4 + EPS), atol=1 / 255)
     assert all(r.extra["init_image"] == str(start) for r in control)
+    assert {r.extra["train_image"] for r in control} == {
+        str(tmp_path / "target" / n / "1.png") for n in ("p1", "p2")
+    }
+    # two training images per identity: its images take them in turn, in seed order (the manifest reversed)
+    write_manifest(tmp_path / "set" / "manifest.jsonl", rows[::-1])
+    assert build(tmp_path / "set", tmp_path / "target", tmp_path / "k2", train_per_identity=2, sigma=1.0) == 4
+    by_key = {(r.identity, r.extra["seed"]): r for r in read_manifest(tmp_path / "k2" / "manifest.jsonl")}
+    for n in ("p1", "p2"):
+        assert by_key[(n, 5)].extra["train_image"] == str(tmp_path / "target" / n / "1.png")
+        assert by_key[(n, 6)].extra["train_image"] == str(tmp_path / "target" / n / "2.png")
+    from_lit = np.asarray(Image.open(by_key[("p1", 6)].path), dtype=np.float64) / 255
+    expected = transfer_low_frequencies(
+        np.asarray(Image.open(tmp_path / "target" / "p1" / "2.png")) / 255, bright, 1.0
+    )
+    np.testing.assert_allclose(from_lit, expected, atol=1 / 255)
     # a set not generated from images, or of identities without a training image, is refused
     write_manifest(
         tmp_path / "plain" / "manifest.jsonl", [IdentityRecord(rows[0].path, "p1", source="synthetic")]

@@ -23,7 +23,8 @@ A third asks the issue's question directly for every real-only recipe a study ra
 Erasing, and where a study has them photometric jitter and both): what the RL set with selection adds on
 top of the recipe - and, where a study ran them, the RL generator's sets started from prior images (SDEdit)
 - paired over seeds, with the best real-only recipe of each setting marked. Rows beyond the first table's
-columns (the photometric and from-prior-images ones) count towards the floor where a study ran them.
+columns (the photometric and from-prior-images ones) count towards the floor where a study ran them; the
+no-generator control's rows do not (a diagnostic, not a synthetic set of the method).
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ RECIPES = tuple(
         ("Random Erasing", "lowfreq"),
     )
 )
-EXTRA_SELECTION = [syn for _, _, syn, _ in RECIPES if syn not in COLUMNS.values()]  # floor rows, where run
+CONTROLS = ("lowfreq",)  # sets made without the generator: diagnostics, outside the floor
+EXTRA_SELECTION = [  # floor rows, where run
+    syn for _, _, syn, _ in RECIPES if syn not in COLUMNS.values() and syn.split("_")[-2] not in CONTROLS
+]
 COLD = "+ cold-start synthetic"
 FILTERED = (  # names of column groups, for the columns a setting has no rows for
     "+ RL synthetic, reward-filtered, + selection",

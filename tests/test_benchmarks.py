@@ -629,6 +629,7 @@ def test_verdict_counts_the_sets_from_prior_images_without_augmentation_in_the_f
         row("erasing_rl_selection", [0.90, 0.93]),
         row("sdedit80_selection", [0.79, 0.81]),  # the lowest selection row: 2 points under "real only"
         row("erasing_sdedit80_selection", [0.92, 0.94]),  # +2 points over Random Erasing on both seeds
+        row("lowfreq_selection", [0.50, 0.50]),  # the no-generator control: a diagnostic, not in the floor
     ]
     report = json.dumps({"sections": [{"rows": rows}]})
     (tmp_path / "faces_recognizer_budget_k3_prior.json").write_text(report)
@@ -643,6 +644,7 @@ def test_verdict_counts_the_sets_from_prior_images_without_augmentation_in_the_f
         ("none", "RL"),
         ("Random Erasing", "RL"),
         ("none", "RL from prior images, strength 0.8"),
+        ("none", "control: training image + prior images' low frequencies"),
         ("Random Erasing", "RL from prior images, strength 0.8"),
     ]
 

@@ -80,26 +80,26 @@ def _recipe(name: str, synthetic: str) -> tuple[str, str, str, str]:
     return name, stage, f"{prefix}{synthetic}_selection", SETS[synthetic]
 
 
-RECIPES = tuple(
-    _recipe(name, synthetic)
-    for name, synthetic in (
-        ("none", "rl"),
-        ("Random Erasing", "rl"),
-        ("photometric jitter", "rl"),
-        ("Random Erasing + photometric jitter", "rl"),
-        ("Random Erasing + photometric jitter", "sdedit60"),
-        ("Random Erasing + photometric jitter", "sdedit80"),
-        ("Random Erasing + photometric jitter", "lowfreq"),
-        ("none", "sdedit80"),
-        ("none", "lowfreq"),
-        ("Random Erasing", "sdedit80"),
-        ("Random Erasing", "sdedit80utk"),
-        ("Random Erasing", "lowfreq"),
-    )
+RECIPE_SETS = (  # (real-only recipe, synthetic set) of the third table's rows, in its order
+    ("none", "rl"),
+    ("Random Erasing", "rl"),
+    ("photometric jitter", "rl"),
+    ("Random Erasing + photometric jitter", "rl"),
+    ("Random Erasing + photometric jitter", "sdedit60"),
+    ("Random Erasing + photometric jitter", "sdedit80"),
+    ("Random Erasing + photometric jitter", "lowfreq"),
+    ("none", "sdedit80"),
+    ("none", "lowfreq"),
+    ("Random Erasing", "sdedit80"),
+    ("Random Erasing", "sdedit80utk"),
+    ("Random Erasing", "lowfreq"),
 )
+RECIPES = tuple(_recipe(name, synthetic) for name, synthetic in RECIPE_SETS)
 CONTROLS = ("lowfreq",)  # sets made without the generator: diagnostics, outside the floor
-EXTRA_SELECTION = [  # floor rows, where run
-    syn for _, _, syn, _ in RECIPES if syn not in COLUMNS.values() and syn.split("_")[-2] not in CONTROLS
+EXTRA_SELECTION = [  # floor rows, where run: the third table's beyond the first's columns, but the controls
+    syn
+    for (_, synthetic), (_, _, syn, _) in zip(RECIPE_SETS, RECIPES, strict=True)
+    if synthetic not in CONTROLS and syn not in COLUMNS.values()
 ]
 COLD = "+ cold-start synthetic"
 FILTERED = (  # names of column groups, for the columns a setting has no rows for

@@ -547,31 +547,35 @@ def test_verdict_paired_differences_against_scipy_and_a_hand_worked_case(tmp_pat
     assert text.splitlines()[2].startswith("| ORL 1-shot | 3 | - | +1.67 [")
 
 
+def seeded_row(stage: str, values: list[float], metric: str = "test/id_acc") -> dict:
+    """A study report's table row of ``stage`` with one run per seed (its copies ``<stage>_s<i>``)."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return {
+        "stage": stage,
+        "runs": [{metric: v} for v in values],
+        "copies": [f"{stage}_s{i}" for i in range(len(values))],
+        "mean": {metric: mean},
+        "std": {metric: std},
+    }
+
+
 def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
     from benchmarks.verdict import OUTSIDE_NOTE, markdown, recipes_markdown, verdict
 
-    def row(stage, values, metric="test/id_acc"):
-        mean = sum(values) / len(values)
-        std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-        return {
-            "stage": f"k1_{stage}",
-            "runs": [{metric: v} for v in values],
-            "copies": [f"k1_{stage}_s{i}" for i in range(len(values))],
-            "mean": {metric: mean},
-            "std": {metric: std},
-        }
-
     rows = [
-        row("real", [0.20, 0.22, 0.24]),
-        row("erasing", [0.21, 0.23, 0.25]),
-        row("rl_selection", [0.25, 0.27, 0.29]),
-        row("erasing_rl_selection", [0.26, 0.28, 0.30]),
-        row("erasing_rl_windowed_selection", [0.24, 0.26, 0.28]),
-        row("photometric", [0.40, 0.42, 0.44]),  # the best real-only recipe
-        row("photometric_rl_selection", [0.19, 0.21, 0.23]),  # below "real only": the floor is missed
-        row("erasing_photometric", [0.38, 0.40, 0.42]),
-        row("erasing_photometric_rl_selection", [0.39, 0.42, 0.43]),  # gains +1, +2, +1 points
-        row("erasing_photometric_sdedit60_selection", [0.43, 0.45, 0.47]),  # from prior images: +5 each
+        seeded_row("k1_real", [0.20, 0.22, 0.24]),
+        seeded_row("k1_erasing", [0.21, 0.23, 0.25]),
+        seeded_row("k1_rl_selection", [0.25, 0.27, 0.29]),
+        seeded_row("k1_erasing_rl_selection", [0.26, 0.28, 0.30]),
+        seeded_row("k1_erasing_rl_windowed_selection", [0.24, 0.26, 0.28]),
+        seeded_row("k1_photometric", [0.40, 0.42, 0.44]),  # the best real-only recipe
+        # below "real only": the floor is missed
+        seeded_row("k1_photometric_rl_selection", [0.19, 0.21, 0.23]),
+        seeded_row("k1_erasing_photometric", [0.38, 0.40, 0.42]),
+        seeded_row("k1_erasing_photometric_rl_selection", [0.39, 0.42, 0.43]),  # gains +1, +2, +1 points
+        # from prior images: +5 each
+        seeded_row("k1_erasing_photometric_sdedit60_selection", [0.43, 0.45, 0.47]),
     ]
     (tmp_path / "faces_recognizer_budget_k1_yale.json").write_text(json.dumps({"sections": [{"rows": rows}]}))
     yale = verdict(tmp_path)["Extended Yale B 1-shot, 36-epoch recognizers"]
@@ -613,23 +617,17 @@ def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
 def test_verdict_counts_the_sets_from_prior_images_without_augmentation_in_the_floor(tmp_path):
     from benchmarks.verdict import verdict
 
-    def row(stage, values):
-        return {
-            "stage": f"k3_{stage}",
-            "runs": [{"test/id_acc": v} for v in values],
-            "copies": [f"k3_{stage}_s{i}" for i in range(len(values))],
-            "mean": {"test/id_acc": sum(values) / len(values)},
-            "std": {"test/id_acc": 0.0},
-        }
-
     rows = [
-        row("real", [0.80, 0.84]),
-        row("erasing", [0.90, 0.92]),
-        row("rl_selection", [0.81, 0.85]),
-        row("erasing_rl_selection", [0.90, 0.93]),
-        row("sdedit80_selection", [0.79, 0.81]),  # the lowest selection row: 2 points under "real only"
-        row("erasing_sdedit80_selection", [0.92, 0.94]),  # +2 points over Random Erasing on both seeds
-        row("lowfreq_selection", [0.50, 0.50]),  # the no-generator control: a diagnostic, not in the floor
+        seeded_row("k3_real", [0.80, 0.84]),
+        seeded_row("k3_erasing", [0.90, 0.92]),
+        seeded_row("k3_rl_selection", [0.81, 0.85]),
+        seeded_row("k3_erasing_rl_selection", [0.90, 0.93]),
+        # the lowest selection row: 2 points under "real only"
+        seeded_row("k3_sdedit80_selection", [0.79, 0.81]),
+        # +2 points over Random Erasing on both seeds
+        seeded_row("k3_erasing_sdedit80_selection", [0.92, 0.94]),
+        # the no-generator control: a diagnostic, not in the floor
+        seeded_row("k3_lowfreq_selection", [0.50, 0.50]),
     ]
     report = json.dumps({"sections": [{"rows": rows}]})
     (tmp_path / "faces_recognizer_budget_k3_prior.json").write_text(report)

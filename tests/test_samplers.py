@@ -1,7 +1,9 @@
 from collections import Counter
 
+import lightning as L
 import numpy as np
 import pytest
+import torch
 
 from rgsd_lightning.data.samplers import PKBatchSampler
 
@@ -90,3 +92,59 @@ def test_bad_configuration_errors():
         PKBatchSampler([0, 1, 2], 1, 2, is_synthetic=[False, False, True])
     with pytest.raises(ValueError, match="rank"):
         PKBatchSampler(labels, 1, 2, rank=2, world_size=2)
+
+
+class _IndexData(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 60
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([float(i)])
+
+
+class _Recorder(L.LightningModule):
+    """Records the dataset indices of every training batch, per epoch; learns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[list[int]]] = {}
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        self.seen.setdefault(self.current_epoch, []).append(batch.flatten().long().tolist())
+        return (self.w * batch).sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_lightning_gives_every_epoch_its_own_batches_and_a_resumed_run_the_interrupted_epochs(tmp_path):
+    """Under Trainer.fit, epoch e draws the stream of set_epoch(e) - not epoch 0's again (Lightning reaches
+    the batch sampler's set_epoch only through ``batch_sampler.sampler``) - and a run resumed from the
+    end of epoch 1 continues with epoch 2's batches."""
+    labels = np.arange(60) // 4
+
+    def stream(epoch: int) -> list[list[int]]:
+        sampler = PKBatchSampler(labels, 3, 2, batches_per_epoch=4, seed=5)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def fit(epochs: int, ckpt: str | None = None) -> _Recorder:
+        loader = torch.utils.data.DataLoader(
+            _IndexData(), batch_sampler=PKBatchSampler(labels, 3, 2, batches_per_epoch=4, seed=5)
+        )
+        module = _Recorder()
+        trainer = L.Trainer(
+            max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=tmp_path, accelerator="cpu", devices=1,
+        )  # fmt: skip
+        trainer.fit(module, loader, ckpt_path=ckpt)
+        return module
+
+    full = fit(3)
+    assert [full.seen[e] for e in range(3)] == [stream(e) for e in range(3)]
+    assert stream(0) != stream(1) != stream(2)
+    next(tmp_path.rglob("*.ckpt")).unlink()  # keep only the checkpoint of a 2-epoch run
+    fit(2)
+    resumed = fit(3, ckpt=str(next(tmp_path.rglob("*.ckpt"))))
+    assert list(resumed.seen) == [2] and resumed.seen[2] == stream(2)

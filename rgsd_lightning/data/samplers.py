@@ -12,6 +12,10 @@ across several identities - what lookahead sample selection needs. With ``synthe
 synthetic images come on top of K real ones instead (batches of P x (K + round(K * synthetic_fraction))):
 the real images in the loss are those of a real-only run. Identities with fewer images than slots are
 sampled with replacement.
+
+The stream is a function of (seed, epoch). Lightning sets the epoch of ``loader.sampler`` and of
+``loader.batch_sampler.sampler`` (torch's ``BatchSampler`` layout), never of a batch sampler itself, so
+:attr:`PKBatchSampler.sampler` is the sampler itself: without it every epoch replayed epoch 0's batches.
 """
 
 from __future__ import annotations
@@ -89,8 +93,14 @@ class PKBatchSampler(Sampler[list[int]]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Lightning calls this at every epoch start; the stream depends on (seed, epoch)."""
+        """Lightning calls this at every epoch start (through :attr:`sampler`); the stream depends on
+        (seed, epoch), so a resumed run continues with the interrupted epoch's batches."""
         self.epoch = epoch
+
+    @property
+    def sampler(self) -> PKBatchSampler:
+        """This sampler: where Lightning looks for ``set_epoch`` on a loader's batch sampler."""
+        return self
 
     def __len__(self) -> int:
         return self.batches_per_epoch

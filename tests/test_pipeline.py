@@ -201,13 +201,45 @@ def test_report_table_reads_the_seed_copies_of_a_run(folder: Path):
     report = make_report(run, spec=spec).read_text()
     assert "| Base | real | 70.0 ± 20.0 |" in report  # mean and sample std of 0.5, 0.7, 0.9
     assert "| Syn | rl | 30.0 ± 7.1 |" in report  # the finished copies only: 0.25, 0.35
-    assert "seeds [0, 1, 2]" in report and "| down_rl_s2 | not finished |" in report
+    assert "seeds [0, 1, 2]" in report and "Not run (1 of the pipeline's 6 stages" in report
     data = json.loads((run / "report.json").read_text())
     assert [len(r["runs"]) for r in data["sections"][0]["rows"]] == [3, 2]
     assert [r["copies"] for r in data["sections"][0]["rows"]] == [
         ["down_real_s0", "down_real_s1", "down_real_s2"],
         ["down_rl_s0", "down_rl_s1"],  # the runs say which seed they are
     ]
+
+
+def test_the_run_section_tells_ran_reused_stopped_and_never_started_stages_apart(folder: Path):
+    """A stage that ran here, one taken from another run, one that started and stopped (a folder without a
+    stage.json) and one never started (no folder): only the first counts towards this run's time, the last
+    is named in one sentence instead of a row."""
+    spec = {
+        "output": str(folder / "run"),
+        "stages": [{"name": n, "config": "stage.yaml"} for n in ("ran", "taken", "stopped", "skipped")],
+        "report": {"sections": [{"kind": "run"}]},
+    }
+    run = folder / "run"
+    for name, marker in (
+        ("ran", {"name": "ran", "seconds": 120.0, "cpu_seconds": 90.0}),
+        (
+            "taken",
+            {"name": "taken", "seconds": 600.0, "cpu_seconds": 600.0, "reused_from": "elsewhere/taken"},
+        ),
+    ):
+        (run / name).mkdir(parents=True)
+        (run / name / "stage.json").write_text(json.dumps(marker))
+    (run / "stopped").mkdir()
+    report = make_report(run, spec=spec).read_text()
+    assert "| ran | finished | 120 | 90 |" in report and "| taken | reused | 600 | 600 |" in report
+    assert "| stopped | not finished |  |  |" in report and "| skipped |" not in report
+    assert (
+        "total wall 2.0 min, CPU 1.5 min; the reused stages" in report
+        and "took 10.0 min wall there" in report
+    )
+    assert "Not run (1 of the pipeline's 4 stages" in report and "): skipped." in report
+    data = json.loads((run / "report.json").read_text())["sections"][0]
+    assert data["wall_s"] == 120.0 and data["reused_wall_s"] == 600.0 and data["not_run"] == ["skipped"]
 
 
 def test_report_says_which_stage_is_missing(folder: Path):

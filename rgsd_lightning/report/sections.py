@@ -396,33 +396,55 @@ def audit(ctx: RunContext, spec: dict[str, Any]) -> Section:
     return Section(title, _with_caption("\n".join(lines), spec), {"audit": summary})
 
 
+def stage_status(run: Path, name: str, finished: bool) -> str:
+    """A pipeline stage's state in run folder ``run``: "finished" (it ran here), "reused" (its ``stage.json``
+    points to the run it ran in), "not finished" (its folder exists without a ``stage.json``: it started and
+    stopped, or is running) or "not run" (no folder: e.g. ``--only`` left it out)."""
+    if finished:
+        marker = run / name / "stage.json"
+        reused = marker.is_file() and json.loads(marker.read_text()).get("reused_from")
+        return "reused" if reused else "finished"
+    return "not finished" if (run / name).is_dir() else "not run"
+
+
 def run(ctx: RunContext, spec: dict[str, Any]) -> Section:
-    rows, data = [], []
+    rows, data, not_run = [], [], []
     for name in ctx.stage_names:
         r = ctx.results.get(name)
-        if r is None:
-            rows.append([name, "not finished", "", ""])
-            continue
-        rows.append([name, "finished", f"{r.seconds:.0f}", f"{r.cpu_seconds:.0f}"])
-        data.append({"name": name, "wall_s": r.seconds, "cpu_s": r.cpu_seconds})
-    wall = sum(d["wall_s"] for d in data)
-    cpu = sum(d["cpu_s"] for d in data)
+        status = stage_status(ctx.run, name, r is not None)
+        if status == "not run":
+            not_run.append(name)
+        elif r is None:
+            rows.append([name, status, "", ""])
+        else:
+            rows.append([name, status, f"{r.seconds:.0f}", f"{r.cpu_seconds:.0f}"])
+            data.append({"name": name, "status": status, "wall_s": r.seconds, "cpu_s": r.cpu_seconds})
+    own = [d for d in data if d["status"] == "finished"]
+    wall, cpu = sum(d["wall_s"] for d in own), sum(d["cpu_s"] for d in own)
+    reused_wall = sum(d["wall_s"] for d in data if d["status"] == "reused")
     env = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
     }
-    body = (
-        markdown_table(["stage", "status", "wall s", "CPU s"], rows, numeric_from=2)
-        + f"\n\nStages' own times (recorded when each ran): total wall {wall / 60:.1f} min, CPU "
-        f"{cpu / 60:.1f} min. Environment of the report: "
-        + ", ".join(f"{k} {v}" for k, v in env.items())
-        + "."
+    body = markdown_table(["stage", "status", "wall s", "CPU s"], rows, numeric_from=2)
+    body += (
+        f"\n\nStages' own times (recorded when each ran): the stages that ran here, total wall "
+        f"{wall / 60:.1f} min, CPU {cpu / 60:.1f} min"
     )
-    return Section(
-        spec.get("title", "Run"), _with_caption(body, spec), {"stages": data, "wall_s": wall, "env": env}
-    )
+    if reused_wall:
+        body += (
+            f"; the reused stages (taken from the run they ran in) took {reused_wall / 60:.1f} min wall there"
+        )
+    body += ". Environment of the report: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "."
+    if not_run:
+        body += (
+            f"\n\nNot run ({len(not_run)} of the pipeline's {len(ctx.stage_names)} stages, no folder: a run "
+            f"with --only leaves them out): " + ", ".join(not_run) + "."
+        )
+    summary = {"stages": data, "wall_s": wall, "reused_wall_s": reused_wall, "not_run": not_run, "env": env}
+    return Section(spec.get("title", "Run"), _with_caption(body, spec), summary)
 
 
 def text(ctx: RunContext, spec: dict[str, Any]) -> Section:

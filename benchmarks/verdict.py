@@ -14,8 +14,10 @@ row minus "+ Random Erasing" (met at >= +1). A row a study has not run yet shows
 "n/a": a row the study has by design not (the ReID study has no windowed-RL or copy-free rows, its budget run
 no cold-start row; the seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold only
 the rows that decide their setting's checks, as do ``faces_recognizer_budget_k1_yale.json``, the 1-shot rows
-on a second target, and ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with
-the set from prior images).
+on a second target, ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with
+the set from prior images, and ``faces_recognizer_budget_k3_resampled.json``, its rows retrained after the
+sampler fix). Settings measured before that fix - when every recognizer epoch replayed the first epoch's
+batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies run after it).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -147,6 +149,14 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/id_acc",
         (COLD, "+ RL synthetic", *FILTERED, *WINDOWED, *COPY_FREE),
     ),
+    # the previous setting's rows retrained after the sampler fix (every epoch its own batches)
+    (
+        "ORL 3-shot, 36-epoch recognizers, 8 seeds, sampler fixed",
+        "faces_recognizer_budget_k3_resampled",
+        "k3",
+        "test/id_acc",
+        (COLD, "+ RL synthetic", *FILTERED, *WINDOWED, *COPY_FREE),
+    ),
     # a second target for the 1-shot, 36-epoch rows: Extended Yale B (UTKFace prior), 5 seeds
     (
         "Extended Yale B 1-shot, 36-epoch recognizers",
@@ -156,6 +166,9 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         (COLD, "+ RL synthetic", *FILTERED, WINDOWED[0], *COPY_FREE, *FROM_PRIOR),
     ),
 )
+
+SAMPLER_FIXED = frozenset({"faces_recognizer_budget_k3_resampled"})
+"""Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 
 
 PAIRED_CAPTION = (
@@ -246,6 +259,7 @@ def verdict(results: Path) -> dict[str, Any]:
         lowest = min(selection_columns, key=lambda col: found[col][0]) if complete else None
         tests = {"floor": paired(values[lowest], values["real only"], 0.0) if complete else None}
         out[label] = {"cells": cells, "floor": floor, "absent": list(absent)}
+        out[label]["replayed"] = study not in SAMPLER_FIXED
         for check, column in GOALS.items():
             both = cells[column]
             met = erasing is not None and both is not None and both[0] >= erasing[0] + 1.0
@@ -302,6 +316,26 @@ OUTSIDE_NOTE = (
 )
 
 
+REPLAYED_MARK = " ‡"
+REPLAYED_NOTE = (
+    "‡ measured before the sampler fix of 2026-12-03 (eb4ddd7): each recognizer epoch replayed the first "
+    "epoch's P x K batches (the same identities, images and synthetic samples; only the augmentation "
+    "differed).\n"
+)
+
+
+def name(label: str, entry: dict[str, Any]) -> str:
+    """A setting's label with its mark where its recognizers ran before the sampler fix."""
+    return label + (REPLAYED_MARK if entry.get("replayed") else "")
+
+
+def notes(table: dict[str, Any], outside: bool) -> str:
+    """The footnotes the table's marks need (a blank line before them), or nothing."""
+    lines = [OUTSIDE_NOTE] if outside else []
+    lines += [REPLAYED_NOTE] if any(entry.get("replayed") for entry in table.values()) else []
+    return "\n" + "\n".join(lines) if lines else ""
+
+
 def best_outside(entry: dict[str, Any]) -> bool:
     """Whether the setting's best real-only recipe is one the first table has no column for."""
     return any(r["best"] and r["stage"] not in COLUMNS.values() for r in entry.get("recipes", []))
@@ -324,10 +358,10 @@ def markdown(table: dict[str, Any]) -> str:
                 text = f"{c[0]:.1f} ± {c[1]:.1f}"
                 cells.append(f"**{text}**" if c[0] == best else text)
         marks = [mark(entry[check], entry["margins"][check]) for check in checks]
-        name = label + (OUTSIDE_MARK if best_outside(entry) else "")
-        lines.append("| " + " | ".join([name, *cells, *marks]) + " |")
-    note = "\n" + OUTSIDE_NOTE if any(best_outside(entry) for entry in table.values()) else ""
-    return "\n".join(lines) + "\n" + note
+        shown = name(label, entry) + (OUTSIDE_MARK if best_outside(entry) else "")
+        lines.append("| " + " | ".join([shown, *cells, *marks]) + " |")
+    outside = any(best_outside(entry) for entry in table.values())
+    return "\n".join(lines) + "\n" + notes(table, outside)
 
 
 def paired_markdown(table: dict[str, Any]) -> str:
@@ -346,8 +380,9 @@ def paired_markdown(table: dict[str, Any]) -> str:
                 cells.append("-")
             else:
                 cells.append(f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['status']}")
-        lines.append("| " + " | ".join([label, "/".join(sorted(seeds, key=int)) or "-", *cells]) + " |")
-    return "\n".join(lines) + "\n"
+        seed_counts = "/".join(sorted(seeds, key=int)) or "-"
+        lines.append("| " + " | ".join([name(label, entry), seed_counts, *cells]) + " |")
+    return "\n".join(lines) + "\n" + notes(table, False)
 
 
 RECIPES_CAPTION = (
@@ -368,12 +403,12 @@ def recipes_markdown(table: dict[str, Any]) -> str:
     ]
     for label, entry in table.items():
         for r in entry["recipes"]:
-            name = f"**{r['recipe']}**" if r["best"] else r["recipe"]
+            recipe = f"**{r['recipe']}**" if r["best"] else r["recipe"]
             p = r["paired"]
             gain = "-" if p is None else f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['status']}"
             real, syn = (f"{c[0]:.1f} ± {c[1]:.1f}" for c in (r["real"], r["synthetic"]))
-            lines.append(f"| {label} | {name} | {real} | {r['set']} | {syn} | {gain} |")
-    return "\n".join(lines) + "\n"
+            lines.append(f"| {name(label, entry)} | {recipe} | {real} | {r['set']} | {syn} | {gain} |")
+    return "\n".join(lines) + "\n" + notes(table, False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

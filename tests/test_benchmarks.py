@@ -482,7 +482,7 @@ def test_verdict_table_and_checks_from_hand_made_study_reports(tmp_path):
     assert reid_marks in markdown({"r": reid})
     text = markdown(table)
     assert (
-        "| ORL 1-shot, identification % | 60.0 ± 1.0 | 70.0 ± 1.0 |" in text
+        "| ORL 1-shot, identification % ‡ | 60.0 ± 1.0 | 70.0 ± 1.0 |" in text
         and "**72.0 ± 1.0**" in text
         and "| 71.5 ± 1.0 |" in text
         and "| met (+1.00) | met (+1.50) | missed (+0.50) | missed (-1.00) | met (+2.00) |" in text
@@ -544,7 +544,7 @@ def test_verdict_paired_differences_against_scipy_and_a_hand_worked_case(tmp_pat
     assert k1["paired"]["floor"] is None  # the study's other selection rows have not run: no floor test
     assert k1["paired"]["goal, windowed"] is None
     text = paired_markdown({"ORL 1-shot": k1})
-    assert text.splitlines()[2].startswith("| ORL 1-shot | 3 | - | +1.67 [")
+    assert text.splitlines()[2].startswith("| ORL 1-shot ‡ | 3 | - | +1.67 [")
 
 
 def seeded_row(stage: str, values: list[float], metric: str = "test/id_acc") -> dict:
@@ -561,7 +561,7 @@ def seeded_row(stage: str, values: list[float], metric: str = "test/id_acc") -> 
 
 
 def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
-    from benchmarks.verdict import OUTSIDE_NOTE, markdown, recipes_markdown, verdict
+    from benchmarks.verdict import OUTSIDE_NOTE, REPLAYED_NOTE, markdown, recipes_markdown, verdict
 
     rows = [
         seeded_row("k1_real", [0.20, 0.22, 0.24]),
@@ -598,10 +598,11 @@ def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
     assert gain["mean"] == pytest.approx(4 / 3) and gain["status"] == "unresolved"  # sd 0.58 over 3 seeds
     # the first table flags the setting: its best real-only recipe has no column there
     first = markdown({"Yale": yale})
-    assert first.splitlines()[2].startswith("| Yale † |") and first.endswith("\n" + OUTSIDE_NOTE)
+    assert first.splitlines()[2].startswith("| Yale ‡ † |")  # ‡: measured before the sampler fix
+    assert first.endswith("\n" + OUTSIDE_NOTE + "\n" + REPLAYED_NOTE)
     text = recipes_markdown({"Yale": yale})
     assert (
-        "| Yale | **photometric jitter** | 42.0 ± 2.0 | RL | 21.0 ± 2.0 | -21.00 [-21.00, -21.00] missed |"
+        "| Yale ‡ | **photometric jitter** | 42.0 ± 2.0 | RL | 21.0 ± 2.0 | -21.00 [-21.00, -21.00] missed |"
         in text
     )
     # a study without the photometric rows: the two recipes it ran, its floor over its own columns
@@ -612,6 +613,36 @@ def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
     assert [r["recipe"] for r in yale["recipes"]] == ["none", "Random Erasing"]
     assert yale["floor"] is True and yale["margins"]["floor"] == pytest.approx(4.0)
     assert "†" not in markdown({"Yale": yale})  # Random Erasing, a column of the first table, is best
+
+
+def test_verdict_marks_the_settings_measured_before_the_sampler_fix(tmp_path):
+    """The 3-shot from-prior-images rows before the fix (‡) and after it (its own setting, unmarked): each
+    file is read as its own setting, and a table of unmarked settings carries no footnote."""
+    from benchmarks.verdict import REPLAYED_NOTE, markdown, paired_markdown, recipes_markdown, verdict
+
+    def rows(real: list[float], synthetic: list[float]) -> list[dict]:
+        stages = ("rl_selection", "erasing_rl_selection", "erasing_sdedit80_selection")
+        return [seeded_row("k3_real", real)] + [seeded_row(f"k3_{s}", synthetic) for s in stages]
+
+    before, after = rows([0.80, 0.84], [0.78, 0.82]), rows([0.82, 0.86], [0.83, 0.87])
+    for study, found in (("prior", before), ("resampled", after)):
+        report = json.dumps({"sections": [{"rows": found}]})
+        (tmp_path / f"faces_recognizer_budget_k3_{study}.json").write_text(report)
+    table = verdict(tmp_path)
+    old, new = (
+        "ORL 3-shot, 36-epoch recognizers, 8 seeds",
+        "ORL 3-shot, 36-epoch recognizers, 8 seeds, sampler fixed",
+    )
+    assert table[old]["replayed"] is True and table[new]["replayed"] is False
+    assert table[old]["margins"]["floor"] == pytest.approx(-2.0) and table[new]["margins"][
+        "floor"
+    ] == pytest.approx(1.0)
+    text = markdown({old: table[old], new: table[new]})
+    assert f"| {old} ‡ | **82.0 ± 2.8** |" in text and f"| {new} | 84.0 ± 2.8 |" in text
+    assert text.endswith("\n" + REPLAYED_NOTE)
+    for render in (markdown, paired_markdown, recipes_markdown):
+        assert "‡" not in render({new: table[new]})
+        assert f"| {old} ‡ |" in render({old: table[old]})
 
 
 def test_verdict_counts_the_sets_from_prior_images_without_augmentation_in_the_floor(tmp_path):

@@ -210,6 +210,14 @@ def test_report_table_reads_the_seed_copies_of_a_run(folder: Path):
     ]
 
 
+def test_the_run_section_folds_the_seed_copies_of_a_stage():
+    from rgsd_lightning.report.sections import compact_names
+
+    names = ["prior", "a_s0", "a_s1", "a_s2", "b_s0", "b_s2", "c_s3", "gen_sdedit80", "d_s10", "d_s11"]
+    assert compact_names(names) == ["prior", "a_s[0-2]", "b_s0", "b_s2", "c_s3", "gen_sdedit80", "d_s[10-11]"]
+    assert compact_names([]) == []
+
+
 def test_the_run_section_tells_ran_reused_stopped_and_never_started_stages_apart(folder: Path):
     """A stage that ran here, one taken from another run, one that started and stopped (a folder without a
     stage.json) and one never started (no folder): only the first counts towards this run's time, the last

@@ -407,6 +407,27 @@ def stage_status(run: Path, name: str, finished: bool) -> str:
     return "not finished" if (run / name).is_dir() else "not run"
 
 
+def compact_names(names: list[str]) -> list[str]:
+    """Stage names with the seed copies of a stage folded: ``a_s0, a_s1, a_s2`` -> ``a_s[0-2]`` (a run of
+    consecutive seeds), other names unchanged, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        match = re.fullmatch(r"(.+_s)(\d+)", name)
+        key, seed = (match.group(1), int(match.group(2))) if match else (name, None)
+        groups.setdefault(key, [])
+        if seed is not None:
+            groups[key].append(seed)
+    out = []
+    for key, seeds in groups.items():
+        if not seeds:
+            out.append(key)
+        elif len(seeds) > 1 and sorted(seeds) == list(range(min(seeds), max(seeds) + 1)):
+            out.append(f"{key}[{min(seeds)}-{max(seeds)}]")
+        else:
+            out += [f"{key}{seed}" for seed in seeds]
+    return out
+
+
 def run(ctx: RunContext, spec: dict[str, Any]) -> Section:
     rows, data, not_run = [], [], []
     for name in ctx.stage_names:
@@ -441,7 +462,7 @@ def run(ctx: RunContext, spec: dict[str, Any]) -> Section:
     if not_run:
         body += (
             f"\n\nNot run ({len(not_run)} of the pipeline's {len(ctx.stage_names)} stages, no folder: a run "
-            f"with --only leaves them out): " + ", ".join(not_run) + "."
+            f"with --only leaves them out): " + ", ".join(compact_names(not_run)) + "."
         )
     summary = {"stages": data, "wall_s": wall, "reused_wall_s": reused_wall, "not_run": not_run, "env": env}
     return Section(spec.get("title", "Run"), _with_caption(body, spec), summary)

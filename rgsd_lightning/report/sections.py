@@ -396,15 +396,13 @@ def audit(ctx: RunContext, spec: dict[str, Any]) -> Section:
     return Section(title, _with_caption("\n".join(lines), spec), {"audit": summary})
 
 
-def stage_status(run: Path, name: str, finished: bool) -> str:
-    """A pipeline stage's state in run folder ``run``: "finished" (it ran here), "reused" (its ``stage.json``
-    points to the run it ran in), "not finished" (its folder exists without a ``stage.json``: it started and
-    stopped, or is running) or "not run" (no folder: e.g. ``--only`` left it out)."""
-    if finished:
-        marker = run / name / "stage.json"
-        reused = marker.is_file() and json.loads(marker.read_text()).get("reused_from")
-        return "reused" if reused else "finished"
-    return "not finished" if (run / name).is_dir() else "not run"
+def stage_status(ctx: RunContext, name: str) -> str:
+    """A pipeline stage's state in the run: "finished" (it ran here), "reused" (taken from the run it ran
+    in: :meth:`RunContext.folder` is elsewhere), "not finished" (its folder exists without a ``stage.json``:
+    it started and stopped, or is running) or "not run" (no folder: e.g. ``--only`` left it out)."""
+    if name in ctx.results:
+        return "finished" if ctx.folder(name) == ctx.run / name else "reused"
+    return "not finished" if (ctx.run / name).is_dir() else "not run"
 
 
 def compact_names(names: list[str]) -> list[str]:
@@ -432,7 +430,7 @@ def run(ctx: RunContext, spec: dict[str, Any]) -> Section:
     rows, data, not_run = [], [], []
     for name in ctx.stage_names:
         r = ctx.results.get(name)
-        status = stage_status(ctx.run, name, r is not None)
+        status = stage_status(ctx, name)
         if status == "not run":
             not_run.append(name)
         elif r is None:

@@ -18,7 +18,8 @@ on a second target, and ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36
 the set from prior images). ``seed_noise_faces_k1_resampled.json`` and
 ``faces_recognizer_budget_k3_resampled.json`` hold the 1-shot and 3-shot deciding rows retrained after the
 sampler fix, 8 seeds each; the settings measured before it - when every recognizer epoch replayed the first
-epoch's batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies run after it).
+epoch's batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies run after it). A fourth table
+sets each retrained row against the same row and seeds before the fix (:data:`REFITS`).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -178,6 +179,16 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
 
 SAMPLER_FIXED = frozenset({"seed_noise_faces_k1_resampled", "faces_recognizer_budget_k3_resampled"})
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
+
+REFITS = (  # (setting label, study before the sampler fix, the same rows retrained after it, stage prefix)
+    ("ORL 1-shot, 36-epoch recognizers", "seed_noise_faces_k1", "seed_noise_faces_k1_resampled", "k1"),
+    (
+        "ORL 3-shot, 36-epoch recognizers",
+        "faces_recognizer_budget_k3_prior",
+        "faces_recognizer_budget_k3_resampled",
+        "k3",
+    ),
+)
 
 
 PAIRED_CAPTION = (
@@ -420,6 +431,49 @@ def recipes_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + notes(table, False)
 
 
+REFIT_CAPTION = (
+    "The rows retrained after the sampler fix against the same rows before it, on the seeds both have "
+    "(identification %, mean over those seeds; change in points).\n"
+)
+
+
+def refits(results: Path) -> list[dict[str, Any]]:
+    """Per retrained row: its means before and after the sampler fix over the seeds both runs have."""
+    out = []
+    for label, before, after, prefix in REFITS:
+        paths = [results / f"{study}.json" for study in (before, after)]
+        if not all(path.is_file() for path in paths):
+            continue
+        old, new = (stage_stats(json.loads(path.read_text())) for path in paths)
+        for stage in new:
+            a = seed_values(old.get(stage), "test/id_acc")
+            b = seed_values(new.get(stage), "test/id_acc")
+            common = [k for k in b or {} if k in (a or {}) and not k.startswith("#")]
+            if not stage.startswith(f"{prefix}_") or not common:
+                continue
+            mean_a, mean_b = (sum(v[k] for k in common) / len(common) for v in (a, b))
+            out.append(
+                {"setting": label, "stage": stage, "seeds": len(common), "before": mean_a, "after": mean_b}
+            )
+    return out
+
+
+def refits_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| setting | row | seeds | before | after | change |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        change = r["after"] - r["before"]
+        cells = [
+            r["setting"],
+            r["stage"],
+            str(r["seeds"]),
+            f"{r['before']:.1f}",
+            f"{r['after']:.1f}",
+            f"{change:+.1f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the table."""
     p = argparse.ArgumentParser(prog="python -m benchmarks verdict", description=__doc__.split("\n")[0])
@@ -430,7 +484,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(PAIRED_CAPTION)
     print(paired_markdown(table))
     print(RECIPES_CAPTION)
-    print(recipes_markdown(table), end="")
+    print(recipes_markdown(table))
+    print(REFIT_CAPTION)
+    print(refits_markdown(refits(Path(args.results))), end="")
     return 0
 
 

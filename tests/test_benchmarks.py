@@ -678,6 +678,23 @@ def test_verdict_counts_the_sets_from_prior_images_without_augmentation_in_the_f
     ]
 
 
+def test_verdict_compares_the_retrained_rows_with_the_same_seeds_before_the_fix(tmp_path):
+    """Before: seeds 0-3 of a row; after: seeds 0-1 of it (and a row the earlier run lacks): the means are
+    over seeds 0-1 only, and a row without common seeds is left out."""
+    from benchmarks.verdict import refits, refits_markdown
+
+    before = [seeded_row("k1_erasing", [0.70, 0.72, 0.90, 0.90])]
+    after = [seeded_row("k1_erasing", [0.75, 0.73]), seeded_row("k1_new_selection", [0.5, 0.5])]
+    for study, rows in (("seed_noise_faces_k1", before), ("seed_noise_faces_k1_resampled", after)):
+        (tmp_path / f"{study}.json").write_text(json.dumps({"sections": [{"rows": rows}]}))
+    (row,) = refits(tmp_path)  # the 3-shot pair has no files: skipped
+    assert row["stage"] == "k1_erasing" and row["seeds"] == 2
+    assert row["before"] == pytest.approx(71.0) and row["after"] == pytest.approx(74.0)
+    assert "| ORL 1-shot, 36-epoch recognizers | k1_erasing | 2 | 71.0 | 74.0 | +3.0 |" in refits_markdown(
+        [row]
+    )
+
+
 def test_parallel_jobs_summary_against_hand_made_runs():
     from benchmarks.parallel_jobs import markdown, parse_mode, summarise
 

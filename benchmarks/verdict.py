@@ -19,7 +19,9 @@ the set from prior images). ``seed_noise_faces_k1_resampled.json`` and
 ``faces_recognizer_budget_k3_resampled.json`` hold the 1-shot and 3-shot deciding rows retrained after the
 sampler fix, 8 seeds each; the settings measured before it - when every recognizer epoch replayed the first
 epoch's batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies run after it). A fourth table
-sets each retrained row against the same row and seeds before the fix (:data:`REFITS`).
+sets each retrained row against the same row and seeds before the fix (:data:`REFITS`; the ReID runs,
+rebuilt whole, against their earlier results kept as ``utility_reid_replayed.json`` and
+``reid_recognizer_budget_replayed.json``).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -177,16 +179,35 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
     ),
 )
 
-SAMPLER_FIXED = frozenset({"seed_noise_faces_k1_resampled", "faces_recognizer_budget_k3_resampled"})
+SAMPLER_FIXED = frozenset(
+    {"seed_noise_faces_k1_resampled", "faces_recognizer_budget_k3_resampled", "utility_reid"}
+)
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 
-REFITS = (  # (setting label, study before the sampler fix, the same rows retrained after it, stage prefix)
-    ("ORL 1-shot, 36-epoch recognizers", "seed_noise_faces_k1", "seed_noise_faces_k1_resampled", "k1"),
+REFITS = (  # (setting label, study before the sampler fix, the same rows retrained after it, prefix, metric)
+    (
+        "ORL 1-shot, 36-epoch recognizers",
+        "seed_noise_faces_k1",
+        "seed_noise_faces_k1_resampled",
+        "k1",
+        "test/id_acc",
+    ),
     (
         "ORL 3-shot, 36-epoch recognizers",
         "faces_recognizer_budget_k3_prior",
         "faces_recognizer_budget_k3_resampled",
         "k3",
+        "test/id_acc",
+    ),
+    # the ReID runs were rebuilt whole (generator chain included) into their own files; the replayed-batch
+    # results are kept beside them as *_replayed.json
+    ("4-dataset ReID, mAP %", "utility_reid_replayed", "utility_reid", "all", "test/mAP"),
+    (
+        "4-dataset ReID, 30-epoch recognizers, mAP %",
+        "reid_recognizer_budget_replayed",
+        "reid_recognizer_budget",
+        "all",
+        "test/mAP",
     ),
 )
 
@@ -231,6 +252,17 @@ def seed_values(row: dict[str, Any] | None, metric: str) -> dict[str, float] | N
     return {key: 100 * float(r[metric]) for key, r in zip(keys, runs, strict=True)}
 
 
+def seed_pairs(a: dict[str, float] | None, b: dict[str, float] | None) -> list[tuple[float, float]]:
+    """The (a, b) values of the seeds both rows have. Where either row is keyed by position (a report written
+    before reports named each run's copy), the runs pair by position if both rows have as many, else none:
+    which run is which seed is then unknown."""
+    if a is None or b is None:
+        return []
+    if any(k.startswith("#") for k in (*a, *b)):
+        return list(zip(a.values(), b.values(), strict=True)) if len(a) == len(b) else []
+    return [(a[k], b[k]) for k in a if k in b]
+
+
 def paired(
     a: dict[str, float] | None, b: dict[str, float] | None, threshold: float, level: float = 0.95
 ) -> dict[str, Any] | None:
@@ -240,16 +272,11 @@ def paired(
     of different lengths (which run is which seed is then unknown)."""
     from scipy.stats import t
 
-    if a is None or b is None:
-        return None
-    positional = any(k.startswith("#") for k in (*a, *b))
-    if positional and len(a) != len(b):
-        return None
-    common = [k for k in a if k in b]
-    n = len(common)
+    pairs = seed_pairs(a, b)
+    n = len(pairs)
     if n < 2:
         return None
-    diffs = [a[k] - b[k] for k in common]
+    diffs = [x - y for x, y in pairs]
     mean = sum(diffs) / n
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
     half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
@@ -344,7 +371,7 @@ REPLAYED_NOTE = (
 )
 
 
-def name(label: str, entry: dict[str, Any]) -> str:
+def shown_label(label: str, entry: dict[str, Any]) -> str:
     """A setting's label with its mark where its recognizers ran before the sampler fix."""
     return label + (REPLAYED_MARK if entry.get("replayed") else "")
 
@@ -378,7 +405,7 @@ def markdown(table: dict[str, Any]) -> str:
                 text = f"{c[0]:.1f} ± {c[1]:.1f}"
                 cells.append(f"**{text}**" if c[0] == best else text)
         marks = [mark(entry[check], entry["margins"][check]) for check in checks]
-        shown = name(label, entry) + (OUTSIDE_MARK if best_outside(entry) else "")
+        shown = shown_label(label, entry) + (OUTSIDE_MARK if best_outside(entry) else "")
         lines.append("| " + " | ".join([shown, *cells, *marks]) + " |")
     outside = any(best_outside(entry) for entry in table.values())
     return "\n".join(lines) + "\n" + notes(table, outside)
@@ -401,7 +428,7 @@ def paired_markdown(table: dict[str, Any]) -> str:
             else:
                 cells.append(f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['status']}")
         seed_counts = "/".join(sorted(seeds, key=int)) or "-"
-        lines.append("| " + " | ".join([name(label, entry), seed_counts, *cells]) + " |")
+        lines.append("| " + " | ".join([shown_label(label, entry), seed_counts, *cells]) + " |")
     return "\n".join(lines) + "\n" + notes(table, False)
 
 
@@ -427,33 +454,32 @@ def recipes_markdown(table: dict[str, Any]) -> str:
             p = r["paired"]
             gain = "-" if p is None else f"{p['mean']:+.2f} [{p['low']:+.2f}, {p['high']:+.2f}] {p['status']}"
             real, syn = (f"{c[0]:.1f} ± {c[1]:.1f}" for c in (r["real"], r["synthetic"]))
-            lines.append(f"| {name(label, entry)} | {recipe} | {real} | {r['set']} | {syn} | {gain} |")
+            lines.append(f"| {shown_label(label, entry)} | {recipe} | {real} | {r['set']} | {syn} | {gain} |")
     return "\n".join(lines) + "\n" + notes(table, False)
 
 
 REFIT_CAPTION = (
     "The rows retrained after the sampler fix against the same rows before it, on the seeds both have "
-    "(identification %, mean over those seeds; change in points).\n"
+    "(identification % on faces, mAP % on ReID, mean over those seeds; change in points). The ReID runs were "
+    "rebuilt whole, their generator chains included, so their synthetic rows compare different sets.\n"
 )
 
 
 def refits(results: Path) -> list[dict[str, Any]]:
     """Per retrained row: its means before and after the sampler fix over the seeds both runs have."""
     out = []
-    for label, before, after, prefix in REFITS:
+    for label, before, after, prefix, metric in REFITS:
         paths = [results / f"{study}.json" for study in (before, after)]
         if not all(path.is_file() for path in paths):
             continue
         old, new = (stage_stats(json.loads(path.read_text())) for path in paths)
         for stage in new:
-            a = seed_values(old.get(stage), "test/id_acc")
-            b = seed_values(new.get(stage), "test/id_acc")
-            common = [k for k in b or {} if k in (a or {}) and not k.startswith("#")]
-            if not stage.startswith(f"{prefix}_") or not common:
+            pairs = seed_pairs(seed_values(old.get(stage), metric), seed_values(new.get(stage), metric))
+            if not stage.startswith(f"{prefix}_") or not pairs:
                 continue
-            mean_a, mean_b = (sum(v[k] for k in common) / len(common) for v in (a, b))
+            mean_a, mean_b = (sum(p[i] for p in pairs) / len(pairs) for i in (0, 1))
             out.append(
-                {"setting": label, "stage": stage, "seeds": len(common), "before": mean_a, "after": mean_b}
+                {"setting": label, "stage": stage, "seeds": len(pairs), "before": mean_a, "after": mean_b}
             )
     return out
 

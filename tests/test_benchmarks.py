@@ -695,6 +695,30 @@ def test_verdict_compares_the_retrained_rows_with_the_same_seeds_before_the_fix(
     )
 
 
+def test_verdict_pairs_a_report_without_run_names_with_a_retrained_one_by_position_only_at_equal_length(
+    tmp_path,
+):
+    """The ReID study's report before the fix has no ``copies`` (its runs are keyed "#0", "#1", ...): it pairs
+    with the retrained report's seeds in order when both have as many runs, and not at all otherwise."""
+    from benchmarks.verdict import refits
+
+    def positional(stage: str, values: list[float]) -> dict:
+        row = seeded_row(stage, values, metric="test/mAP")
+        del row["copies"]
+        return row
+
+    before = [positional("all_real", [0.14, 0.15, 0.13]), positional("all_erasing", [0.12, 0.13])]
+    after = [
+        seeded_row("all_real", [0.17, 0.18, 0.16], metric="test/mAP"),
+        seeded_row("all_erasing", [0.16, 0.17, 0.15], metric="test/mAP"),
+    ]
+    for study, rows in (("utility_reid_replayed", before), ("utility_reid", after)):
+        (tmp_path / f"{study}.json").write_text(json.dumps({"sections": [{"rows": rows}]}))
+    (row,) = refits(tmp_path)  # all_erasing: 2 runs before, 3 after - which is which seed is unknown
+    assert (row["setting"], row["stage"], row["seeds"]) == ("4-dataset ReID, mAP %", "all_real", 3)
+    assert row["before"] == pytest.approx(14.0) and row["after"] == pytest.approx(17.0)
+
+
 def test_parallel_jobs_summary_against_hand_made_runs():
     from benchmarks.parallel_jobs import markdown, parse_mode, summarise
 

@@ -180,7 +180,12 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
 )
 
 SAMPLER_FIXED = frozenset(
-    {"seed_noise_faces_k1_resampled", "faces_recognizer_budget_k3_resampled", "utility_reid"}
+    {
+        "seed_noise_faces_k1_resampled",
+        "faces_recognizer_budget_k3_resampled",
+        "utility_reid",
+        "reid_recognizer_budget",
+    }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 

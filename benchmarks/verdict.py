@@ -17,11 +17,12 @@ the rows that decide their setting's checks, as do ``faces_recognizer_budget_k1_
 on a second target, and ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with
 the set from prior images). ``seed_noise_faces_k1_resampled.json`` and
 ``faces_recognizer_budget_k3_resampled.json`` hold the 1-shot and 3-shot deciding rows retrained after the
-sampler fix, 8 seeds each; the settings measured before it - when every recognizer epoch replayed the first
-epoch's batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies run after it). A fourth table
-sets each retrained row against the same row and seeds before the fix (:data:`REFITS`; the ReID runs,
-rebuilt whole, against their earlier results kept as ``utility_reid_replayed.json`` and
-``reid_recognizer_budget_replayed.json``).
+sampler fix, 8 seeds each (the 3-shot setting reads ``faces_recognizer_budget_k3_sdedit90.json``, those
+rows reused plus the set from prior images at strength 0.9); the settings measured before it - when every
+recognizer epoch replayed the first epoch's batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies
+run after it). A fourth table sets each retrained row against the same row and seeds before the fix
+(:data:`REFITS`; the ReID runs, rebuilt whole, against their earlier results kept as
+``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -74,6 +75,7 @@ SETS = {  # synthetic set of a study's "<recipe>_<set>_selection" rows -> its na
     "rl": "RL",
     "sdedit60": "RL from prior images, strength 0.6",
     "sdedit80": "RL from prior images, strength 0.8",
+    "sdedit90": "RL from prior images, strength 0.9",
     "sdedit80utk": "RL from UTKFace images, strength 0.8",
     "lowfreq": "control: training image + prior images' low frequencies",
 }
@@ -95,8 +97,10 @@ RECIPE_SETS = (  # (real-only recipe, synthetic set) of the third table's rows, 
     ("Random Erasing + photometric jitter", "sdedit80"),
     ("Random Erasing + photometric jitter", "lowfreq"),
     ("none", "sdedit80"),
+    ("none", "sdedit90"),
     ("none", "lowfreq"),
     ("Random Erasing", "sdedit80"),
+    ("Random Erasing", "sdedit90"),
     ("Random Erasing", "sdedit80utk"),
     ("Random Erasing", "lowfreq"),
 )
@@ -162,9 +166,9 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/id_acc",
         (COLD, "+ RL synthetic", *FILTERED, *WINDOWED, *COPY_FREE),
     ),
-    (
+    (  # the resampled run's rows (reused) and the set started from prior images at strength 0.9
         "ORL 3-shot, 36-epoch recognizers, 8 seeds, sampler fixed",
-        "faces_recognizer_budget_k3_resampled",
+        "faces_recognizer_budget_k3_sdedit90",
         "k3",
         "test/id_acc",
         (COLD, "+ RL synthetic", *FILTERED, *WINDOWED, *COPY_FREE),
@@ -185,6 +189,7 @@ SAMPLER_FIXED = frozenset(
         "faces_recognizer_budget_k3_resampled",
         "utility_reid",
         "reid_recognizer_budget",
+        "faces_recognizer_budget_k3_sdedit90",
     }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""

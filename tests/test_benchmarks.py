@@ -625,7 +625,7 @@ def test_verdict_marks_the_settings_measured_before_the_sampler_fix(tmp_path):
         return [seeded_row("k3_real", real)] + [seeded_row(f"k3_{s}", synthetic) for s in stages]
 
     before, after = rows([0.80, 0.84], [0.78, 0.82]), rows([0.82, 0.86], [0.83, 0.87])
-    for study, found in (("prior", before), ("resampled", after)):
+    for study, found in (("prior", before), ("sdedit90", after)):  # sdedit90: the resampled rows and more
         report = json.dumps({"sections": [{"rows": found}]})
         (tmp_path / f"faces_recognizer_budget_k3_{study}.json").write_text(report)
     table = verdict(tmp_path)

@@ -168,6 +168,17 @@ def test_from_scratch_applies_dit_init_and_ties_timestep_mlp():
     assert sum(p.numel() for p in tr.parameters()) == n_untied - 3 * n_shared  # one t-MLP, one table
 
 
+def test_s2_preset_is_dit_s2():
+    """DiT-S/2 (DiT paper, Table 1): 12 layers, hidden 384, 6 heads, patch 2, 33 M parameters."""
+    gen = build_dit(num_identities=1, preset="s2", channels=3)
+    tr = gen.transformer
+    assert tr.config.patch_size == 2 and tr.inner_dim == 384 and len(tr.transformer_blocks) == 12
+    assert tr.transformer_blocks[0].attn1.heads == 6
+    assert (gen.image_size // tr.config.patch_size) ** 2 == 256  # tokens at 32 px
+    n = sum(p.numel() for p in gen.parameters())
+    assert 31.5e6 < n < 34e6, n  # paper: 33 M (4 latent channels, one timestep MLP per block)
+
+
 def _perturb_table(gen: DiTGenerator) -> None:
     with torch.no_grad():
         gen.label_table.weight.add_(torch.randn_like(gen.label_table.weight))

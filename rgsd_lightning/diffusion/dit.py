@@ -50,6 +50,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(num_layers=2, num_attention_heads=2, attention_head_dim=8, patch_size=2, sample_size=8),
     # notes/cpu_feasibility.md: 32x32, patch 4, hidden 128 = 4 x 32, depth 4, ~10 it/s on 2 CPU cores.
     "small": dict(num_layers=4, num_attention_heads=4, attention_head_dim=32, patch_size=4, sample_size=32),
+    # DiT-S/2 (the DiT paper's smallest model: 12 layers, hidden 384 = 6 x 64, patch 2) at 32x32 pixels,
+    # 256 tokens: a GPU-sized prior (benchmarks/configs/utility_reid_gpu.yaml); about 33 M parameters.
+    "s2": dict(num_layers=12, num_attention_heads=6, attention_head_dim=64, patch_size=2, sample_size=32),
     # DiT-XL/2 at 256 px: latent 32x32x4, learned-sigma head (8 out channels); random init.
     "xl2": dict(
         num_layers=28,
@@ -300,8 +303,8 @@ def build_dit(
         vae: None (pixel mode; an export brings its own VAE), "pretrained" (the ``vae/`` of ``pretrained``),
             a local folder / hub id, "tiny" (random ``AutoencoderKL()`` with ``channels`` in/out) or an
             ``AutoencoderKL`` instance.
-        preset: "tiny", "small" or "xl2" when ``pretrained`` is None (DiT paper initialisation applied, the
-            timestep MLPs tied into one).
+        preset: "tiny", "small", "s2" or "xl2" when ``pretrained`` is None (DiT paper initialisation
+            applied, the timestep MLPs tied into one).
         preset_overrides: DiT config keys replacing the preset's.
         label_space: "swap" (new shared table of N + 1 rows) or "keep" (an export whose labels equal ours).
         init_rows: identity rows of a swapped table: "null" (copies of the null row), "zero" or "mean".

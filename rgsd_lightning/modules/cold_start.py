@@ -55,7 +55,7 @@ class ColdStartDiT(GeneratorModule):
             ``preset`` from scratch with the DiT initialisation.
         vae: VAE for latent mode: "pretrained" (the ``vae/`` of ``pretrained``), a folder / hub id, "tiny", or
             None (pixel mode, or the export's own VAE).
-        preset: "tiny", "small" or "xl2" when ``pretrained`` is None.
+        preset: "tiny", "small", "s2" or "xl2" when ``pretrained`` is None.
         preset_overrides: DiT config keys replacing the preset's.
         init_rows: identity rows of the new table: "null" (copies of the null row), "zero" (paper), "mean".
         trainable: "label_table" (paper: backbone frozen), "adaln", "all", or a list of name patterns.

@@ -165,3 +165,52 @@ def test_a_failing_stage_stops_new_stages_and_keeps_the_finished_ones(
     assert not (output / "gen" / "stage.json").exists()
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         run_stages(output, stages, jobs=0)
+
+
+_KILLED_PARENT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from rgsd_lightning.pipeline.parallel import exit_with_parent
+
+pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent)
+pid = pool.submit(os.getpid).result()
+pool.submit(time.sleep, 300)  # a stage that would outlive the run by minutes
+print(pid, flush=True)
+time.sleep(300)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie no parent reaps counts as ended)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+def test_a_killed_run_takes_its_running_workers_with_it():
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        worker = int(parent.stdout.readline())
+        assert _running(worker)
+        parent.send_signal(signal.SIGKILL)  # no clean-up of any kind in the parent
+        parent.wait()
+        deadline = time.monotonic() + 60  # generous: the worker would sleep on for 300 s without its watcher
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _running(worker), f"worker {worker} outlived its killed parent"
+    finally:
+        parent.kill()
+        parent.stdout.close()

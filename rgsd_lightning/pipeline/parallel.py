@@ -13,7 +13,8 @@ stage that starts with nothing beside it (the prior every other stage waits for)
 Each worker is a fresh interpreter (``spawn``) that runs whole stages with :func:`run_stage`: the same
 folders, the same ``stage.json`` markers and the same resume as the sequential runner, so a run may be
 interrupted and resumed with any number of jobs. When a stage fails, no further stage starts; the ones
-already running finish (and are kept), then the first error is raised.
+already running finish (and are kept), then the first error is raised. When the run itself is killed, its
+workers stop too (:func:`exit_with_parent`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
+import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -35,10 +39,33 @@ _LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning")
 
 
 def _init_worker(levels: dict[str, int], filters: list[Any]) -> None:
-    """A worker's set-up: the parent's logger levels and warning filters."""
+    """A worker's set-up: the parent's logger levels and warning filters; it ends with the parent."""
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
     warnings.filters[:] = filters
+    exit_with_parent()
+
+
+def exit_with_parent(grace: float = 30.0) -> None:
+    """End this process when the process that started it is gone, however that one ended.
+
+    A pool worker is not stopped by its parent's death: a run killed by ``timeout``, a scheduler's SIGTERM or
+    SIGKILL would leave its running stages training on, writing into the run folder that a resumed run
+    uses too. A daemon thread waits for the parent, then sends this process SIGTERM (Lightning stops at
+    the next step; without a handler the process ends at once) and ends it after ``grace`` seconds if it is
+    still there. The stage resumes from its last checkpoint when the run is started again.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def _watch() -> None:
+        parent.join()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=_watch, name="exit-with-parent", daemon=True).start()
 
 
 def _run(threads: int, stage: Stage, output: Path, refs: dict[str, Any], force: bool) -> StageResult:

@@ -322,6 +322,8 @@ def test_recognizers_reject_bad_configuration():
         LookaheadReID(4, net=TEST_NET, label_smoothing=1.5)
     with pytest.raises(ValueError, match="triplet_on"):
         LookaheadReID(4, net=TEST_NET, triplet_on="synthetic")
+    with pytest.raises(ValueError, match="synthetic_norm"):
+        CosFaceRecognizer(4, net=TEST_NET, synthetic_norm="running")
     with pytest.raises(ValueError, match="preprocessing"):
         CosFaceRecognizer(4, net=EmbeddingNetConfig("test_resnet", embedding_dim=8)).export("/nonexistent/x")
     with pytest.raises(ValueError, match="net: unknown keys"):
@@ -362,3 +364,74 @@ def test_triplet_on_real_mines_the_real_samples_only(selection):
         losses[mode] = float(loss.detach())
     assert losses["kept"] != pytest.approx(losses["real"], rel=1e-4)
     assert LookaheadReID(4, net=TEST_NET).hparams.triplet_on == "real"  # the default (see its docstring)
+
+
+def test_split_norm_forward_matches_separate_train_and_eval_passes():
+    """Real rows: a train-mode pass of the real rows alone (statistics updated by them only); synthetic rows:
+    an eval-mode pass on the running statistics, which still trains the BatchNorm weights."""
+    from rgsd_lightning.modules.recognizer import split_norm_forward
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(5, 6), torch.nn.BatchNorm1d(6), torch.nn.ReLU(), torch.nn.Linear(6, 3)
+    )
+    with torch.no_grad():  # running statistics away from their initial values
+        net[1].running_mean.normal_()
+        net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(10, 5)
+    syn = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
+    train_copy = copy.deepcopy(net).train()
+    (out,) = split_norm_forward(lambda v: (net(v),), x, syn, net)
+    torch.testing.assert_close(out[~syn], train_copy(x[~syn]))
+    eval_copy = copy.deepcopy(train_copy).eval()  # the running statistics with this batch's real rows in
+    torch.testing.assert_close(out[syn], eval_copy(x[syn]))
+    torch.testing.assert_close(net[1].running_mean, train_copy[1].running_mean)  # real rows only
+    torch.testing.assert_close(net[1].running_var, train_copy[1].running_var)
+    assert net.training and net[1].training  # modes restored
+    out[syn].sum().backward()
+    assert net[1].weight.grad.abs().sum() > 0
+    (whole,) = split_norm_forward(lambda v: (net(v),), x, None, net)  # no mask: one pass, batch statistics
+    torch.testing.assert_close(whole, copy.deepcopy(net).train()(x))
+
+
+@pytest.mark.parametrize("scope", ["head", "full"])
+def test_synthetic_norm_real_keeps_the_real_samples_apart_in_training_and_in_selection(scope):
+    """With "real" the real samples' losses do not depend on the synthetic images in the batch (with "batch"
+    they do, through BatchNorm), and selection's own l(w) is the training forward's, in either scope."""
+    from rgsd_lightning.modules.recognizer import _full_scope_losses, _head_scope_losses, split_norm_forward
+
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(4)
+    is_syn = torch.zeros(16, dtype=torch.bool)
+    is_syn[3::4] = True
+    images = torch.randn(16, 3, 32, 16)
+    changed = images.clone()
+    changed[is_syn] = 3.0 * torch.randn(4, 3, 32, 16) + 2.0
+    for norm in ("batch", "real"):
+        torch.manual_seed(1)
+        model = LookaheadReID(
+            4, net=TEST_NET, synthetic_norm=norm, selection={"enabled": True, "scope": scope}
+        )
+        model.train()
+        model._count_selection = lambda *a, **k: None
+        real_losses = []
+        for imgs in (images, changed):
+            state = copy.deepcopy(model.state_dict())
+            batch = {"image": imgs, "label": labels, "is_synthetic": is_syn}
+            out = model.identity_forward(batch)
+            real_losses.append(out["losses"][~is_syn].detach())
+            model.load_state_dict(state)  # the forward updated running statistics; start the next alike
+            inputs = {"label": labels, "is_synthetic": is_syn}
+            if scope == "head":  # the training forward's backbone features (split as it splits them)
+                mask = is_syn if norm == "real" else None
+                (features,) = split_norm_forward(
+                    lambda v, net=model.net: (net.backbone(v),), imgs, mask, model.net
+                )
+                loss_fn, inputs["features"] = _head_scope_losses, features.detach()
+                model.load_state_dict(state)
+            else:
+                loss_fn, inputs["image"] = _full_scope_losses, imgs
+            torch.testing.assert_close(loss_fn(model, inputs), out["losses"].detach(), rtol=1e-4, atol=1e-5)
+            model.load_state_dict(state)
+        same = torch.allclose(real_losses[0], real_losses[1], rtol=1e-5, atol=1e-6)
+        assert same == (norm == "real"), norm

@@ -82,6 +82,10 @@ class CosFaceRecognizer(Recognizer):
         selection: lookahead selection options (``enabled``, ``keep_ratio`` or ``k``, ``lr``, ``scope``).
         flip_test: fuse each evaluation embedding with the mirror image's (sum, then L2-normalise).
         n_folds: folds of the verification protocol.
+        synthetic_norm: BatchNorm statistics of the synthetic training samples: "batch" (one forward of the
+            mixed batch, the paper's) or "real" (the real samples on their own batch statistics, the synthetic
+            ones forwarded apart on the running statistics of the real data, so that they neither shift
+            the real samples' normalisation nor the statistics used at test time).
     """
 
     task = "face"
@@ -99,8 +103,9 @@ class CosFaceRecognizer(Recognizer):
         selection: SelectionConfig | None = None,
         flip_test: bool = False,
         n_folds: int = 10,
+        synthetic_norm: Literal["batch", "real"] = "batch",
     ) -> None:
-        super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler)
+        super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler, synthetic_norm)
         self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
         self.save_hyperparameters(self.group_hparams())
         self.cosface = CosFaceLoss(

@@ -65,6 +65,10 @@ class LookaheadReID(Recognizer):
             "real" is the default (benchmarks/results/utility_reid_diagnostics.md: 12.9 vs 7.8 mAP without
             selection, 12.5 vs 10.5 with it); "kept" is the paper's and BoT's setting. Without synthetic
             samples in the batch the two are the same.
+        synthetic_norm: BatchNorm statistics of the synthetic training samples: "batch" (one forward of the
+            mixed batch, the paper's) or "real" (the real samples on their own batch statistics, the synthetic
+            ones forwarded apart on the running statistics of the real data, so that they neither shift
+            the real samples' normalisation nor the statistics used at test time).
     """
 
     task = "reid"
@@ -86,8 +90,9 @@ class LookaheadReID(Recognizer):
         metric: Literal["euclidean", "cosine"] = "euclidean",
         test_sources: dict[str, list[int]] | None = None,
         triplet_on: Literal["kept", "real"] = "real",
+        synthetic_norm: Literal["batch", "real"] = "batch",
     ) -> None:
-        super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler)
+        super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler, synthetic_norm)
         self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
         self.save_hyperparameters(self.group_hparams())
         if not 0.0 <= label_smoothing < 1.0:

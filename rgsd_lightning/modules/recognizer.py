@@ -15,20 +15,26 @@ base owns what both share:
   default: the subclass's optimizer with BoT's linear warm-up then step decay, ``WarmupMultiStepLR``);
 * the validation / test hooks, which call the subclass's ``_eval_step`` / ``_eval_end`` with the stage.
 
-The real update backpropagates the losses of the *kept* samples of the same forward. BatchNorm in that
-forward normalised with the statistics of the whole batch (dropped synthetic samples included); this is the
-price of not running a second forward, and l(w) / l(w') are computed under the same statistics.
+The real update backpropagates the losses of the *kept* samples of the same forward. With
+``synthetic_norm="batch"`` (the default) BatchNorm in that forward normalises with the statistics of the whole
+batch, dropped synthetic samples included, and its running statistics take them in too; with
+``synthetic_norm="real"`` the real samples are normalised with their own batch statistics (the running ones
+follow the real data only) and the synthetic samples, forwarded apart, with the running statistics
+(:func:`split_norm_forward`), in the training forward and in selection's virtual step alike. Either way
+l(w) / l(w') are computed under the same statistics.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
 from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
 from rgsd_lightning.modules.config import EmbeddingNetConfig, as_config, plain
@@ -39,15 +45,63 @@ GROUPS = ("net", "selection")
 """The constructor arguments of every recognizer that are config groups (saved as plain dicts)."""
 
 
+SYNTHETIC_NORMS = ("batch", "real")
+
+
+@contextmanager
+def running_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block, the BatchNorm layers of ``module`` that are training normalise with their running
+    statistics and leave them unchanged (eval mode); gradients still reach their weights and biases."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for layer in layers:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
+
+
+def split_norm_forward(
+    fn: Callable[[Tensor], tuple[Tensor, ...]], x: Tensor, synthetic: Tensor | None, module: nn.Module
+) -> tuple[Tensor, ...]:
+    """``fn(x)`` with the real rows of ``x`` forwarded together (BatchNorm on their batch statistics) and the
+    synthetic rows after them, apart, under :func:`running_statistics` of ``module`` (the running statistics
+    with this batch's real rows taken in); outputs in the rows' order.
+
+    ``synthetic`` None or all False: ``fn(x)``; all True: every row on the running statistics.
+    """
+    if synthetic is None or not bool(synthetic.any()):
+        return fn(x)
+    if bool(synthetic.all()):
+        with running_statistics(module):
+            return fn(x)
+    real_rows = (~synthetic).nonzero(as_tuple=True)[0]
+    syn_rows = synthetic.nonzero(as_tuple=True)[0]
+    real_out = fn(x[real_rows])
+    with running_statistics(module):
+        syn_out = fn(x[syn_rows])
+    inverse = torch.argsort(torch.cat([real_rows, syn_rows]))
+    return tuple(torch.cat([r, y])[inverse] for r, y in zip(real_out, syn_out, strict=True))
+
+
+def _mask(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor | None:
+    return inputs.get("is_synthetic") if module.synthetic_norm == "real" else None
+
+
 def _full_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
     """Identity losses from images (every trainable parameter in play)."""
-    return module.identity_losses(module.net(inputs["image"]), inputs["label"])
+    net = module.net
+    (embeddings,) = split_norm_forward(lambda x: (net(x),), inputs["image"], _mask(module, inputs), net)
+    return module.identity_losses(embeddings, inputs["label"])
 
 
 def _head_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
     """Identity losses from (detached) backbone features: projection, neck and identity head only."""
     net = module.net
-    return module.identity_losses(net.neck(net.proj(inputs["features"])), inputs["label"])
+    head = lambda f: (net.neck(net.proj(f)),)  # noqa: E731
+    (embeddings,) = split_norm_forward(head, inputs["features"], _mask(module, inputs), net)
+    return module.identity_losses(embeddings, inputs["label"])
 
 
 class Recognizer(L.LightningModule):
@@ -65,6 +119,9 @@ class Recognizer(L.LightningModule):
         flip_test: fuse the embeddings of each evaluation image and its mirror image.
         optimizer: parameters -> optimizer (a callable or a class_path mapping).
         lr_scheduler: optimizer -> learning-rate scheduler (None: constant learning rate).
+        synthetic_norm: the BatchNorm statistics of synthetic training samples: "batch" (one forward of
+            the mixed batch) or "real" (real samples on their own batch statistics, synthetic ones on the
+            running statistics of the real data; see the module docstring).
     """
 
     export_name = "backbone"
@@ -78,8 +135,12 @@ class Recognizer(L.LightningModule):
         flip_test: bool,
         optimizer: OptimizerCallable,
         lr_scheduler: LRSchedulerCallable | None,
+        synthetic_norm: Literal["batch", "real"] = "batch",
     ) -> None:
         super().__init__()
+        if synthetic_norm not in SYNTHETIC_NORMS:
+            raise ValueError(f"synthetic_norm must be one of {SYNTHETIC_NORMS}, got {synthetic_norm!r}")
+        self.synthetic_norm = synthetic_norm
         if isinstance(num_identities, bool) or not isinstance(num_identities, int) or num_identities < 2:
             raise ValueError(f"num_identities must be an integer >= 2, got {num_identities!r}")
         self.num_identities = num_identities
@@ -114,23 +175,30 @@ class Recognizer(L.LightningModule):
         :class:`SelectionResult` or None when selection did not run).
         """
         images, labels = batch["image"], batch["label"]
-        backbone = self.net.backbone(images)
-        features = self.net.proj(backbone)
-        embeddings = self.net.neck(features)
+        is_syn = batch.get("is_synthetic")
+        syn = None if is_syn is None else torch.as_tensor(is_syn, device=images.device).bool()
+        net = self.net
+
+        def chain(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            backbone = net.backbone(x)
+            features = net.proj(backbone)
+            return backbone, features, net.neck(features)
+
+        split = syn if self.synthetic_norm == "real" else None
+        backbone, features, embeddings = split_norm_forward(chain, images, split, net)
         losses = self.identity_losses(embeddings, labels)
         keep = torch.ones_like(losses, dtype=torch.bool)
         result = None
-        is_syn = batch.get("is_synthetic")
         cfg = self.selection
-        if cfg.enabled and is_syn is not None and bool(torch.as_tensor(is_syn).any()):
+        if cfg.enabled and syn is not None and bool(syn.any()):
             options = dict(lr=cfg.lr, k=cfg.k, keep_ratio=None if cfg.k is not None else cfg.keep_ratio)
             options.update(losses=losses, step_on=cfg.step_on, rule=cfg.rule)
             if cfg.scope == "head":
-                inputs = {"features": backbone.detach(), "label": labels}
+                inputs = {"features": backbone.detach(), "label": labels, "is_synthetic": syn}
                 params = self.head_parameter_names()
                 result = lookahead_select(self, _head_scope_losses, inputs, is_syn, params=params, **options)
             else:
-                inputs = {"image": images, "label": labels}
+                inputs = {"image": images, "label": labels, "is_synthetic": syn}
                 result = lookahead_select(self, _full_scope_losses, inputs, is_syn, **options)
             keep = result.keep
             self._count_selection(batch, result)

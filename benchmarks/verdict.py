@@ -22,7 +22,10 @@ rows reused plus the set from prior images at strength 0.9); the settings measur
 recognizer epoch replayed the first epoch's batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies
 run after it). A fourth table sets each retrained row against the same row and seeds before the fix
 (:data:`REFITS`; the ReID runs, rebuilt whole, against their earlier results kept as
-``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``).
+``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``). ``reid_synthetic_norm.json``
+holds the ReID study's rows with selection beside the same rows with the synthetic samples forwarded apart
+in BatchNorm (``synthetic_norm: real``): its setting's selection columns read those (:data:`VARIANTS`), the
+third table has both.
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -77,6 +80,7 @@ SETS = {  # synthetic set of a study's "<recipe>_<set>_selection" rows -> its na
     "sdedit80": "RL from prior images, strength 0.8",
     "sdedit90": "RL from prior images, strength 0.9",
     "sdedit80utk": "RL from UTKFace images, strength 0.8",
+    "rl_realnorm": "RL, synthetic samples apart in BatchNorm",
     "lowfreq": "control: training image + prior images' low frequencies",
 }
 
@@ -103,6 +107,8 @@ RECIPE_SETS = (  # (real-only recipe, synthetic set) of the third table's rows, 
     ("Random Erasing", "sdedit90"),
     ("Random Erasing", "sdedit80utk"),
     ("Random Erasing", "lowfreq"),
+    ("none", "rl_realnorm"),
+    ("Random Erasing", "rl_realnorm"),
 )
 RECIPES = tuple(_recipe(name, synthetic) for name, synthetic in RECIPE_SETS)
 CONTROLS = ("lowfreq",)  # sets made without the generator: diagnostics, outside the floor
@@ -173,6 +179,14 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/id_acc",
         (COLD, "+ RL synthetic", *FILTERED, *WINDOWED, *COPY_FREE),
     ),
+    # the ReID study's rows with selection, the synthetic samples also forwarded apart (synthetic_norm: real)
+    (
+        "4-dataset ReID, synthetic apart in BatchNorm",
+        "reid_synthetic_norm",
+        "all",
+        "test/mAP",
+        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
     # a second target for the 1-shot, 36-epoch rows: Extended Yale B (UTKFace prior), 5 seeds
     (
         "Extended Yale B 1-shot, 36-epoch recognizers",
@@ -183,6 +197,14 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
     ),
 )
 
+VARIANTS = {  # study -> {column's stage suffix: the suffix its rows use there}
+    # the ReID rows with the synthetic samples apart in BatchNorm fill that setting's selection columns
+    "reid_synthetic_norm": {
+        "rl_selection": "rl_realnorm_selection",
+        "erasing_rl_selection": "erasing_rl_realnorm_selection",
+    },
+}
+
 SAMPLER_FIXED = frozenset(
     {
         "seed_noise_faces_k1_resampled",
@@ -190,6 +212,7 @@ SAMPLER_FIXED = frozenset(
         "utility_reid",
         "reid_recognizer_budget",
         "faces_recognizer_budget_k3_sdedit90",
+        "reid_synthetic_norm",
     }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
@@ -301,7 +324,8 @@ def verdict(results: Path) -> dict[str, Any]:
     for label, study, prefix, metric, absent in SETTINGS:
         path = results / f"{study}.json"
         stats = stage_stats(json.loads(path.read_text())) if path.is_file() else {}
-        cells = {col: cell(stats, f"{prefix}_{suffix}", metric) for col, suffix in COLUMNS.items()}
+        columns = {col: VARIANTS.get(study, {}).get(suffix, suffix) for col, suffix in COLUMNS.items()}
+        cells = {col: cell(stats, f"{prefix}_{suffix}", metric) for col, suffix in columns.items()}
         real, erasing = cells["real only"], cells["+ Random Erasing"]
         extra = {s: cell(stats, f"{prefix}_{s}", metric) for s in EXTRA_SELECTION}  # keyed by suffix
         found = {**cells, **extra}
@@ -311,7 +335,7 @@ def verdict(results: Path) -> dict[str, Any]:
         floor = real is not None and all(c is not None and c[0] >= real[0] for c in selection)
         complete = real is not None and selection and all(c is not None for c in selection)
         margins = {"floor": min(c[0] for c in selection) - real[0] if complete else None}
-        suffixes = {**COLUMNS, **{s: s for s in EXTRA_SELECTION}}
+        suffixes = {**columns, **{s: s for s in EXTRA_SELECTION}}
         values = {col: seed_values(stats.get(f"{prefix}_{s}"), metric) for col, s in suffixes.items()}
         lowest = min(selection_columns, key=lambda col: found[col][0]) if complete else None
         tests = {"floor": paired(values[lowest], values["real only"], 0.0) if complete else None}

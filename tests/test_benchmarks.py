@@ -924,3 +924,27 @@ def test_lowfreq_control_by_hand_and_on_a_made_set(tmp_path):
     with pytest.raises(ValueError, match="no training image"):
         build(tmp_path / "stranger", tmp_path / "target", tmp_path / "c3")
     assert not (tmp_path / "c2").exists() and not (tmp_path / "c3").exists()
+
+
+def test_verdict_reads_a_setting_s_selection_columns_from_its_variant_rows(tmp_path):
+    """reid_synthetic_norm: the selection columns hold the synthetic_norm real rows; the file's mixed-batch
+    rows stay in the third table only."""
+    from benchmarks.verdict import verdict
+
+    rows = [
+        seeded_row("all_real", [0.17, 0.18], "test/mAP"),
+        seeded_row("all_erasing", [0.16, 0.16], "test/mAP"),
+        seeded_row("all_rl_selection", [0.10, 0.10], "test/mAP"),  # would miss the floor by 7.5 points
+        seeded_row("all_erasing_rl_selection", [0.10, 0.10], "test/mAP"),
+        seeded_row("all_rl_realnorm_selection", [0.18, 0.19], "test/mAP"),
+        seeded_row("all_erasing_rl_realnorm_selection", [0.18, 0.18], "test/mAP"),
+    ]
+    (tmp_path / "reid_synthetic_norm.json").write_text(json.dumps({"sections": [{"rows": rows}]}))
+    entry = verdict(tmp_path)["4-dataset ReID, synthetic apart in BatchNorm"]
+    assert entry["cells"]["+ RL synthetic + selection"][0] == pytest.approx(18.5)
+    assert entry["floor"] is True and entry["margins"]["floor"] == pytest.approx(0.5)  # 18.0 - 17.5
+    assert entry["goal"] is True and entry["margins"]["goal"] == pytest.approx(2.0)
+    assert entry["paired"]["goal"]["mean"] == pytest.approx(2.0)
+    sets = {(r["recipe"], r["set"]): r["synthetic"][0] for r in entry["recipes"]}
+    assert sets[("none", "RL")] == pytest.approx(10.0)
+    assert sets[("none", "RL, synthetic samples apart in BatchNorm")] == pytest.approx(18.5)

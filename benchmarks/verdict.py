@@ -24,8 +24,8 @@ run after it). A fourth table sets each retrained row against the same row and s
 (:data:`REFITS`; the ReID runs, rebuilt whole, against their earlier results kept as
 ``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``). ``reid_synthetic_norm.json``
 holds the ReID study's rows with selection beside the same rows with the synthetic samples forwarded apart
-in BatchNorm (``synthetic_norm: real``): its setting's selection columns read those (:data:`VARIANTS`), the
-third table has both.
+in BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json`` the same at 30 epochs: their
+settings' selection columns read those (:data:`VARIANTS`), the third table has both.
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -187,6 +187,13 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/mAP",
         (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
     ),
+    (
+        "4-dataset ReID, 30-epoch recognizers, synthetic apart in BatchNorm",
+        "reid_synthetic_norm_budget",
+        "all",
+        "test/mAP",
+        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
     # a second target for the 1-shot, 36-epoch rows: Extended Yale B (UTKFace prior), 5 seeds
     (
         "Extended Yale B 1-shot, 36-epoch recognizers",
@@ -204,6 +211,7 @@ VARIANTS = {  # study -> {column's stage suffix: the suffix its rows use there}
         "erasing_rl_selection": "erasing_rl_realnorm_selection",
     },
 }
+VARIANTS["reid_synthetic_norm_budget"] = VARIANTS["reid_synthetic_norm"]  # the same rows, 30 epochs
 
 SAMPLER_FIXED = frozenset(
     {
@@ -213,6 +221,7 @@ SAMPLER_FIXED = frozenset(
         "reid_recognizer_budget",
         "faces_recognizer_budget_k3_sdedit90",
         "reid_synthetic_norm",
+        "reid_synthetic_norm_budget",
     }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""

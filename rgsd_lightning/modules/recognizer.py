@@ -175,8 +175,8 @@ class Recognizer(L.LightningModule):
         :class:`SelectionResult` or None when selection did not run).
         """
         images, labels = batch["image"], batch["label"]
-        is_syn = batch.get("is_synthetic")
-        syn = None if is_syn is None else torch.as_tensor(is_syn, device=images.device).bool()
+        syn = batch.get("is_synthetic")
+        syn = None if syn is None else torch.as_tensor(syn, device=images.device).bool()
         net = self.net
 
         def chain(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,10 +196,10 @@ class Recognizer(L.LightningModule):
             if cfg.scope == "head":
                 inputs = {"features": backbone.detach(), "label": labels, "is_synthetic": syn}
                 params = self.head_parameter_names()
-                result = lookahead_select(self, _head_scope_losses, inputs, is_syn, params=params, **options)
+                result = lookahead_select(self, _head_scope_losses, inputs, syn, params=params, **options)
             else:
                 inputs = {"image": images, "label": labels, "is_synthetic": syn}
-                result = lookahead_select(self, _full_scope_losses, inputs, is_syn, **options)
+                result = lookahead_select(self, _full_scope_losses, inputs, syn, **options)
             keep = result.keep
             self._count_selection(batch, result)
         return {

@@ -323,3 +323,45 @@ def test_label_map_is_saved_with_the_run(toy_market, tmp_path):
     trainer.fit(Tiny(), dm)
     saved = json.loads((tmp_path / "lightning_logs" / "version_0" / "labels.json").read_text())
     assert saved["identities"] == dm.identities
+
+
+def test_synthetic_images_are_augmented_on_their_own_stream(tmp_path):
+    """With ``synthetic_seed``, a synthetic item's augmentation leaves torch's global generator alone (so a
+    real item after it is augmented as in a real-only run), varies between draws and repeats with the seed;
+    in a loader worker the stream is the worker's own."""
+    from torch.utils.data import DataLoader
+
+    from rgsd_lightning.data.datasets import RecordDataset
+
+    paths = []
+    for name in ("real", "syn"):
+        paths.append(str(tmp_path / f"{name}.png"))
+        Image.new("RGB", (4, 4), (9, 9, 9)).save(paths[-1])
+    records = [IdentityRecord(paths[0], "a"), IdentityRecord(paths[1], "a", source="synthetic")]
+
+    def draw(_image):
+        return torch.rand(3)  # an augmentation's random parameters
+
+    def dataset(seed):
+        return RecordDataset(records, draw, label_of={"a": 0}, synthetic_seed=seed)
+
+    ds = dataset(7)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first, second = ds[1]["image"], ds[1]["image"]
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is untouched
+    assert not torch.equal(first, second)  # a new augmentation at every draw
+    assert torch.equal(dataset(7)[1]["image"], first)  # reproducible from the seed
+    assert not torch.equal(dataset(8)[1]["image"], first)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(ds[0]["image"], expected)  # real items: the global stream, as before
+    shared = RecordDataset(records, draw, label_of={"a": 0})  # no seed: one stream for both
+    torch.manual_seed(0)
+    shared[1]
+    assert not torch.equal(torch.get_rng_state(), state)
+
+    loader = DataLoader(dataset(7), batch_size=None, sampler=[1, 1], num_workers=1)
+    in_worker = [item["image"] for item in loader]
+    assert not torch.equal(in_worker[0], in_worker[1]) and not torch.equal(in_worker[0], first)

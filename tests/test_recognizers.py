@@ -208,6 +208,32 @@ def test_selection_keep_ratio_one_matches_training_without_selection(market_root
     assert float(full.trainer.callback_metrics["train/kept_fraction"]) == 0.5
 
 
+def test_keeping_no_synthetic_sample_apart_in_batchnorm_trains_the_real_only_model(
+    market_root, synthetic_set, tmp_path
+):
+    """Common random numbers: with synthetic images on top of K real ones, selection keeping none of them
+    and synthetic samples apart in BatchNorm, training is the real-only run of the same seed - the real
+    images, their augmentations (Random Erasing included) and every update - across an epoch boundary.
+    With the mixed batch's statistics the same run differs (so the comparison can fail)."""
+    common = ["--data.init_args.random_erasing", "0.5", "--model.init_args.triplet_on", "real"]
+    syn = ["--data.init_args.synthetic", f"[{synthetic_set}]", "--data.init_args.synthetic_fraction", "0.5"]
+    syn += ["--data.init_args.synthetic_slots", "add", "--model.init_args.selection.keep_ratio", "0.0"]
+    real = short_fit(REID_BASELINE, market_root, tmp_path / "real", *common, steps=10)
+    runs = {}
+    for norm in ("real", "batch"):
+        options = [*common, *syn, "--model.init_args.synthetic_norm", norm]
+        runs[norm] = short_fit(REID_SELECTION, market_root, tmp_path / norm, *options, steps=10)
+    assert len(real.trainer.train_dataloader) == 8  # 10 steps cross an epoch boundary
+    apart = runs["real"]
+    assert float(apart.trainer.callback_metrics["train/kept_fraction"]) == 0.0
+    expected, got = real.model.state_dict(), apart.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    mixed = runs["batch"].model.state_dict()
+    weights = [k for k in expected if expected[k].is_floating_point()]
+    assert any(not torch.allclose(mixed[k], expected[k], rtol=1e-3, atol=1e-5) for k in weights)
+
+
 def test_unknown_synthetic_identity_is_a_clear_error(market_root, tmp_path):
     folder = write_synthetic_set(tmp_path / "syn", [1], per_id=1, wrong_label={1: 9999})
     with pytest.raises(ValueError, match="unknown to the real label space"):

@@ -58,6 +58,26 @@ def test_added_synthetic_slots_come_on_top_of_k_real_images():
         PKBatchSampler(labels, 6, 4, synthetic_slots="extra")
 
 
+@pytest.mark.parametrize("epoch", [0, 3])
+def test_added_synthetic_images_leave_the_real_only_batches_unchanged(epoch):
+    """Common random numbers: the synthetic picks have their own stream, so the real images of every
+    batch - which and in which order - are those of the real-only run with the same seed and epoch."""
+    labels, syn = _pool()
+    real_only = PKBatchSampler(labels[~syn], 6, 4, batches_per_epoch=30, seed=4)
+    mixed = PKBatchSampler(
+        labels, 6, 4, is_synthetic=syn, synthetic_fraction=0.5, synthetic_slots="add",
+        batches_per_epoch=30, seed=4,
+    )  # fmt: skip
+    for sampler in (real_only, mixed):
+        sampler.set_epoch(epoch)
+    # the real items come first in the pool, so their indices are the same in both datasets
+    pairs = list(zip(real_only, mixed, strict=True))
+    assert all([i for i in b if not syn[i]] == a for a, b in pairs)
+    assert sum(int(syn[b].sum()) for _, b in pairs) == 30 * 3 * 2  # 3 of 6 identities have 2 synthetic slots
+    other = PKBatchSampler(labels[~syn], 6, 4, batches_per_epoch=30, seed=5)
+    assert [list(b) for b in other] != [list(a) for a, _ in pairs]  # the seed matters (the check can fail)
+
+
 def test_ranks_get_different_identities_and_same_stream_per_seed():
     labels, syn = _pool(num_ids=20)
     samplers = [

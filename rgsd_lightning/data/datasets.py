@@ -16,9 +16,10 @@ import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from rgsd_lightning.data.images import BadImageError, load_image
 from rgsd_lightning.data.records import IdentityRecord
@@ -34,6 +35,10 @@ class RecordDataset(Dataset):
         mode: PIL mode to decode to ("RGB" or "L").
         kind: which keys to emit: "generator", "train", "reid_eval" or "classify".
         pid_of: identity name -> evaluation id (``reid_eval`` only).
+        synthetic_seed: when given, synthetic records are transformed on their own random stream (seeded by
+            it and the loader worker's seed), leaving torch's global generator to the real records: their
+            augmentations are then those of a real-only run that sees the same real images in the same
+            order (common random numbers with the sampler's separate synthetic stream). None: one stream.
     """
 
     def __init__(
@@ -45,8 +50,11 @@ class RecordDataset(Dataset):
         mode: str = "RGB",
         kind: str = "train",
         pid_of: Mapping[str, int] | None = None,
+        synthetic_seed: int | None = None,
     ) -> None:
         self.records = list(records)
+        self.synthetic_seed = synthetic_seed
+        self._synthetic_rng: tuple[int | None, torch.Generator] | None = None  # (worker seed, generator)
         self.transform = transform
         self.label_of = label_of
         self.mode = mode
@@ -60,9 +68,26 @@ class RecordDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def _transform_apart(self, image: Image.Image) -> torch.Tensor:
+        """``transform(image)`` on this dataset's synthetic stream; torch's global generator is untouched."""
+        info = get_worker_info()
+        worker_seed = None if info is None else info.seed
+        if self._synthetic_rng is None or self._synthetic_rng[0] != worker_seed:
+            entropy = [self.synthetic_seed] + ([] if worker_seed is None else [worker_seed])
+            seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+            self._synthetic_rng = (worker_seed, torch.Generator().manual_seed(seed))
+        seed = int(torch.randint(0, 2**62, (), generator=self._synthetic_rng[1]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)
+
     def __getitem__(self, i: int) -> dict:
         rec = self.records[i]
-        image = self.transform(load_image(rec.path, self.mode))
+        image = load_image(rec.path, self.mode)
+        if self.synthetic_seed is not None and rec.source == "synthetic":
+            image = self._transform_apart(image)
+        else:
+            image = self.transform(image)
         if self.kind == "reid_eval":
             assert self.pid_of is not None
             return {

@@ -48,7 +48,9 @@ class RecognizerLoaders:
     def train_dataloader(self) -> DataLoader:
         dm, hp = self.dm, self.dm.hparams
         records = dm.training_records()
-        ds = RecordDataset(records, self.transform(True), label_of=dm.label_of, mode=dm.mode)
+        ds = RecordDataset(
+            records, self.transform(True), label_of=dm.label_of, mode=dm.mode, synthetic_seed=hp.seed
+        )
         rank, world = dm.rank_world()
         sampler = PKBatchSampler(
             [dm.label_of[r.identity] for r in records],

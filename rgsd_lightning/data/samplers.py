@@ -13,9 +13,15 @@ synthetic images come on top of K real ones instead (batches of P x (K + round(K
 the real images in the loss are those of a real-only run. Identities with fewer images than slots are
 sampled with replacement.
 
-The stream is a function of (seed, epoch). Lightning sets the epoch of ``loader.sampler`` and of
-``loader.batch_sampler.sampler`` (torch's ``BatchSampler`` layout), never of a batch sampler itself, so
-:attr:`PKBatchSampler.sampler` is the sampler itself: without it every epoch replayed epoch 0's batches.
+The stream is a function of (seed, epoch): the identities and real picks draw from one generator, the
+synthetic picks from another ([seed, epoch, 1]), so with ``synthetic_slots="add"`` a run with synthetic
+images sees exactly the real batches of the same seed's real-only run (common random numbers: a paired
+difference between the two measures the synthetic images, not a different draw of the real ones;
+``RecordDataset``'s ``synthetic_seed`` does the same for their augmentations).
+
+Lightning sets the epoch of ``loader.sampler`` and of ``loader.batch_sampler.sampler`` (torch's
+``BatchSampler`` layout), never of a batch sampler itself, so :attr:`PKBatchSampler.sampler` is the sampler
+itself: without it every epoch replayed epoch 0's batches.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ class PKBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
+        syn_rng = np.random.default_rng([self.seed, self.epoch, 1])  # the real stream stays real-only's
         per_step = self.p * self.world_size
         distinct = len(self.identities) >= per_step
         stream: list[int] = []  # consumed from the end; refilled with fresh permutations
@@ -133,7 +140,7 @@ class PKBatchSampler(Sampler[list[int]]):
                 n_real = self.k if self.add_synthetic else self.k - n_syn
                 picks = [self._draw(rng, self.real[y], n_real)]
                 if n_syn:
-                    picks.append(self._draw(rng, syn, n_syn))
+                    picks.append(self._draw(syn_rng, syn, n_syn))
                 batches.append(np.concatenate(picks))
             mine = batches[self.rank * self.p : (self.rank + 1) * self.p]
             yield [int(i) for i in np.concatenate(mine)]

@@ -25,7 +25,11 @@ run after it). A fourth table sets each retrained row against the same row and s
 ``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``). ``reid_synthetic_norm.json``
 holds the ReID study's rows with selection beside the same rows with the synthetic samples forwarded apart
 in BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json`` the same at 30 epochs: their
-settings' selection columns read those (:data:`VARIANTS`), the third table has both.
+settings' selection columns read those (:data:`VARIANTS`), the third table has both. The settings measured
+after the sampler fix but before common random numbers (be9fc92: a synthetic row's real batches and their
+augmentations are now its real-only row's) are marked § (:data:`COMMON_RANDOM` names the studies run with
+them); ``utility_reid_shared_stream.json`` and ``reid_synthetic_norm_shared_stream.json`` keep the ReID
+study's results from before them.
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -226,6 +230,11 @@ SAMPLER_FIXED = frozenset(
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 
+COMMON_RANDOM = frozenset({"utility_reid", "reid_synthetic_norm"})
+"""Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their
+augmentations on streams of their own, so a synthetic row sees its real-only row's real batches); the other
+studies after the sampler fix are marked §."""
+
 REFITS = (  # (setting label, study before the sampler fix, the same rows retrained after it, prefix, metric)
     (
         "ORL 1-shot, 36-epoch recognizers",
@@ -350,6 +359,7 @@ def verdict(results: Path) -> dict[str, Any]:
         tests = {"floor": paired(values[lowest], values["real only"], 0.0) if complete else None}
         out[label] = {"cells": cells, "floor": floor, "absent": list(absent)}
         out[label]["replayed"] = study not in SAMPLER_FIXED
+        out[label]["shared_stream"] = study in SAMPLER_FIXED and study not in COMMON_RANDOM
         for check, column in GOALS.items():
             both = cells[column]
             met = erasing is not None and both is not None and both[0] >= erasing[0] + 1.0
@@ -414,15 +424,27 @@ REPLAYED_NOTE = (
 )
 
 
+SHARED_MARK = " §"
+SHARED_NOTE = (
+    "§ measured before common random numbers (be9fc92): a synthetic row's synthetic picks and augmentations "
+    "drew from the stream of its real ones, so its real batches and their augmentations differed from those "
+    "of the real-only rows it is compared with (noisier paired differences; the real-only rows themselves "
+    "are unaffected).\n"
+)
+
+
 def shown_label(label: str, entry: dict[str, Any]) -> str:
-    """A setting's label with its mark where its recognizers ran before the sampler fix."""
-    return label + (REPLAYED_MARK if entry.get("replayed") else "")
+    """A setting's label with its mark where its recognizers ran before the sampler fix (‡) or, after it,
+    before common random numbers (§)."""
+    mark = REPLAYED_MARK if entry.get("replayed") else SHARED_MARK if entry.get("shared_stream") else ""
+    return label + mark
 
 
 def notes(table: dict[str, Any], outside: bool) -> str:
     """The footnotes the table's marks need (a blank line before them), or nothing."""
     lines = [OUTSIDE_NOTE] if outside else []
     lines += [REPLAYED_NOTE] if any(entry.get("replayed") for entry in table.values()) else []
+    lines += [SHARED_NOTE] if any(entry.get("shared_stream") for entry in table.values()) else []
     return "\n" + "\n".join(lines) if lines else ""
 
 

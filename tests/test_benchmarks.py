@@ -616,9 +616,17 @@ def test_verdict_recipes_and_the_photometric_rows_in_the_floor(tmp_path):
 
 
 def test_verdict_marks_the_settings_measured_before_the_sampler_fix(tmp_path):
-    """The 3-shot from-prior-images rows before the fix (‡) and after it (its own setting, unmarked): each
-    file is read as its own setting, and a table of unmarked settings carries no footnote."""
-    from benchmarks.verdict import REPLAYED_NOTE, markdown, paired_markdown, recipes_markdown, verdict
+    """The 3-shot from-prior-images rows before the fix (‡) and after it, before common random numbers (§):
+    each file is read as its own setting, each mark brings its footnote, and a table of settings measured
+    with both (the ReID study) carries no mark and no footnote."""
+    from benchmarks.verdict import (
+        REPLAYED_NOTE,
+        SHARED_NOTE,
+        markdown,
+        paired_markdown,
+        recipes_markdown,
+        verdict,
+    )
 
     def rows(real: list[float], synthetic: list[float]) -> list[dict]:
         stages = ("rl_selection", "erasing_rl_selection", "erasing_sdedit80_selection")
@@ -634,15 +642,23 @@ def test_verdict_marks_the_settings_measured_before_the_sampler_fix(tmp_path):
         "ORL 3-shot, 36-epoch recognizers, 8 seeds, sampler fixed",
     )
     assert table[old]["replayed"] is True and table[new]["replayed"] is False
+    assert table[old]["shared_stream"] is False and table[new]["shared_stream"] is True
     assert table[old]["margins"]["floor"] == pytest.approx(-2.0) and table[new]["margins"][
         "floor"
     ] == pytest.approx(1.0)
     text = markdown({old: table[old], new: table[new]})
-    assert f"| {old} ‡ | **82.0 ± 2.8** |" in text and f"| {new} | 84.0 ± 2.8 |" in text
-    assert text.endswith("\n" + REPLAYED_NOTE)
+    assert f"| {old} ‡ | **82.0 ± 2.8** |" in text and f"| {new} § | 84.0 ± 2.8 |" in text
+    assert text.endswith("\n" + REPLAYED_NOTE + "\n" + SHARED_NOTE)
     for render in (markdown, paired_markdown, recipes_markdown):
         assert "‡" not in render({new: table[new]})
         assert f"| {old} ‡ |" in render({old: table[old]})
+        assert f"| {new} § |" in render({new: table[new]})
+    (tmp_path / "utility_reid.json").write_text(
+        json.dumps({"sections": [{"rows": [seeded_row("all_real", [0.2, 0.3], "test/mAP")]}]})
+    )
+    reid = verdict(tmp_path)["4-dataset ReID, mAP %"]
+    text = markdown({"ReID": reid})
+    assert "| ReID |" in text and "‡" not in text and "§" not in text
 
 
 def test_verdict_counts_the_sets_from_prior_images_without_augmentation_in_the_floor(tmp_path):

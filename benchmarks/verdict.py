@@ -28,8 +28,8 @@ in BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json`` the
 settings' selection columns read those (:data:`VARIANTS`), the third table has both. The settings measured
 after the sampler fix but before common random numbers (be9fc92: a synthetic row's real batches and their
 augmentations are now its real-only row's) are marked § (:data:`COMMON_RANDOM` names the studies run with
-them); ``utility_reid_shared_stream.json`` and ``reid_synthetic_norm_shared_stream.json`` keep the ReID
-study's results from before them.
+them); ``utility_reid_shared_stream.json``, ``reid_synthetic_norm_shared_stream.json`` and
+``reid_recognizer_budget_shared_stream.json`` keep the ReID results from before them.
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -230,7 +230,7 @@ SAMPLER_FIXED = frozenset(
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 
-COMMON_RANDOM = frozenset({"utility_reid", "reid_synthetic_norm"})
+COMMON_RANDOM = frozenset({"utility_reid", "reid_synthetic_norm", "reid_recognizer_budget"})
 """Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their
 augmentations on streams of their own, so a synthetic row sees its real-only row's real batches); the other
 studies after the sampler fix are marked §."""

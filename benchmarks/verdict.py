@@ -230,7 +230,9 @@ SAMPLER_FIXED = frozenset(
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 
-COMMON_RANDOM = frozenset({"utility_reid", "reid_synthetic_norm", "reid_recognizer_budget"})
+COMMON_RANDOM = frozenset(
+    {"utility_reid", "reid_synthetic_norm", "reid_recognizer_budget", "reid_synthetic_norm_budget"}
+)
 """Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their
 augmentations on streams of their own, so a synthetic row sees its real-only row's real batches); the other
 studies after the sampler fix are marked §."""
@@ -526,7 +528,8 @@ def recipes_markdown(table: dict[str, Any]) -> str:
 REFIT_CAPTION = (
     "The rows retrained after the sampler fix against the same rows before it, on the seeds both have "
     "(identification % on faces, mAP % on ReID, mean over those seeds; change in points). The ReID runs were "
-    "rebuilt whole, their generator chains included, so their synthetic rows compare different sets.\n"
+    "rebuilt whole, their generator chains included, so their synthetic rows compare different sets, and "
+    "their synthetic rows were retrained since with common random numbers (the after column).\n"
 )
 
 

@@ -29,7 +29,9 @@ settings' selection columns read those (:data:`VARIANTS`), the third table has b
 after the sampler fix but before common random numbers (be9fc92: a synthetic row's real batches and their
 augmentations are now its real-only row's) are marked § (:data:`COMMON_RANDOM` names the studies run with
 them); ``utility_reid_shared_stream.json``, ``reid_synthetic_norm_shared_stream.json`` and
-``reid_recognizer_budget_shared_stream.json`` keep the ReID results from before them.
+``reid_recognizer_budget_shared_stream.json`` (and the same for ``reid_synthetic_norm_budget`` and
+``reid_cold_long``) keep the ReID results from before them. ``--study NAME`` prints one results file's rows
+with their paired differences against its real-only rows (or the stages given with ``--against``).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -568,11 +570,55 @@ def refits_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_pairs(
+    report: dict[str, Any], metric: str, against: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Every results row of one study report with its mean and its paired difference against each
+    reference stage (default: the report's real-only recipes, the stages ending in "_real" or "_erasing"),
+    threshold 0: the figures the README quotes for rows outside the verdict's tables."""
+    stats = stage_stats(report)
+    refs = list(against) if against else [s for s in stats if s.endswith(("_real", "_erasing"))]
+    missing = [r for r in refs if r not in stats]
+    if missing:
+        raise ValueError(f"reference stages not in the report: {missing} (it has {sorted(stats)})")
+    out = []
+    for stage, row in stats.items():
+        values = seed_values(row, metric)
+        if values is None:
+            continue
+        vs = {
+            ref: None if ref == stage else paired(values, seed_values(stats[ref], metric), 0.0)
+            for ref in refs
+        }
+        out.append({"stage": stage, "seeds": len(values), "mean": cell(stats, stage, metric), "vs": vs})
+    return out
+
+
+def study_pairs_markdown(rows: list[dict[str, Any]]) -> str:
+    refs = list(rows[0]["vs"]) if rows else []
+    lines = ["| row | seeds | mean ± std | " + " | ".join(f"- {ref}" for ref in refs) + " |"]
+    lines.append("|---|---:|---:|" + "---:|" * len(refs))
+    for r in rows:
+        cells = [r["stage"], str(r["seeds"]), f"{r['mean'][0]:.2f} ± {r['mean'][1]:.2f}"]
+        for ref in refs:
+            t = r["vs"].get(ref)
+            cells.append("" if t is None else f"{t['mean']:+.2f} [{t['low']:+.2f}, {t['high']:+.2f}]")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the table."""
+    """Print the tables, or with ``--study`` one study's rows paired against its reference rows."""
     p = argparse.ArgumentParser(prog="python -m benchmarks verdict", description=__doc__.split("\n")[0])
     p.add_argument("--results", default="benchmarks/results", help="folder of utility_{faces,reid}.json")
+    p.add_argument("--study", help="print this results file's rows paired against references instead")
+    p.add_argument("--metric", default="test/mAP", help="--study: the metric (test/id_acc on faces)")
+    p.add_argument("--against", nargs="+", help="--study: reference stages (default: *_real, *_erasing)")
     args = p.parse_args(argv)
+    if args.study:
+        report = json.loads((Path(args.results) / f"{args.study}.json").read_text())
+        print(study_pairs_markdown(study_pairs(report, args.metric, args.against)), end="")
+        return 0
     table = verdict(Path(args.results))
     print(markdown(table))
     print(PAIRED_CAPTION)

@@ -964,3 +964,33 @@ def test_verdict_reads_a_setting_s_selection_columns_from_its_variant_rows(tmp_p
     sets = {(r["recipe"], r["set"]): r["synthetic"][0] for r in entry["recipes"]}
     assert sets[("none", "RL")] == pytest.approx(10.0)
     assert sets[("none", "RL, synthetic samples apart in BatchNorm")] == pytest.approx(18.5)
+
+
+def test_verdict_study_pairs_each_row_with_the_real_only_rows_by_seed(tmp_path, capsys):
+    """``--study``: every results row against each reference, paired on the seeds both have (a hand-worked
+    case), its own reference cell empty; an unknown reference stage is a clear error."""
+    from benchmarks.verdict import main, study_pairs
+
+    rows = [
+        seeded_row("all_real", [0.20, 0.22, 0.18], "test/mAP"),
+        seeded_row("all_erasing", [0.19, 0.20, 0.18], "test/mAP"),
+        seeded_row("all_rl_selection", [0.21, 0.24, 0.19], "test/mAP"),  # +1, +2, +1 over real only
+    ]
+    report = {"sections": [{"rows": rows}]}
+    found = {r["stage"]: r for r in study_pairs(report, "test/mAP")}
+    assert list(found["all_rl_selection"]["vs"]) == ["all_real", "all_erasing"]
+    gain = found["all_rl_selection"]["vs"]["all_real"]
+    assert gain["mean"] == pytest.approx(4 / 3) and gain["n"] == 3
+    # per-seed gains 1, 2, 1: sd sqrt(1/3), half-width t(0.975, 2) = 4.3027 x sd / sqrt(3) = 1.4342
+    assert gain["low"] == pytest.approx(4 / 3 - 1.4342, abs=1e-3)
+    assert gain["high"] == pytest.approx(4 / 3 + 1.4342, abs=1e-3)
+    assert found["all_rl_selection"]["vs"]["all_erasing"]["mean"] == pytest.approx(7 / 3)
+    assert found["all_real"]["vs"]["all_real"] is None
+    assert found["all_real"]["mean"] == pytest.approx((20.0, 2.0))
+    with pytest.raises(ValueError, match="all_cold"):
+        study_pairs(report, "test/mAP", ["all_cold"])
+    (tmp_path / "study.json").write_text(json.dumps(report))
+    assert main(["--results", str(tmp_path), "--study", "study", "--against", "all_rl_selection"]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "| row | seeds | mean ± std | - all_rl_selection |"
+    assert "| all_real | 3 | 20.00 ± 2.00 | -1.33 [" in text

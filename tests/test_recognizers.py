@@ -212,7 +212,8 @@ def test_keeping_no_synthetic_sample_apart_in_batchnorm_trains_the_real_only_mod
     market_root, synthetic_set, tmp_path
 ):
     """Common random numbers: with synthetic images on top of K real ones, selection keeping none of them
-    and synthetic samples apart in BatchNorm, training is the real-only run of the same seed - the real
+    and synthetic samples apart in BatchNorm ("real", or "kept": dropped ones out of the training forward),
+    training is the real-only run of the same seed - the real
     images, their augmentations (Random Erasing included) and every update - across an epoch boundary.
     With the mixed batch's statistics the same run differs (so the comparison can fail)."""
     common = ["--data.init_args.random_erasing", "0.5", "--model.init_args.triplet_on", "real"]
@@ -220,15 +221,16 @@ def test_keeping_no_synthetic_sample_apart_in_batchnorm_trains_the_real_only_mod
     syn += ["--data.init_args.synthetic_slots", "add", "--model.init_args.selection.keep_ratio", "0.0"]
     real = short_fit(REID_BASELINE, market_root, tmp_path / "real", *common, steps=10)
     runs = {}
-    for norm in ("real", "batch"):
+    for norm in ("real", "kept", "batch"):
         options = [*common, *syn, "--model.init_args.synthetic_norm", norm]
         runs[norm] = short_fit(REID_SELECTION, market_root, tmp_path / norm, *options, steps=10)
     assert len(real.trainer.train_dataloader) == 8  # 10 steps cross an epoch boundary
-    apart = runs["real"]
-    assert float(apart.trainer.callback_metrics["train/kept_fraction"]) == 0.0
-    expected, got = real.model.state_dict(), apart.model.state_dict()
-    for key in expected:
-        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
+    expected = real.model.state_dict()
+    for norm in ("real", "kept"):  # apart in BatchNorm, or left out of the training forward once dropped
+        assert float(runs[norm].trainer.callback_metrics["train/kept_fraction"]) == 0.0
+        got = runs[norm].model.state_dict()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=f"{norm}: {key}")
     mixed = runs["batch"].model.state_dict()
     weights = [k for k in expected if expected[k].is_floating_point()]
     assert any(not torch.allclose(mixed[k], expected[k], rtol=1e-3, atol=1e-5) for k in weights)
@@ -461,3 +463,51 @@ def test_synthetic_norm_real_keeps_the_real_samples_apart_in_training_and_in_sel
             model.load_state_dict(state)
         same = torch.allclose(real_losses[0], real_losses[1], rtol=1e-5, atol=1e-6)
         assert same == (norm == "real"), norm
+
+
+def _batchnorm_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.clone() for n, b in module.named_buffers() if "running" in n or "num_batches" in n}
+
+
+@pytest.mark.parametrize("scope", ["head", "full"])
+def test_synthetic_norm_kept_selects_as_real_then_trains_real_and_kept_samples_in_one_batch(scope):
+    """With "kept": the same selection as under "real" (same Δl and keep mask, from the same weights), then
+    a training forward of the real and kept samples alone - their losses and the BatchNorm running
+    statistics afterwards are those of a plain forward of those rows (the selection pass leaves no trace,
+    the dropped images take no part), and the kept ones share the real samples' batch statistics."""
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(4)
+    is_syn = torch.zeros(16, dtype=torch.bool)
+    is_syn[2::4] = True
+    is_syn[3::4] = True
+    images = torch.randn(16, 3, 32, 16)
+    images[is_syn] = 2.0 * torch.randn(8, 3, 32, 16) + 1.0
+    torch.manual_seed(1)
+    selection = {"enabled": True, "scope": scope, "keep_ratio": 0.5}
+    kept_model = LookaheadReID(4, net=TEST_NET, synthetic_norm="kept", selection=selection).train()
+    real_model = LookaheadReID(4, net=TEST_NET, synthetic_norm="real", selection=selection).train()
+    real_model.load_state_dict(kept_model.state_dict())
+    plain = copy.deepcopy(kept_model)
+    for model in (kept_model, real_model):
+        model._count_selection = lambda *a, **k: None
+    batch = {"image": images, "label": labels, "is_synthetic": is_syn}
+    out = kept_model.identity_forward(batch)
+    reference = real_model.identity_forward(batch)["selection"]
+    keep = out["keep"]
+    assert int((keep & is_syn).sum()) == 4 and bool(keep[~is_syn].all())
+    torch.testing.assert_close(keep, reference.keep)
+    torch.testing.assert_close(out["selection"].delta, reference.delta, rtol=1e-4, atol=1e-6, equal_nan=True)
+
+    expected = plain.identity_losses(plain.net(images[keep]), labels[keep])  # BatchNorm on these rows only
+    torch.testing.assert_close(out["losses"][keep], expected, rtol=1e-4, atol=1e-5)
+    assert bool((out["losses"][~keep] == 0).all())
+    after, wanted = _batchnorm_buffers(kept_model), _batchnorm_buffers(plain)
+    assert after.keys() == wanted.keys() and len(after) > 0
+    for name in after:
+        torch.testing.assert_close(after[name], wanted[name], rtol=1e-5, atol=1e-6, msg=name)
+    out["losses"][keep].mean().backward()  # the kept rows carry the graph, backbone included
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in kept_model.net.backbone.parameters())
+    real_alone = plain.identity_losses(copy.deepcopy(plain).net(images[~is_syn]), labels[~is_syn])
+    assert not torch.allclose(
+        out["losses"][~is_syn].detach(), real_alone, rtol=1e-3, atol=1e-5
+    )  # kept share it

@@ -68,7 +68,9 @@ class LookaheadReID(Recognizer):
         synthetic_norm: BatchNorm statistics of the synthetic training samples: "batch" (one forward of the
             mixed batch, the paper's) or "real" (the real samples on their own batch statistics, the synthetic
             ones forwarded apart on the running statistics of the real data, so that they neither shift
-            the real samples' normalisation nor the statistics used at test time).
+            the real samples' normalisation nor the statistics used at test time) or "kept" (selection as
+            under "real", then one forward of the real samples and the kept synthetic ones: the dropped
+            samples leave BatchNorm alone, the kept ones share the batch's statistics).
     """
 
     task = "reid"
@@ -90,7 +92,7 @@ class LookaheadReID(Recognizer):
         metric: Literal["euclidean", "cosine"] = "euclidean",
         test_sources: dict[str, list[int]] | None = None,
         triplet_on: Literal["kept", "real"] = "real",
-        synthetic_norm: Literal["batch", "real"] = "batch",
+        synthetic_norm: Literal["batch", "real", "kept"] = "batch",
     ) -> None:
         super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler, synthetic_norm)
         self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments

@@ -21,7 +21,11 @@ batch, dropped synthetic samples included, and its running statistics take them 
 ``synthetic_norm="real"`` the real samples are normalised with their own batch statistics (the running ones
 follow the real data only) and the synthetic samples, forwarded apart, with the running statistics
 (:func:`split_norm_forward`), in the training forward and in selection's virtual step alike. Either way
-l(w) / l(w') are computed under the same statistics.
+l(w) / l(w') are computed under the same statistics. With ``synthetic_norm="kept"`` selection runs first, as
+under "real" and leaving every BatchNorm buffer as it found it (:func:`frozen_running_statistics`), then the
+training forward takes the real samples and the *kept* synthetic ones together: the dropped samples neither
+shift the batch's normalisation nor the running statistics, the kept ones share the batch like real samples.
+It costs one more backbone forward per batch (the selection pass, without gradient in ``scope="head"``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ GROUPS = ("net", "selection")
 """The constructor arguments of every recognizer that are config groups (saved as plain dicts)."""
 
 
-SYNTHETIC_NORMS = ("batch", "real")
+SYNTHETIC_NORMS = ("batch", "real", "kept")
 
 
 @contextmanager
@@ -60,6 +64,21 @@ def running_statistics(module: nn.Module) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.train()
+
+
+@contextmanager
+def frozen_running_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block the BatchNorm layers of ``module`` behave as they are set to (batch statistics in
+    training), and on leaving it their running statistics and ``num_batches_tracked`` are put back."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{n: b.detach().clone() for n, b in layer.named_buffers(recurse=False)} for layer in layers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, buffers in zip(layers, saved, strict=True):
+                for name, value in buffers.items():
+                    getattr(layer, name).copy_(value)
 
 
 def split_norm_forward(
@@ -86,7 +105,7 @@ def split_norm_forward(
 
 
 def _mask(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor | None:
-    return inputs.get("is_synthetic") if module.synthetic_norm == "real" else None
+    return inputs.get("is_synthetic") if module.synthetic_norm in ("real", "kept") else None
 
 
 def _full_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
@@ -120,8 +139,9 @@ class Recognizer(L.LightningModule):
         optimizer: parameters -> optimizer (a callable or a class_path mapping).
         lr_scheduler: optimizer -> learning-rate scheduler (None: constant learning rate).
         synthetic_norm: the BatchNorm statistics of synthetic training samples: "batch" (one forward of
-            the mixed batch) or "real" (real samples on their own batch statistics, synthetic ones on the
-            running statistics of the real data; see the module docstring).
+            the mixed batch), "real" (real samples on their own batch statistics, synthetic ones on the
+            running statistics of the real data) or "kept" (selection as under "real", then one forward of
+            the real and the kept synthetic samples; see the module docstring).
     """
 
     export_name = "backbone"
@@ -135,7 +155,7 @@ class Recognizer(L.LightningModule):
         flip_test: bool,
         optimizer: OptimizerCallable,
         lr_scheduler: LRSchedulerCallable | None,
-        synthetic_norm: Literal["batch", "real"] = "batch",
+        synthetic_norm: Literal["batch", "real", "kept"] = "batch",
     ) -> None:
         super().__init__()
         if synthetic_norm not in SYNTHETIC_NORMS:
@@ -172,11 +192,31 @@ class Recognizer(L.LightningModule):
 
         Returns a dict with ``features`` (B, D) pre-neck, ``embeddings`` (B, D) post-neck, ``losses`` (B,)
         identity losses at w (with graph), ``keep`` (B,) bool and ``selection`` (a
-        :class:`SelectionResult` or None when selection did not run).
+        :class:`SelectionResult` or None when selection did not run). With ``synthetic_norm="kept"`` the
+        rows of dropped samples are zeros outside the graph (only the kept rows were forwarded).
         """
         images, labels = batch["image"], batch["label"]
         syn = batch.get("is_synthetic")
         syn = None if syn is None else torch.as_tensor(syn, device=images.device).bool()
+        selects = self.selection.enabled and syn is not None and bool(syn.any())
+        if selects and self.synthetic_norm == "kept":
+            with frozen_running_statistics(self.net):
+                result = self._select(images, labels, syn, None)
+            out = self._forward_rows(images, labels, result.keep)
+        else:
+            split = syn if self.synthetic_norm == "real" else None
+            out = self._forward_rows(images, labels, None, split)
+            result = self._select(images, labels, syn, out) if selects else None
+        if result is not None:
+            out["keep"] = result.keep
+            self._count_selection(batch, result)
+        return {**out, "selection": result}
+
+    def _forward_rows(
+        self, images: Tensor, labels: Tensor, rows: Tensor | None, split: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The training forward of the ``rows`` (bool mask; None: every row), its outputs scattered into
+        full-batch tensors; ``split`` as :func:`split_norm_forward`'s mask."""
         net = self.net
 
         def chain(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,31 +224,53 @@ class Recognizer(L.LightningModule):
             features = net.proj(backbone)
             return backbone, features, net.neck(features)
 
-        split = syn if self.synthetic_norm == "real" else None
-        backbone, features, embeddings = split_norm_forward(chain, images, split, net)
-        losses = self.identity_losses(embeddings, labels)
-        keep = torch.ones_like(losses, dtype=torch.bool)
-        result = None
-        cfg = self.selection
-        if cfg.enabled and syn is not None and bool(syn.any()):
-            options = dict(lr=cfg.lr, k=cfg.k, keep_ratio=None if cfg.k is not None else cfg.keep_ratio)
-            options.update(losses=losses, step_on=cfg.step_on, rule=cfg.rule)
-            if cfg.scope == "head":
-                inputs = {"features": backbone.detach(), "label": labels, "is_synthetic": syn}
-                params = self.head_parameter_names()
-                result = lookahead_select(self, _head_scope_losses, inputs, syn, params=params, **options)
-            else:
-                inputs = {"image": images, "label": labels, "is_synthetic": syn}
-                result = lookahead_select(self, _full_scope_losses, inputs, syn, **options)
-            keep = result.keep
-            self._count_selection(batch, result)
+        if rows is None or bool(rows.all()):
+            backbone, features, embeddings = split_norm_forward(chain, images, split, net)
+            losses = self.identity_losses(embeddings, labels)
+            keep = torch.ones_like(losses, dtype=torch.bool)
+            return {
+                "backbone": backbone,
+                "features": features,
+                "embeddings": embeddings,
+                "losses": losses,
+                "keep": keep,
+            }
+        parts = chain(images[rows])
+        parts = (*parts, self.identity_losses(parts[2], labels[rows]))
+        full = []
+        for part in parts:
+            whole = part.new_zeros((rows.shape[0], *part.shape[1:]))
+            whole[rows] = part
+            full.append(whole)
+        backbone, features, embeddings, losses = full
         return {
+            "backbone": backbone,
             "features": features,
             "embeddings": embeddings,
             "losses": losses,
-            "keep": keep,
-            "selection": result,
+            "keep": rows,
         }
+
+    def _select(
+        self, images: Tensor, labels: Tensor, syn: Tensor, out: dict[str, Tensor] | None
+    ) -> SelectionResult:
+        """Lookahead selection on the batch; ``out``: the training forward to reuse (its l(w) and backbone
+        features), None: a selection pass of its own (real samples on their batch statistics, synthetic
+        ones on the running statistics; the caller keeps the buffers)."""
+        cfg = self.selection
+        options = dict(lr=cfg.lr, k=cfg.k, keep_ratio=None if cfg.k is not None else cfg.keep_ratio)
+        options.update(losses=None if out is None else out["losses"], step_on=cfg.step_on, rule=cfg.rule)
+        if cfg.scope == "head":
+            if out is None:
+                with torch.no_grad():
+                    (backbone,) = split_norm_forward(lambda x: (self.net.backbone(x),), images, syn, self.net)
+            else:
+                backbone = out["backbone"]
+            inputs = {"features": backbone.detach(), "label": labels, "is_synthetic": syn}
+            params = self.head_parameter_names()
+            return lookahead_select(self, _head_scope_losses, inputs, syn, params=params, **options)
+        inputs = {"image": images, "label": labels, "is_synthetic": syn}
+        return lookahead_select(self, _full_scope_losses, inputs, syn, **options)
 
     # ------------------------------------------------------------------ selection log (per synthetic image)
     def _count_selection(self, batch: dict[str, Any], result: SelectionResult) -> None:

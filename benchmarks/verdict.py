@@ -23,15 +23,19 @@ recognizer epoch replayed the first epoch's batches - are marked ‡ (:data:`SAM
 run after it). A fourth table sets each retrained row against the same row and seeds before the fix
 (:data:`REFITS`; the ReID runs, rebuilt whole, against their earlier results kept as
 ``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``). ``reid_synthetic_norm.json``
-holds the ReID study's rows with selection beside the same rows with the synthetic samples forwarded apart
-in BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json`` the same at 30 epochs: their
-settings' selection columns read those (:data:`VARIANTS`), the third table has both. The settings measured
-after the sampler fix but before common random numbers (be9fc92: a synthetic row's real batches and their
-augmentations are now its real-only row's) are marked § (:data:`COMMON_RANDOM` names the studies run with
-them); ``utility_reid_shared_stream.json``, ``reid_synthetic_norm_shared_stream.json`` and
-``reid_recognizer_budget_shared_stream.json`` (and the same for ``reid_synthetic_norm_budget`` and
-``reid_cold_long``) keep the ReID results from before them. ``--study NAME`` prints one results file's rows
-with their paired differences against its real-only rows (or the stages given with ``--against``).
+holds the ReID study's rows with selection beside the same rows with the synthetic samples forwarded apart in
+BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json`` the same at 30 epochs: their
+settings' selection columns read those (:data:`VARIANTS`), the third table has both, and the rows whose
+dropped synthetic samples are left out of the training forward (``synthetic_norm: kept``).
+``reid_seed_noise.json`` holds the ReID study's deciding rows over 6 seeds, ``faces_common_random.json`` the
+faces study's over 8 seeds with common random numbers (synthetic images added on top of the K real ones, chain
+rebuilt). The settings measured after the sampler fix but before common random numbers (be9fc92: a synthetic
+row's real batches and their augmentations are now its real-only row's) are marked § (:data:`COMMON_RANDOM`
+names the studies run with them); ``utility_reid_shared_stream.json``,
+``reid_synthetic_norm_shared_stream.json`` and ``reid_recognizer_budget_shared_stream.json`` (and the same for
+``reid_synthetic_norm_budget`` and ``reid_cold_long``) keep the ReID results from before them. ``--study
+NAME`` prints one results file's rows with their paired differences against its real-only rows (or the stages
+given with ``--against``).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -87,6 +91,7 @@ SETS = {  # synthetic set of a study's "<recipe>_<set>_selection" rows -> its na
     "sdedit90": "RL from prior images, strength 0.9",
     "sdedit80utk": "RL from UTKFace images, strength 0.8",
     "rl_realnorm": "RL, synthetic samples apart in BatchNorm",
+    "rl_keptnorm": "RL, dropped synthetic samples out of BatchNorm",
     "lowfreq": "control: training image + prior images' low frequencies",
 }
 
@@ -115,6 +120,8 @@ RECIPE_SETS = (  # (real-only recipe, synthetic set) of the third table's rows, 
     ("Random Erasing", "lowfreq"),
     ("none", "rl_realnorm"),
     ("Random Erasing", "rl_realnorm"),
+    ("none", "rl_keptnorm"),
+    ("Random Erasing", "rl_keptnorm"),
 )
 RECIPES = tuple(_recipe(name, synthetic) for name, synthetic in RECIPE_SETS)
 CONTROLS = ("lowfreq",)  # sets made without the generator: diagnostics, outside the floor
@@ -200,6 +207,31 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/mAP",
         (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
     ),
+    # the ReID study's deciding rows over 6 seeds (its seeds 0-2 and 3-5), with the rows whose dropped
+    # synthetic samples leave BatchNorm alone (synthetic_norm: kept) in the third table and the floor
+    (
+        "4-dataset ReID, 6 seeds",
+        "reid_seed_noise",
+        "all",
+        "test/mAP",
+        ("+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
+    # the faces study's deciding rows with common random numbers (synthetic images added on top of the K
+    # real ones), generator chain rebuilt, 8 seeds
+    (
+        "ORL 1-shot, 8 seeds, common random numbers",
+        "faces_common_random",
+        "k1",
+        "test/id_acc",
+        (COLD, *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
+    (
+        "ORL 3-shot, 8 seeds, common random numbers",
+        "faces_common_random",
+        "k3",
+        "test/id_acc",
+        (COLD, *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
     # a second target for the 1-shot, 36-epoch rows: Extended Yale B (UTKFace prior), 5 seeds
     (
         "Extended Yale B 1-shot, 36-epoch recognizers",
@@ -228,12 +260,21 @@ SAMPLER_FIXED = frozenset(
         "faces_recognizer_budget_k3_sdedit90",
         "reid_synthetic_norm",
         "reid_synthetic_norm_budget",
+        "reid_seed_noise",
+        "faces_common_random",
     }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 
 COMMON_RANDOM = frozenset(
-    {"utility_reid", "reid_synthetic_norm", "reid_recognizer_budget", "reid_synthetic_norm_budget"}
+    {
+        "utility_reid",
+        "reid_synthetic_norm",
+        "reid_recognizer_budget",
+        "reid_synthetic_norm_budget",
+        "reid_seed_noise",
+        "faces_common_random",
+    }
 )
 """Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their
 augmentations on streams of their own, so a synthetic row sees its real-only row's real batches); the other

@@ -225,31 +225,18 @@ class Recognizer(L.LightningModule):
             return backbone, features, net.neck(features)
 
         if rows is None or bool(rows.all()):
-            backbone, features, embeddings = split_norm_forward(chain, images, split, net)
-            losses = self.identity_losses(embeddings, labels)
-            keep = torch.ones_like(losses, dtype=torch.bool)
-            return {
-                "backbone": backbone,
-                "features": features,
-                "embeddings": embeddings,
-                "losses": losses,
-                "keep": keep,
-            }
-        parts = chain(images[rows])
-        parts = (*parts, self.identity_losses(parts[2], labels[rows]))
-        full = []
-        for part in parts:
-            whole = part.new_zeros((rows.shape[0], *part.shape[1:]))
-            whole[rows] = part
-            full.append(whole)
-        backbone, features, embeddings, losses = full
-        return {
-            "backbone": backbone,
-            "features": features,
-            "embeddings": embeddings,
-            "losses": losses,
-            "keep": rows,
-        }
+            parts = split_norm_forward(chain, images, split, net)
+            parts = (*parts, self.identity_losses(parts[2], labels))
+            keep = torch.ones_like(parts[-1], dtype=torch.bool)
+        else:  # only these rows through BatchNorm; the others are zero rows outside the graph
+            sub = chain(images[rows])
+            sub = (*sub, self.identity_losses(sub[2], labels[rows]))
+            parts = tuple(
+                part.new_zeros((rows.shape[0], *part.shape[1:])).index_put((rows,), part) for part in sub
+            )
+            keep = rows
+        names = ("backbone", "features", "embeddings", "losses")
+        return {**dict(zip(names, parts, strict=True)), "keep": keep}
 
     def _select(
         self, images: Tensor, labels: Tensor, syn: Tensor, out: dict[str, Tensor] | None

@@ -13,6 +13,8 @@
 * ``prior_recipe`` - what makes a small from-scratch pixel DiT sample toy persons: schedule, min-SNR,
   x0 clipping, samplers, training steps, cold starts from the prior (``benchmarks.prior_recipe``);
 * ``parallel_jobs`` - a study's wall time as one process vs as parallel stages (``benchmarks.parallel_jobs``).
+* ``novelty`` - how far synthetic images sit from the generator's training images, against new real
+  images (``benchmarks.novelty``).
 * ``lighting_spread`` - whether synthetic sets vary an identity's lighting as its test images do
   (``benchmarks.lighting_spread``).
 * ``lowfreq_control`` - the non-generative control of a set generated from images: the training image with
@@ -38,6 +40,7 @@ COMMANDS = {
     "prior_recipe": "benchmarks.prior_recipe:main",
     "parallel_jobs": "benchmarks.parallel_jobs:main",
     "lighting_spread": "benchmarks.lighting_spread:main",
+    "novelty": "benchmarks.novelty:main",
     "lowfreq_control": "benchmarks.lowfreq_control:main",
 }
 

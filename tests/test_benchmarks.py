@@ -994,3 +994,66 @@ def test_verdict_study_pairs_each_row_with_the_real_only_rows_by_seed(tmp_path, 
     text = capsys.readouterr().out
     assert text.splitlines()[0] == "| row | seeds | mean ± std | - all_rl_selection |"
     assert "| all_real | 3 | 20.00 ± 2.00 | -1.33 [" in text
+
+
+def test_novelty_distances_by_hand_and_on_a_made_target(tmp_path):
+    """Nearest same-identity distances by hand; end to end, a set of copies of the training images sits at
+    distance 0 in both spaces (ratio 0, every image nearer than any new real image), a set of the new real
+    images themselves at ratio 1; a set of an unknown identity is a clear error."""
+    from PIL import Image
+
+    from benchmarks.novelty import main, nearest_distance, summary
+    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
+    from rgsd_lightning.data import IdentityRecord, write_manifest
+
+    points = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
+    anchors = np.array([[0.0, 1.0], [3.0, 0.0], [9.0, 9.0]])
+    got = nearest_distance(points, ["a", "a", "b"], anchors, ["a", "a", "b"])
+    np.testing.assert_allclose(got, [1.0, 4.0, np.hypot(8.0, 8.0)])  # (0,1); (3,0); (9,9)
+    with pytest.raises(ValueError, match="'c' has no training image"):
+        nearest_distance(points, ["a", "a", "c"], anchors, ["a", "a", "b"])
+    stats = summary(np.array([1.0, 4.0, 2.0]), {"a": 3.0, "b": 1.0}, ["a", "a", "b"])
+    assert stats == {"mean": pytest.approx(7 / 3), "median": 2.0, "closer": pytest.approx(1 / 3)}
+
+    rng = np.random.default_rng(0)
+    paths: dict[str, list[Path]] = {}
+    for name in ("p1", "p2"):
+        for i in range(1, 5):  # images 1-2 train, 3 is the judge's too, 4 is new to everyone
+            path = tmp_path / "target" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+            paths.setdefault(name, []).append(path)
+    torch.manual_seed(0)
+    net = EmbeddingNet("test_resnet", in_chans=1).eval()
+    save_embedding_net(
+        net, tmp_path / "run" / "judge" / "export" / "backbone", input_size=[16, 16], mean=[0.5], std=[0.5]
+    )
+
+    def make_set(stage, which):
+        records = [
+            IdentityRecord(str(p), n, source="synthetic") for n, group in paths.items() for p in which(group)
+        ]
+        write_manifest(tmp_path / "sets" / stage / "manifest.jsonl", records)
+        (tmp_path / "run" / stage).mkdir(parents=True)
+        (tmp_path / "run" / stage / "synthetic").symlink_to(tmp_path / "sets" / stage)
+
+    make_set("copies", lambda group: group[:2])
+    make_set("new", lambda group: group[3:])
+    argv = ["--target", str(tmp_path / "target"), "--run", str(tmp_path / "run")]
+    argv += ["--train-per-identity", "2", "--judge-shots", "3", "--size", "16"]
+    assert main([*argv, "--sets", "copies", "new", "--out", str(tmp_path / "out"), "--name", "nov"]) == 0
+    rows = json.loads((tmp_path / "out" / "nov.json").read_text())["results"]
+    reference = rows["new real images (nobody trained on them)"]
+    assert reference["images"] == 2 and reference["judge"]["ratio"] == pytest.approx(1.0)
+    for space in ("judge", "pixels"):
+        copies, new = rows["synthetic: copies"][space], rows["synthetic: new"][space]
+        assert copies["mean"] == pytest.approx(0.0, abs=1e-6) and copies["closer"] == 1.0
+        assert new == reference[space]
+        assert reference[space]["mean"] > 0.01
+    assert "| synthetic: copies | 4 |" in (tmp_path / "out" / "nov.md").read_text()
+
+    stranger = [IdentityRecord(str(paths["p1"][0]), "p9", source="synthetic")]
+    write_manifest(tmp_path / "sets" / "stranger" / "manifest.jsonl", stranger)
+    (tmp_path / "run" / "stranger").symlink_to(tmp_path / "sets" / "stranger")
+    with pytest.raises(ValueError, match="not target identities"):
+        main([*argv, "--sets", "stranger", "--out", str(tmp_path / "out2")])

@@ -15,6 +15,8 @@
 * ``parallel_jobs`` - a study's wall time as one process vs as parallel stages (``benchmarks.parallel_jobs``).
 * ``novelty`` - how far synthetic images sit from the generator's training images, against new real
   images (``benchmarks.novelty``).
+* ``oracle_split`` - held-back real images of an identity-folder target as a synthetic set (the oracle
+  row, ``benchmarks.oracle_split``).
 * ``lighting_spread`` - whether synthetic sets vary an identity's lighting as its test images do
   (``benchmarks.lighting_spread``).
 * ``lowfreq_control`` - the non-generative control of a set generated from images: the training image with
@@ -41,6 +43,7 @@ COMMANDS = {
     "parallel_jobs": "benchmarks.parallel_jobs:main",
     "lighting_spread": "benchmarks.lighting_spread:main",
     "novelty": "benchmarks.novelty:main",
+    "oracle_split": "benchmarks.oracle_split:main",
     "lowfreq_control": "benchmarks.lowfreq_control:main",
 }
 

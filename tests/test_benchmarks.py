@@ -1057,3 +1057,39 @@ def test_novelty_distances_by_hand_and_on_a_made_target(tmp_path):
     (tmp_path / "run" / "stranger").symlink_to(tmp_path / "sets" / "stranger")
     with pytest.raises(ValueError, match="not target identities"):
         main([*argv, "--sets", "stranger", "--out", str(tmp_path / "out2")])
+
+
+def test_oracle_split_holds_back_the_last_images_of_each_identity(tmp_path):
+    """The target keeps all but the last ``hold`` images of each identity (natural order), the oracle set
+    holds exactly those, as synthetic records the datamodule's reader takes; nothing is written over an
+    existing folder, and an identity with too few images is a clear error."""
+    from PIL import Image
+
+    from benchmarks.oracle_split import main, split
+    from rgsd_lightning.data.records import read_manifest
+    from rgsd_lightning.data.sources import read_identity_folders
+
+    for name, count in (("s1", 4), ("s2", 3)):
+        for i in range(1, count + 1):
+            path = tmp_path / "src" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((4, 4), i, dtype=np.uint8)).save(path)
+    (tmp_path / "src" / "s1" / "10.png").write_bytes((tmp_path / "src" / "s1" / "1.png").read_bytes())
+    counts = split(tmp_path / "src", tmp_path / "out", 2)
+    assert counts == {"identities": 2, "target_images": 4, "held": 4}
+    target = read_identity_folders(tmp_path / "out" / "target")
+    kept = {(r.identity, Path(r.path).name) for r in target}
+    assert kept == {("s1", "1.png"), ("s1", "2.png"), ("s1", "3.png"), ("s2", "1.png")}  # 10.png comes last
+    oracle = read_manifest(tmp_path / "out" / "oracle" / "manifest.jsonl")
+    assert {(r.identity, Path(r.path).name) for r in oracle} == {
+        ("s1", "4.png"),
+        ("s1", "10.png"),
+        ("s2", "2.png"),
+        ("s2", "3.png"),
+    }
+    assert all(r.source == "synthetic" and Path(r.path).is_file() for r in oracle)
+    with pytest.raises(FileExistsError, match="nothing was written"):
+        main(["--source", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"no more than hold=3 images: \['s2'\]"):
+        split(tmp_path / "src", tmp_path / "out3", 3)
+    assert not (tmp_path / "out3").exists() and not (tmp_path / "out3.partial").exists()

@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 import traceback
 import tracemalloc
@@ -257,6 +258,12 @@ def find_file(folder: str | os.PathLike, name: str) -> Path | None:
     (``selection.json``, ``reward_history.json``) wherever its logger put it."""
     found = sorted(Path(folder).rglob(name))
     return found[0] if found else None
+
+
+def command_line(name: str, argv: Sequence[str] | None) -> str:
+    """How a benchmark was invoked: ``python -m benchmarks <name>`` and its arguments (``argv``, or the
+    process's own when None)."""
+    return " ".join(["python -m benchmarks", name, *(sys.argv[1:] if argv is None else argv)])
 
 
 def report_header(name: str, quick: bool, command: str | None, settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -33,7 +33,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +41,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import environment, interleaved_times, md_environment, md_table, median
+from benchmarks.common import command_line, environment, interleaved_times, md_environment, md_table, median
 from benchmarks.dit_reference import dit_pipeline, pipeline_images
 
 FULL: dict[str, Any] = {
@@ -509,9 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         name=args.name,
         guidance_scale=args.guidance_scale,
         compile_probe_enabled=not args.no_compile,
-        command=" ".join(
-            ["python -m benchmarks fast_sampling", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        command=command_line("fast_sampling", argv),
     )
     print(markdown(report, "figure"))
     return 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import md_environment, md_table, report_header, write_report
+from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
 from rgsd_lightning.data.listing import name_excluded
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
@@ -183,8 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     sets = {name: set_folder(args.run, name) for name in args.sets}
-    command = "python -m benchmarks lighting_spread " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = report_header("lighting_spread", False, command.strip(), settings)
+    report = report_header("lighting_spread", False, command_line("lighting_spread", argv), settings)
     report["results"] = measure(
         args.target,
         sets,
@@ -193,8 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         size=args.size,
         photometric=args.photometric,
     )
-    path = write_report(args.out, args.name, report, markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    path = write_report(args.out, args.name, report, text)
+    print(text)
     print(f"wrote {path}")
     return 0
 

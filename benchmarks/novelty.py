@@ -21,18 +21,20 @@ same ``train_per_identity``). Writes ``<out>/<name>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import md_environment, md_table, report_header, write_report
+from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
 from benchmarks.lighting_spread import set_folder
-from rgsd_lightning.data.records import IdentityRecord, read_manifest
+from rgsd_lightning.data.records import IdentityRecord, by_identity, read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
 from rgsd_lightning.data.synthetic_set import manifest_path
+
+REFERENCE = "new real images (nobody trained on them)"
+"""The reference row: images of the target identities that neither generator, recognizer nor judge saw."""
 
 
 def nearest_distance(
@@ -51,10 +53,6 @@ def nearest_distance(
             raise ValueError(f"identity {label!r} has no training image to measure a distance to")
         out[i] = np.sqrt(((mine - x) ** 2).sum(axis=1)).min()
     return out
-
-
-def _unit(features: np.ndarray) -> np.ndarray:
-    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
 
 
 def _pixels(images: Any) -> np.ndarray:
@@ -93,19 +91,16 @@ def measure(
     extractor = FeatureExtractor.from_export(judge).eval()
     records = read_identity_folders(target, train_per_identity=train_per_identity)
     train = [r for r in records if r.split == "train"]
-    by_identity: dict[str, list[IdentityRecord]] = {}
-    for r in records:
-        by_identity.setdefault(r.identity, []).append(r)
-    new_real = [r for group in by_identity.values() for r in group[judge_shots:]]
+    new_real = [r for group in by_identity(records).values() for r in group[judge_shots:]]
     if not new_real:
         raise ValueError(f"{target}: no identity has more than judge_shots={judge_shots} images")
 
     def spaces(group: Sequence[IdentityRecord]) -> dict[str, np.ndarray]:
         images = load_images(group, size, channels)
-        return {"judge": _unit(embed(extractor, images)), "pixels": _pixels(images)}
+        return {"judge": embed(extractor, images), "pixels": _pixels(images)}  # unit features already
 
     anchors, anchor_labels = spaces(train), [r.identity for r in train]
-    sources = {"new real images (nobody trained on them)": new_real}
+    sources = {REFERENCE: new_real}
     for name, folder in sets.items():
         synthetic = read_manifest(manifest_path(folder))
         unknown = sorted({r.identity for r in synthetic} - set(anchor_labels))
@@ -119,7 +114,7 @@ def measure(
             labels,
             {s: nearest_distance(feats[s], labels, anchors[s], anchor_labels) for s in feats},
         )
-    ref_labels, ref = distances["new real images (nobody trained on them)"]
+    ref_labels, ref = distances[REFERENCE]
     nearest_real = {
         space: {label: float(ref[space][np.asarray(ref_labels) == label].min()) for label in set(ref_labels)}
         for space in ref
@@ -184,8 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise FileNotFoundError(f"judge export not found: {judge} (run the study first)")
     settings["judge"] = str(judge)
     sets = {name: set_folder(args.run, name) for name in args.sets}
-    command = "python -m benchmarks novelty " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = report_header("novelty", False, command.strip(), settings)
+    report = report_header("novelty", False, command_line("novelty", argv), settings)
     report["results"] = measure(
         judge,
         args.target,
@@ -195,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         size=args.size,
         channels=args.channels,
     )
-    path = write_report(args.out, args.name, report, markdown(report))
-    print(markdown(report))
+    text = markdown(report)
+    path = write_report(args.out, args.name, report, text)
+    print(text)
     print(f"wrote {path}")
     return 0
 

@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from rgsd_lightning.data.records import IdentityRecord, write_manifest
+from rgsd_lightning.data.records import IdentityRecord, by_identity, write_manifest
 from rgsd_lightning.data.sources import read_identity_folders
 
 
@@ -31,17 +31,15 @@ def split(source: str | os.PathLike, out: str | os.PathLike, hold: int) -> dict[
     if out.exists():
         raise FileExistsError(f"{out} exists: remove it or pick another --out (nothing was written)")
     records = read_identity_folders(source)
-    by_identity: dict[str, list[IdentityRecord]] = {}
-    for r in records:
-        by_identity.setdefault(r.identity, []).append(r)
-    short = [name for name, group in by_identity.items() if len(group) <= hold]
+    groups = by_identity(records)
+    short = [name for name, group in groups.items() if len(group) <= hold]
     if short:
         raise ValueError(f"identities with no more than hold={hold} images: {short[:5]}")
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
         raise FileExistsError(f"{tmp} is left from an interrupted run: remove it")
     held: list[IdentityRecord] = []
-    for identity, group in by_identity.items():
+    for identity, group in groups.items():
         folder = tmp / "target" / identity
         folder.mkdir(parents=True)
         for r in group[:-hold]:
@@ -52,7 +50,7 @@ def split(source: str | os.PathLike, out: str | os.PathLike, hold: int) -> dict[
     (tmp / "oracle").mkdir()
     write_manifest(tmp / "oracle" / "manifest.jsonl", held)
     tmp.rename(out)
-    return {"identities": len(by_identity), "target_images": len(records) - len(held), "held": len(held)}
+    return {"identities": len(groups), "target_images": len(records) - len(held), "held": len(held)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

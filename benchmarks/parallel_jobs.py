@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import md_environment, md_table, report_header, write_report
+from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         runs.append({"mode": mode, "wall_s": time.perf_counter() - start, "stages": stage_records(folder)})
     study = Path(args.config).stem + ("" if args.full else " --quick")
-    command = "python -m benchmarks parallel_jobs " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = {**report_header("parallel_jobs", not args.full, command.strip(), {"study": study})}
+    command = command_line("parallel_jobs", argv)
+    report = {**report_header("parallel_jobs", not args.full, command, {"study": study})}
     report["results"] = summarise(runs)
     path = write_report(args.out, "parallel_jobs", report, markdown(report))
     print(f"[parallel_jobs] results: {path}")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import find_file, md_environment, md_table, report_header
+from benchmarks.common import command_line, find_file, md_environment, md_table, report_header
 
 STAGES = Path(__file__).resolve().parent / "configs" / "selection_scope.yaml"
 SETTINGS = ("seeds", "recognizer_epochs", "batches_per_epoch", "p", "per_identity")  # recorded vars
@@ -516,9 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = " ".join(
-        ["python -m benchmarks selection_scope", *(argv if argv is not None else sys.argv[1:])]
-    )
+    command = command_line("selection_scope", argv)
     report = run(Path(args.out), quick=args.quick, work=args.work, name=args.name, command=command)
     print(markdown(report))
     return 0

@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import find_file, md_environment, md_table, report_header
+from benchmarks.common import command_line, find_file, md_environment, md_table, report_header
 
 STAGES = Path(__file__).resolve().parent / "configs" / "selection_variants.yaml"
 SETTINGS = ("seeds", "epochs", "batches", "synthetic_fraction", "variants")  # the vars a report records
@@ -228,8 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    given = argv if argv is not None else sys.argv[1:]
-    command = " ".join(["python -m benchmarks selection_variants", *given])
+    command = command_line("selection_variants", argv)
     report = run(Path(args.out), quick=args.quick, work=args.work, command=command)
     print(markdown(report))
     return 0

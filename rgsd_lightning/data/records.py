@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -84,6 +84,14 @@ class IdentityRecord:
             split=str(row.get("split", "train")),
             extra=extra,
         )
+
+
+def by_identity(records: Sequence[IdentityRecord]) -> dict[str, list[IdentityRecord]]:
+    """Records grouped by identity (insertion order kept)."""
+    out: dict[str, list[IdentityRecord]] = {}
+    for r in records:
+        out.setdefault(r.identity, []).append(r)
+    return out
 
 
 def relative_if_below(path: str | os.PathLike, base: str | os.PathLike) -> str:

@@ -13,17 +13,9 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rgsd_lightning.data.records import IdentityRecord  # noqa: E402
+from rgsd_lightning.data.records import IdentityRecord, by_identity  # noqa: E402
 from rgsd_lightning.evaluation.quality import embed, load_images  # noqa: E402
 from rgsd_lightning.io import image_grid, save_figure, save_png, to_uint8  # noqa: E402
-
-
-def by_identity(records: Sequence[IdentityRecord]) -> dict[str, list[IdentityRecord]]:
-    """Records grouped by identity (insertion order kept)."""
-    out: dict[str, list[IdentityRecord]] = {}
-    for r in records:
-        out.setdefault(r.identity, []).append(r)
-    return out
 
 
 def comparison_grid(

@@ -19,6 +19,8 @@
   row, ``benchmarks.oracle_split``).
 * ``lighting_spread`` - whether synthetic sets vary an identity's lighting as its test images do
   (``benchmarks.lighting_spread``).
+* ``roundtrip`` - a set of real images sent through a generator and back (SDEdit under each image's own
+  identity, ``benchmarks.roundtrip``): its content with the generator's rendering.
 * ``lowfreq_control`` - the non-generative control of a set generated from images: the training image with
   each start image's low frequencies (``benchmarks.lowfreq_control``).
 """
@@ -45,6 +47,7 @@ COMMANDS = {
     "novelty": "benchmarks.novelty:main",
     "oracle_split": "benchmarks.oracle_split:main",
     "lowfreq_control": "benchmarks.lowfreq_control:main",
+    "roundtrip": "benchmarks.roundtrip:main",
 }
 
 

@@ -1093,3 +1093,92 @@ def test_oracle_split_holds_back_the_last_images_of_each_identity(tmp_path):
     with pytest.raises(ValueError, match=r"no more than hold=3 images: \['s2'\]"):
         split(tmp_path / "src", tmp_path / "out3", 3)
     assert not (tmp_path / "out3").exists() and not (tmp_path / "out3.partial").exists()
+
+
+def test_roundtrip_denoises_each_image_under_its_own_identity(tmp_path):
+    """Each strength's set holds every image of the source, denoised from its own seed under its own
+    identity's label: image for image what ``sample(init=..., strength=...)`` gives for that image alone (so
+    the batching and the other images do not matter); the recorded change is the images' RMS difference,
+    and it grows from a light to a full round trip. Bad input writes nothing."""
+    from PIL import Image
+
+    from benchmarks.roundtrip import build, strength_folder, training_rows
+    from rgsd_lightning.data import IdentityRecord, read_manifest, write_manifest
+    from rgsd_lightning.data.transforms import generator_transform
+    from rgsd_lightning.diffusion.sampling import sample
+    from tests.conftest import random_tiny_generator
+
+    gen = random_tiny_generator(seed=1)
+    gen.identities = ["ann", "bob", "cy"]
+    gen.save_pretrained(tmp_path / "export")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, name in enumerate(["bob", "ann", "bob", "cy", "ann"]):
+        path = tmp_path / "set" / f"{name}_{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(path)  # not square: resized
+        rows.append(IdentityRecord(str(path), name, source="synthetic"))
+    write_manifest(tmp_path / "set" / "manifest.jsonl", rows)
+
+    summary = build(
+        tmp_path / "set", tmp_path / "export", tmp_path / "out", [0.2, 1.0], steps=5, batch_size=2
+    )
+    assert strength_folder(0.2) == "s020" and strength_folder(1.0) == "s100"
+    assert summary["strengths"]["s020"]["steps_run"] == 1 and summary["strengths"]["s100"]["steps_run"] == 5
+    transform = generator_transform(8, 3, hflip=False)
+    for strength in (0.2, 1.0):
+        written = read_manifest(tmp_path / "out" / strength_folder(strength) / "manifest.jsonl")
+        assert [(r.identity, r.extra["seed"], r.extra["init_image"]) for r in written] == [
+            (r.identity, i, r.path) for i, r in enumerate(rows)
+        ]
+        changes = []
+        for i, (r, w) in enumerate(zip(rows, written, strict=True)):
+            start = transform(Image.open(r.path).convert("RGB"))[None]
+            alone = sample(
+                gen,
+                [gen.identities.index(r.identity)],
+                seeds=[i],
+                num_steps=5,
+                method="dpmsolver",
+                guidance_scale=2.0,
+                clip_x0=True,
+                init=start,
+                strength=strength,
+            ).images[0]
+            got = torch.from_numpy(np.asarray(Image.open(w.path).convert("RGB"), dtype=np.float32))
+            want = ((alone.permute(1, 2, 0) + 1) * 127.5).round()
+            assert (got - want).abs().max() <= 1.0
+            changes.append(float(((alone - start[0]) / 2).pow(2).mean().sqrt()))
+        recorded = summary["strengths"][strength_folder(strength)]["rms_change"]
+        assert recorded == pytest.approx(np.mean(changes), rel=1e-4)
+    assert summary["strengths"]["s020"]["rms_change"] < summary["strengths"]["s100"]["rms_change"]
+    assert (tmp_path / "out" / "grid.png").is_file() and (tmp_path / "out" / "roundtrip.json").is_file()
+
+    # a target's training images, each round-tripped twice from seeds of its own
+    for name in ("ann", "cy"):
+        for i in (1, 2):
+            path = tmp_path / "target" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+    train = training_rows(tmp_path / "target", 1)
+    assert [(r.identity, Path(r.path).name) for r in train] == [("ann", "1.png"), ("cy", "1.png")]
+    build(train, tmp_path / "export", tmp_path / "twice", [1.0], steps=5, copies=2)
+    twice = read_manifest(tmp_path / "twice" / "s100" / "manifest.jsonl")
+    assert [(r.identity, r.extra["seed"], r.extra["init_image"]) for r in twice] == [
+        (r.identity, c * 2 + i, r.path) for c in range(2) for i, r in enumerate(train)
+    ]
+    first, second = (np.asarray(Image.open(twice[j].path)) for j in (0, 2))
+    assert np.abs(first.astype(int) - second.astype(int)).max() > 10  # the same start, another seed
+
+    with pytest.raises(ValueError, match="copies"):
+        build(train, tmp_path / "export", tmp_path / "bad", [0.5], steps=5, copies=0)
+    with pytest.raises(FileExistsError, match="exists"):
+        build(tmp_path / "set", tmp_path / "export", tmp_path / "out", [0.5], steps=5)
+    with pytest.raises(ValueError, match="strength"):
+        build(tmp_path / "set", tmp_path / "export", tmp_path / "bad", [0.0], steps=5)
+    with pytest.raises(ValueError, match="repeat"):
+        build(tmp_path / "set", tmp_path / "export", tmp_path / "bad", [0.5, 0.501], steps=5)
+    write_manifest(tmp_path / "stranger" / "manifest.jsonl", [IdentityRecord(rows[0].path, "dee")])
+    with pytest.raises(ValueError, match="dee"):
+        build(tmp_path / "stranger", tmp_path / "export", tmp_path / "bad", [0.5], steps=5)
+    assert not (tmp_path / "bad").exists()

@@ -44,7 +44,7 @@ from rgsd_lightning.data.generator_loaders import GeneratorLoaders, RLLoaders
 from rgsd_lightning.data.listing import name_excluded
 from rgsd_lightning.data.pairs import VerificationPairs
 from rgsd_lightning.data.recognizer_loaders import RecognizerLoaders, ReIDLoaders
-from rgsd_lightning.data.records import IdentityRecord, read_manifest
+from rgsd_lightning.data.records import IdentityRecord, by_identity, read_manifest
 from rgsd_lightning.data.samplers import check_synthetic_slots
 from rgsd_lightning.data.synthetic_set import best_per_identity, manifest_path
 from rgsd_lightning.data.transforms import generator_transform
@@ -246,9 +246,7 @@ class IdentityDataModule(L.LightningDataModule):
         if k is None:
             return list(records)
         rng = np.random.default_rng(self.hparams.seed)
-        by_id: dict[str, list[IdentityRecord]] = {}
-        for r in records:
-            by_id.setdefault(r.identity, []).append(r)
+        by_id = by_identity(records)
         kept = []
         for name in sorted(by_id):
             group = by_id[name]

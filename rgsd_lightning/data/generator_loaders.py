@@ -13,7 +13,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from rgsd_lightning.data.datasets import IdentityLabels, RecordDataset
-from rgsd_lightning.data.records import IdentityRecord
+from rgsd_lightning.data.records import IdentityRecord, by_identity
 from rgsd_lightning.data.samplers import PKBatchSampler
 
 if TYPE_CHECKING:
@@ -44,9 +44,7 @@ class GeneratorLoaders:
         frac = dm.hparams.generator_val_fraction
         rng = np.random.default_rng(dm.hparams.seed + 1)
         train, val = [], []
-        by_id: dict[str, list[IdentityRecord]] = {}
-        for r in dm.train_records:
-            by_id.setdefault(r.identity, []).append(r)
+        by_id = by_identity(dm.train_records)
         for name in sorted(by_id):
             group = by_id[name]
             n_val = int(round(len(group) * frac)) if len(group) > 1 else 0

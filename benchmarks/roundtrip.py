@@ -31,7 +31,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
 from benchmarks.lighting_spread import set_folder
+from rgsd_lightning.backbones import FeatureExtractor
 from rgsd_lightning.data.images import load_image
 from rgsd_lightning.data.records import IdentityRecord, read_manifest, write_manifest
 from rgsd_lightning.data.sources import read_identity_folders
@@ -39,6 +41,7 @@ from rgsd_lightning.data.synthetic_set import image_path, manifest_path
 from rgsd_lightning.data.transforms import generator_transform
 from rgsd_lightning.diffusion.generator import DiTGenerator
 from rgsd_lightning.diffusion.sampling import sample, steps_from_init
+from rgsd_lightning.evaluation.quality import Judge
 from rgsd_lightning.io import atomic_folder, atomic_write_json, image_grid, save_png, to_uint8
 
 
@@ -111,11 +114,13 @@ def build(
     *,
     copies: int = 1,
     name: str = "records",
+    judge: Judge | None = None,
     **sampling: Any,
 ) -> dict[str, Any]:
     """Write every strength's set, the grid and ``roundtrip.json`` into ``out`` (atomically); returns the
     summary. ``source``: a synthetic-set folder, or the records of the images to round-trip (``name`` says
-    where they come from in the summary)."""
+    where they come from in the summary). With a ``judge``, the summary holds its scores (fidelity,
+    spread, FID) of the images as given (``"given"``) and of every strength's."""
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
         raise ValueError(f"copies must be a positive int, got {copies!r}")
     if not strengths:
@@ -144,6 +149,9 @@ def build(
         "sampling": {"steps": 25, "method": "dpmsolver", "guidance_scale": 2.0, "clip_x0": True, **sampling},
         "strengths": {},
     }
+    identities = [r.identity for r in rows]
+    if judge is not None:
+        summary["given"] = judge.score_images(images, identities)
     columns = min(len(rows), 8)
     grid_rows = [[images[i] for i in range(columns)]]
     with atomic_folder(out) as tmp:
@@ -163,6 +171,10 @@ def build(
                 "steps_run": steps_from_init(summary["sampling"]["steps"], strength),
                 "rms_change": float(change.mean()),
             }
+            if judge is not None:
+                summary["strengths"][strength_folder(strength)]["judge"] = judge.score_images(
+                    result, identities
+                )
             grid_rows.append([result[i] for i in range(columns)])
         save_png(to_uint8(image_grid(grid_rows)[None])[0], tmp / "grid.png")
         atomic_write_json(tmp / "roundtrip.json", summary)
@@ -183,7 +195,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--method", default="dpmsolver", choices=["dpmsolver", "ddim"])
     p.add_argument("--guidance", type=float, default=2.0)
     p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--judge", default=None, help="recognizer export that scores the images (quality table)")
+    p.add_argument("--judge-target", default=None, help="identity folders of the judge's real images")
+    p.add_argument("--judge-shots", type=int, default=5, help="the judge's training images per identity")
+    p.add_argument("--name", default=None, help="with --judge: write benchmarks/results/<name>.json and .md")
+    p.add_argument("--results", default="benchmarks/results", help="folder of the --name report")
     args = p.parse_args(argv)
+    if (args.judge is None) != (args.judge_target is None):
+        p.error("--judge and --judge-target go together")
+    if args.name and not args.judge:
+        p.error("--name needs --judge (the report is the judge's table)")
+    judge = None
+    if args.judge:
+        records = read_identity_folders(args.judge_target, train_per_identity=args.judge_shots)
+        probe = DiTGenerator.from_pretrained(args.generator)
+        judge = Judge(
+            FeatureExtractor.from_export(args.judge),
+            [r for r in records if r.split == "train"],
+            probe.image_size,
+            probe.channels,
+            heldout=[r for r in records if r.split != "train"],
+        )
     if args.target:
         source = training_rows(args.target, args.train_per_identity)
     else:
@@ -198,9 +230,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=args.steps,
         method=args.method,
         guidance_scale=args.guidance,
+        judge=judge,
     )
-    print(json.dumps(summary["strengths"]))
+    print(json.dumps({k: v["rms_change"] for k, v in summary["strengths"].items()}))
+    if args.name:
+        report = {**report_header(args.name, False, command_line("roundtrip", argv), vars(args)), **summary}
+        report["judge"] = judge.describe()
+        write_report(args.results, args.name, report, markdown(report))
     return 0
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's table: per strength the change and the judge's scores, after the images as given."""
+    rows = []
+    for label, entry in [("0 (as given)", {"judge": report["given"]}), *report["strengths"].items()]:
+        scores = entry["judge"]
+        rows.append(
+            [
+                label if "strength" not in entry else f"{entry['strength']:g}",
+                entry.get("steps_run", 0),
+                f"{entry.get('rms_change', 0.0):.3f}",
+                f"{100 * scores['fidelity']:.1f}",
+                f"{scores['diversity_ratio']:.2f}" if scores["diversity_ratio"] is not None else "n/a",
+                f"{scores['fid']:.3f}",
+            ]
+        )
+    facts = report["judge"]
+    return (
+        f"# Round trip through the generator: {report['source']}\n\n"
+        f"{md_environment(report['environment']).rstrip()}\n\nCommand: `{report['command']}`\n\n"
+        f"Generator `{report['generator']}`; {report['images']} images ({report['copies']} round trip(s) of"
+        f" each), {report['sampling']}.\n\n"
+        + md_table(
+            ["strength", "steps run", "RMS change", "judge fidelity %", "spread syn/real", "FID"], rows
+        )
+        + f"\n\nRMS change: root mean square pixel difference to the start image, in [0, 1] units. Judge:"
+        f" {facts['num_identities']} identities, {facts['num_real_images']} real training images; a new real"
+        f" image reaches fidelity {100 * (facts['heldout_fidelity'] or 0):.1f} %; spread syn/real against"
+        f" its {facts['reference']} images; FID in its feature space.\n"
+    )
 
 
 if __name__ == "__main__":

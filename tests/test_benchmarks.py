@@ -1106,7 +1106,8 @@ def test_roundtrip_denoises_each_image_under_its_own_identity(tmp_path):
     from rgsd_lightning.data import IdentityRecord, read_manifest, write_manifest
     from rgsd_lightning.data.transforms import generator_transform
     from rgsd_lightning.diffusion.sampling import sample
-    from tests.conftest import random_tiny_generator
+    from rgsd_lightning.evaluation.quality import Judge
+    from tests.conftest import pooled_colour_extractor, random_tiny_generator
 
     gen = random_tiny_generator(seed=1)
     gen.identities = ["ann", "bob", "cy"]
@@ -1120,9 +1121,26 @@ def test_roundtrip_denoises_each_image_under_its_own_identity(tmp_path):
         rows.append(IdentityRecord(str(path), name, source="synthetic"))
     write_manifest(tmp_path / "set" / "manifest.jsonl", rows)
 
+    judge_real = []
+    for name in ("ann", "bob", "cy"):
+        for i in range(3):
+            path = tmp_path / "judge" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+            judge_real.append(IdentityRecord(str(path), name))
+    judge = Judge(pooled_colour_extractor(), judge_real, 8, 3)
     summary = build(
-        tmp_path / "set", tmp_path / "export", tmp_path / "out", [0.2, 1.0], steps=5, batch_size=2
+        tmp_path / "set",
+        tmp_path / "export",
+        tmp_path / "out",
+        [0.2, 1.0],
+        steps=5,
+        batch_size=2,
+        judge=judge,
     )
+    # the judge's scores of the images as given and of each set, as it scores them read back from disk
+    assert summary["given"]["fidelity"] == pytest.approx(judge.score(rows)["fidelity"])
+    assert summary["given"]["fid"] == pytest.approx(judge.score(rows)["fid"], rel=1e-3)
     assert strength_folder(0.2) == "s020" and strength_folder(1.0) == "s100"
     assert summary["strengths"]["s020"]["steps_run"] == 1 and summary["strengths"]["s100"]["steps_run"] == 5
     transform = generator_transform(8, 3, hflip=False)
@@ -1149,6 +1167,8 @@ def test_roundtrip_denoises_each_image_under_its_own_identity(tmp_path):
             want = ((alone.permute(1, 2, 0) + 1) * 127.5).round()
             assert (got - want).abs().max() <= 1.0
             changes.append(float(((alone - start[0]) / 2).pow(2).mean().sqrt()))
+        scored = judge.score(written)
+        assert summary["strengths"][strength_folder(strength)]["judge"]["fidelity"] == scored["fidelity"]
         recorded = summary["strengths"][strength_folder(strength)]["rms_change"]
         assert recorded == pytest.approx(np.mean(changes), rel=1e-4)
     assert summary["strengths"]["s020"]["rms_change"] < summary["strengths"]["s100"]["rms_change"]

@@ -19,6 +19,8 @@
   row, ``benchmarks.oracle_split``).
 * ``lighting_spread`` - whether synthetic sets vary an identity's lighting as its test images do
   (``benchmarks.lighting_spread``).
+* ``coverage`` - whether a synthetic set covers the test images its identities' training images do not
+  (1-NN identification gain; ``benchmarks.coverage``).
 * ``roundtrip`` - a set of real images sent through a generator and back (SDEdit under each image's own
   identity, ``benchmarks.roundtrip``): its content with the generator's rendering.
 * ``lowfreq_control`` - the non-generative control of a set generated from images: the training image with
@@ -48,6 +50,7 @@ COMMANDS = {
     "oracle_split": "benchmarks.oracle_split:main",
     "lowfreq_control": "benchmarks.lowfreq_control:main",
     "roundtrip": "benchmarks.roundtrip:main",
+    "coverage": "benchmarks.coverage:main",
 }
 
 

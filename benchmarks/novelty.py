@@ -55,7 +55,7 @@ def nearest_distance(
     return out
 
 
-def _pixels(images: Any) -> np.ndarray:
+def grey_pixels(images: Any) -> np.ndarray:
     """Images in [-1, 1] (N, C, H, W) as grey rows in [0, 1] scaled so that the Euclidean distance is the
     root mean square difference."""
     grey = (images.float().mean(dim=1) + 1) / 2
@@ -97,7 +97,7 @@ def measure(
 
     def spaces(group: Sequence[IdentityRecord]) -> dict[str, np.ndarray]:
         images = load_images(group, size, channels)
-        return {"judge": embed(extractor, images), "pixels": _pixels(images)}  # unit features already
+        return {"judge": embed(extractor, images), "pixels": grey_pixels(images)}  # unit features already
 
     anchors, anchor_labels = spaces(train), [r.identity for r in train]
     sources = {REFERENCE: new_real}

@@ -1202,3 +1202,112 @@ def test_roundtrip_denoises_each_image_under_its_own_identity(tmp_path):
     with pytest.raises(ValueError, match="dee"):
         build(tmp_path / "stranger", tmp_path / "export", tmp_path / "bad", [0.5], steps=5)
     assert not (tmp_path / "bad").exists()
+
+
+def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
+    """1-NN accuracy against brute force; a hand case where a right-identity sample wins a test image and a
+    wrong-identity one takes it away; the measured gain pairs seeds and skips other rows' folders; end to end,
+    copies of the test images cover everything the training images miss, copies of the training images
+    nothing, wrongly labelled copies cost what they cover, and the ranking agrees with the measured gains."""
+    from PIL import Image
+    from scipy.spatial.distance import cdist
+
+    from benchmarks.coverage import coverage_gain, main, measured_gain, nn_accuracy, parse_sets
+    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
+    from rgsd_lightning.data import IdentityRecord, write_manifest
+
+    rng = np.random.default_rng(0)
+    gallery, queries = rng.normal(size=(7, 3)), rng.normal(size=(11, 3))
+    g_labels, q_labels = list("abcabca"), list("abcabcabcab")
+    nearest = np.argmin(cdist(queries, gallery), axis=1)
+    brute = np.mean([g_labels[i] == q for i, q in zip(nearest, q_labels, strict=True)])
+    assert nn_accuracy(gallery, g_labels, queries, q_labels) == pytest.approx(brute)
+
+    train, test = np.array([[0.0], [10.0]]), np.array([[4.0], [6.0], [9.0]])
+    got = coverage_gain(train, ["a", "b"], np.array([[6.5]]), ["a"], test, ["a", "a", "b"])
+    assert got == pytest.approx({"before": 2 / 3, "after": 1.0, "gain": 1 / 3})
+    got = coverage_gain(train, ["a", "b"], np.array([[6.5], [4.2]]), ["a", "b"], test, ["a", "a", "b"])
+    assert got == pytest.approx({"before": 2 / 3, "after": 2 / 3, "gain": 0.0})
+
+    def stage(name, value):
+        (tmp_path / "run" / name).mkdir(parents=True)
+        (tmp_path / "run" / name / "stage.json").write_text(json.dumps({"metrics": {"test/id_acc": value}}))
+
+    for name, value in [("base_s0", 0.75), ("base_s1", 0.72), ("row_s0", 0.80), ("row_s1", 0.70)]:
+        stage(name, value)
+    stage("row_s2", 0.9)  # no base with seed 2: left out
+    stage("row_other_s0", 0.1)  # another row whose name starts with this one's
+    assert measured_gain(tmp_path / "run", "row", "base", "test/id_acc") == pytest.approx(
+        {"mean": 1.5, "seeds": 2}
+    )
+    assert measured_gain(tmp_path / "run", "missing", "base", "test/id_acc") is None
+    assert parse_sets(["a=x/y:row", "b=z"]) == {"a": ("x/y", "row"), "b": ("z", None)}
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_sets(["no-equals"])
+
+    paths: dict[str, list[Path]] = {}
+    for name in ("p1", "p2", "p3"):
+        for i in range(1, 5):  # image 1 trains, 2-4 test
+            path = tmp_path / "target" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+            paths.setdefault(name, []).append(path)
+    torch.manual_seed(0)
+    net = EmbeddingNet("test_resnet", in_chans=1).eval()
+    save_embedding_net(net, tmp_path / "rec", input_size=[16, 16], mean=[0.5], std=[0.5])
+    shift = {"p1": "p2", "p2": "p3", "p3": "p1"}
+
+    def make_set(set_name, which, relabel=False):
+        records = [
+            IdentityRecord(str(p), shift[n] if relabel else n, source="synthetic")
+            for n, group in paths.items()
+            for p in which(group)
+        ]
+        write_manifest(tmp_path / "sets" / set_name / "manifest.jsonl", records)
+        return str(tmp_path / "sets" / set_name)
+
+    specs = [
+        f"tests={make_set('tests', lambda g: g[1:])}:row_s",
+        f"trains={make_set('trains', lambda g: g[:1])}:row",
+        f"wrong={make_set('wrong', lambda g: g[1:], relabel=True)}:row_other",
+    ]
+    for name, value in [("row_s_s0", 0.9), ("row_s_s1", 0.95)]:
+        stage(name, value)  # measured gains: tests +19, trains +1.5, wrong -65
+    stage("row_other_s1", 0.07)
+    argv = [
+        "--target",
+        str(tmp_path / "target"),
+        "--train-per-identity",
+        "1",
+        "--extractor",
+        str(tmp_path / "rec"),
+    ]
+    argv += ["--size", "16", "--run", str(tmp_path / "run"), "--base", "base", "--sets", *specs]
+    assert main([*argv, "--out", str(tmp_path / "out"), "--name", "cov"]) == 0
+    report = json.loads((tmp_path / "out" / "cov.json").read_text())
+    rows = report["results"]
+    for space in ("recognizer", "pixels"):
+        before = rows["tests"][space]["before"]
+        assert rows["tests"][space]["after"] == pytest.approx(1.0)  # every test image has a copy at 0
+        assert rows["trains"][space]["gain"] == pytest.approx(0.0)
+        assert rows["wrong"][space]["after"] == pytest.approx(0.0)  # and every one a wrong copy at 0
+        assert rows["wrong"][space]["gain"] == pytest.approx(-before)
+        assert report["spearman"][space] == {"rho": pytest.approx(1.0), "sets": 3}
+    assert rows["tests"]["measured"] == pytest.approx({"mean": 19.0, "seeds": 2})
+    assert "| tests | 9 |" in (tmp_path / "out" / "cov.md").read_text()
+    stranger = make_set("stranger", lambda g: g[:1], relabel=False)
+    write_manifest(Path(stranger) / "manifest.jsonl", [IdentityRecord(str(paths["p1"][0]), "p9")])
+    with pytest.raises(ValueError, match="not target identities"):
+        main(
+            [
+                *argv[:6],
+                "--size",
+                "16",
+                "--sets",
+                f"s={stranger}",
+                "--out",
+                str(tmp_path / "o2"),
+                "--name",
+                "x",
+            ]
+        )

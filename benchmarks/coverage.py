@@ -1,0 +1,224 @@
+"""``python -m benchmarks coverage``: does a synthetic set cover the real images its identities' training
+images do not?
+
+Judge fidelity asks whether a sample looks like its identity, and a set of samples that all do can still add
+nothing (faces_oracle_roundtrip.md: fidelity stays flat while the downstream gain falls from +20 points to
+none). A recognizer gains from samples that resemble the identity's *unseen* images. This measures that
+directly: 1-nearest-neighbour identification of the target's test images with its K training images per
+identity as the gallery, then with a set's images added to the gallery under their identities. The gain in
+accuracy is the share of test images for which a synthetic image of the right identity is the nearest thing
+(minus those a wrong-identity synthetic image takes away): a label-aware recall of the test images.
+
+Two spaces: the features of a recognizer trained on the K real images only (the study's real-only
+recognizer, which never saw a test image; unit features, Euclidean distance), and pixels (the grey image at
+the generator side). Images are squared to the generator side first, as the quality table does. With
+``--run``, each set can name its study row (``NAME=PATH:ROW``): the measured downstream gain (mean over
+seeds of the row minus ``--base`` with the same seed) sits beside the predicted one, with Spearman's rank
+correlation over the sets that have both. Writes ``<out>/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
+from benchmarks.novelty import grey_pixels
+from rgsd_lightning.data.records import read_manifest
+from rgsd_lightning.data.sources import read_identity_folders
+from rgsd_lightning.data.synthetic_set import manifest_path
+
+SPACES = ("recognizer", "pixels")
+
+
+def nn_accuracy(
+    gallery: np.ndarray, gallery_labels: Sequence[str], queries: np.ndarray, query_labels: Sequence[str]
+) -> float:
+    """Share of ``queries`` (N, D) whose nearest ``gallery`` row (M, D; Euclidean) has their label."""
+    gallery, queries = np.asarray(gallery, dtype=np.float64), np.asarray(queries, dtype=np.float64)
+    if len(gallery) != len(gallery_labels) or len(queries) != len(query_labels):
+        raise ValueError("gallery / queries and their labels differ in length")
+    if not len(gallery) or not len(queries):
+        raise ValueError("nn_accuracy needs a non-empty gallery and queries")
+    d2 = (queries**2).sum(1)[:, None] - 2 * queries @ gallery.T + (gallery**2).sum(1)[None, :]
+    nearest = np.asarray(gallery_labels)[np.argmin(d2, axis=1)]
+    return float(np.mean(nearest == np.asarray(query_labels)))
+
+
+def coverage_gain(
+    train: np.ndarray,
+    train_labels: Sequence[str],
+    extra: np.ndarray,
+    extra_labels: Sequence[str],
+    test: np.ndarray,
+    test_labels: Sequence[str],
+) -> dict[str, float]:
+    """1-NN accuracy of the test rows with the training rows as the gallery, with the extra rows added, and
+    the gain."""
+    before = nn_accuracy(train, train_labels, test, test_labels)
+    after = nn_accuracy(
+        np.concatenate([np.asarray(train), np.asarray(extra)]),
+        [*train_labels, *extra_labels],
+        test,
+        test_labels,
+    )
+    return {"before": before, "after": after, "gain": after - before}
+
+
+def measured_gain(run: str | Path, row: str, base: str, metric: str) -> dict[str, Any] | None:
+    """Mean over the seeds both ran of ``<row>_s<seed>`` minus ``<base>_s<seed>`` (``metric`` of their
+    ``stage.json``, in points), or None when no seed of the row has finished."""
+    diffs = []
+    for marker in sorted(Path(run).glob(f"{row}_s*/stage.json")):
+        seed = marker.parent.name[len(row) + 2 :]
+        other = Path(run) / f"{base}_s{seed}" / "stage.json"
+        if not seed.isdigit() or not other.is_file():
+            continue
+        mine, theirs = (json.loads(p.read_text()).get("metrics", {}).get(metric) for p in (marker, other))
+        if mine is not None and theirs is not None:
+            diffs.append(100 * (mine - theirs))
+    return {"mean": float(np.mean(diffs)), "seeds": len(diffs)} if diffs else None
+
+
+def measure(
+    extractor_dir: str | Path,
+    target: str | Path,
+    sets: dict[str, str | Path],
+    *,
+    train_per_identity: int,
+    size: int = 32,
+    channels: int = 1,
+) -> dict[str, Any]:
+    """{set: {"images": n, <space>: coverage_gain(...)}} for every set and both spaces."""
+    from rgsd_lightning.backbones import FeatureExtractor
+    from rgsd_lightning.evaluation.quality import embed, load_images
+
+    extractor = FeatureExtractor.from_export(extractor_dir).eval()
+    records = read_identity_folders(target, train_per_identity=train_per_identity)
+    train = [r for r in records if r.split == "train"]
+    test = [r for r in records if r.split != "train"]
+    if not test:
+        raise ValueError(f"{target}: no test image at train_per_identity={train_per_identity}")
+
+    def spaces(group) -> dict[str, np.ndarray]:
+        images = load_images(group, size, channels)
+        return {"recognizer": embed(extractor, images), "pixels": grey_pixels(images)}
+
+    known = {r.identity for r in train}
+    anchors, queries = spaces(train), spaces(test)
+    results: dict[str, Any] = {}
+    for name, folder in sets.items():
+        synthetic = read_manifest(manifest_path(folder))
+        unknown = sorted({r.identity for r in synthetic} - known)
+        if unknown:
+            raise ValueError(f"synthetic set {folder}: identities {unknown[:5]} are not target identities")
+        feats = spaces(synthetic)
+        results[name] = {"images": len(synthetic)}
+        for space in SPACES:
+            results[name][space] = coverage_gain(
+                anchors[space],
+                [r.identity for r in train],
+                feats[space],
+                [r.identity for r in synthetic],
+                queries[space],
+                [r.identity for r in test],
+            )
+    return results
+
+
+def parse_sets(specs: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """``NAME=PATH`` or ``NAME=PATH:ROW`` -> {name: (path, row or None)}."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"--sets entry {spec!r}: expected NAME=PATH or NAME=PATH:ROW")
+        path, _, row = rest.partition(":")
+        out[name] = (path, row or None)
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    headers = ["set", "images"]
+    for space in SPACES:
+        headers += [f"{space}: 1-NN % real only", f"{space}: with the set", f"{space}: gain"]
+    headers.append("measured gain (points)")
+    table = []
+    for name, row in report["results"].items():
+        cells = [name, row["images"]]
+        for space in SPACES:
+            r = row[space]
+            cells += [f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}", f"{100 * r['gain']:+.1f}"]
+        m = row.get("measured")
+        cells.append(f"{m['mean']:+.2f} ({m['seeds']} seeds)" if m else "n/a")
+        table.append(cells)
+    lines = [
+        "# Coverage: do the sets cover the test images the training images do not?\n\n",
+        md_environment(report["environment"]).rstrip(),
+        f"\n\nCommand: `{report['command']}`\n\n",
+        f"Target {s['target']}, {s['train_per_identity']} training image(s) per identity (the gallery), the "
+        f"rest the queries; recognizer {s['extractor']} (trained on the training images only). 1-NN: share "
+        "of the test images whose nearest gallery image has their identity, before and after the set's "
+        "images join the gallery. Measured gain: the set's study row minus "
+        f"{s['base'] or 'n/a'} with the same seed, mean over seeds ({s['metric']}, run {s['run']}).\n\n",
+        md_table(headers, table),
+    ]
+    for space, corr in report.get("spearman", {}).items():
+        lines.append(f"\n\nSpearman's rho, predicted ({space}) vs measured gain over {corr['sets']} sets: ")
+        lines.append(f"{corr['rho']:+.2f}")
+    return "".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks coverage", description=__doc__.split("\n")[0])
+    p.add_argument("--target", required=True, help="identity folders of the target")
+    p.add_argument("--train-per-identity", type=int, required=True)
+    p.add_argument("--extractor", required=True, help="recognizer export trained on the training images only")
+    p.add_argument("--sets", nargs="+", required=True, help="NAME=PATH or NAME=PATH:ROW (PATH: a set folder)")
+    p.add_argument("--run", default=None, help="study run folder of the rows (for the measured gain)")
+    p.add_argument("--base", default=None, help="the row the measured gain is against (e.g. k3_real)")
+    p.add_argument("--metric", default="test/id_acc")
+    p.add_argument("--size", type=int, default=32, help="generator side")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", required=True)
+    args = p.parse_args(argv)
+    if (args.run is None) != (args.base is None):
+        p.error("--run and --base go together")
+    sets = parse_sets(args.sets)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
+    report = report_header("coverage", False, command_line("coverage", argv), settings)
+    report["results"] = measure(
+        args.extractor,
+        args.target,
+        {name: path for name, (path, _) in sets.items()},
+        train_per_identity=args.train_per_identity,
+        size=args.size,
+        channels=args.channels,
+    )
+    if args.run:
+        for name, (_, row) in sets.items():
+            if row:
+                report["results"][name]["measured"] = measured_gain(args.run, row, args.base, args.metric)
+        both = [r for r in report["results"].values() if r.get("measured")]
+        if len(both) >= 3:
+            report["spearman"] = {}
+            for space in SPACES:
+                rho = stats.spearmanr([r[space]["gain"] for r in both], [r["measured"]["mean"] for r in both])
+                report["spearman"][space] = {"rho": float(rho.statistic), "sets": len(both)}
+    text = markdown(report)
+    path = write_report(args.out, args.name, report, text)
+    print(text)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

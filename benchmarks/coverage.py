@@ -33,42 +33,9 @@ from benchmarks.novelty import grey_pixels
 from rgsd_lightning.data.records import read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
 from rgsd_lightning.data.synthetic_set import manifest_path
+from rgsd_lightning.evaluation.quality import coverage_gain
 
 SPACES = ("recognizer", "pixels")
-
-
-def nn_accuracy(
-    gallery: np.ndarray, gallery_labels: Sequence[str], queries: np.ndarray, query_labels: Sequence[str]
-) -> float:
-    """Share of ``queries`` (N, D) whose nearest ``gallery`` row (M, D; Euclidean) has their label."""
-    gallery, queries = np.asarray(gallery, dtype=np.float64), np.asarray(queries, dtype=np.float64)
-    if len(gallery) != len(gallery_labels) or len(queries) != len(query_labels):
-        raise ValueError("gallery / queries and their labels differ in length")
-    if not len(gallery) or not len(queries):
-        raise ValueError("nn_accuracy needs a non-empty gallery and queries")
-    d2 = (queries**2).sum(1)[:, None] - 2 * queries @ gallery.T + (gallery**2).sum(1)[None, :]
-    nearest = np.asarray(gallery_labels)[np.argmin(d2, axis=1)]
-    return float(np.mean(nearest == np.asarray(query_labels)))
-
-
-def coverage_gain(
-    train: np.ndarray,
-    train_labels: Sequence[str],
-    extra: np.ndarray,
-    extra_labels: Sequence[str],
-    test: np.ndarray,
-    test_labels: Sequence[str],
-) -> dict[str, float]:
-    """1-NN accuracy of the test rows with the training rows as the gallery, with the extra rows added, and
-    the gain."""
-    before = nn_accuracy(train, train_labels, test, test_labels)
-    after = nn_accuracy(
-        np.concatenate([np.asarray(train), np.asarray(extra)]),
-        [*train_labels, *extra_labels],
-        test,
-        test_labels,
-    )
-    return {"before": before, "after": after, "gain": after - before}
 
 
 def measured_gain(run: str | Path, row: str, base: str, metric: str) -> dict[str, Any] | None:

@@ -1212,9 +1212,10 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
     from PIL import Image
     from scipy.spatial.distance import cdist
 
-    from benchmarks.coverage import coverage_gain, main, measured_gain, nn_accuracy, parse_sets
+    from benchmarks.coverage import main, measured_gain, parse_sets
     from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
     from rgsd_lightning.data import IdentityRecord, write_manifest
+    from rgsd_lightning.evaluation.quality import coverage_gain, nn_accuracy
 
     rng = np.random.default_rng(0)
     gallery, queries = rng.normal(size=(7, 3)), rng.normal(size=(11, 3))

@@ -176,6 +176,14 @@ def test_tiny_study_has_every_row_and_metric_and_resumes(tmp_path):
             assert q["num_images"] == (5 if name == filtered else 10), name
     assert quality["sets"][filtered]["rewards"]["sem"] >= quality["sets"]["rl_full"]["rewards"]["sem"]
     assert set(quality["sets"]["rl_full"]["rewards"]) >= {"sem", "cov", "exp"}
+    covered = next(s for s in report["sections"] if "extractor" in s)  # seed 0's real-only recognizer
+    assert covered["extractor"] == "k2_real_s0"
+    assert set(covered["sets"]) == {"cold", "rl_full", "rl_windowed", private}
+    befores = {c["before"] for c in covered["sets"].values()}
+    assert len(befores) == 1  # one gallery of real images and one query set for every set
+    for name, c in covered["sets"].items():
+        assert 0.0 <= c["after"] <= 1.0 and c["gain"] == pytest.approx(c["after"] - c["before"]), name
+        assert c["num_images"] == quality["sets"][name]["num_images"], name
     judge = quality["judge"]  # trained on 4 of 6 images per identity: the other 10 are the reference
     assert judge["reference"] == "heldout" and judge["num_heldout"] == 10
     assert judge["num_real_images"] == 20 and 0.0 <= judge["heldout_fidelity"] <= 1.0

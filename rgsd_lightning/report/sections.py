@@ -11,6 +11,9 @@ table       metrics {key: column title}, rows [{group, method, stage}]: a stage'
 quality     judge (a recognizer stage: its export is the feature space, its training images the real
             reference), sets {label: generation stage}: fidelity, spread vs real, FID/KID, reward
             means, near copies (cached in each set's quality.json)
+coverage    extractor (a recognizer stage trained on real images only), sets {label: generation stage}:
+            1-NN identification of the extractor's held-out real images of its identities with its
+            training images as the gallery, then with each set added (the gain predicts a set's use)
 selection   judge, rows [{method, stage}]: selection precision of recognizer stages that selected
             (their selection.json): judge-correct share among kept vs among all seen synthetic samples
 samples     real (a stage whose data gives the real images), sets {label: stage}, identities, per_cell
@@ -251,6 +254,67 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
     )
 
 
+def coverage(ctx: RunContext, spec: dict[str, Any]) -> Section:
+    from rgsd_lightning.evaluation.quality import coverage_gain, embed, load_images
+    from rgsd_lightning.provenance import folder_fingerprint
+
+    stage = spec["extractor"]
+    extractor = ctx.extractor(stage)
+    train, size, channels = ctx.real(stage)
+    test = ctx.datamodule(stage).heldout_records()
+    if not test:
+        body = f"No coverage: the data of `{stage}` has no held-out real image of its training identities."
+        return Section(spec.get("title", "Coverage"), _with_caption(body, spec), {"sets": {}})
+    gallery = embed(extractor, load_images(train, size, channels))
+    queries = embed(extractor, load_images(test, size, channels))
+    key = folder_fingerprint(ctx.require(stage).export) + f":{len(train)}:{len(test)}"
+    known = {r.identity for r in train}
+    rows, data = [], {}
+    for label, set_stage in (spec.get("sets") or {}).items():
+        try:
+            folder = Path(ctx.require(set_stage).output)
+            cache_key = key + ":" + hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()[:16]
+
+            def compute(s: str = set_stage) -> dict[str, Any]:
+                records = [r for r in ctx.synthetic(s) if r.identity in known]
+                if not records:
+                    raise ValueError(f"set {s!r} has no image of the extractor's identities")
+                feats = embed(extractor, load_images(records, size, channels))
+                gain = coverage_gain(
+                    gallery,
+                    [r.identity for r in train],
+                    feats,
+                    [r.identity for r in records],
+                    queries,
+                    [r.identity for r in test],
+                )
+                return {**gain, "num_images": len(records)}
+
+            c = _cached(folder / f"coverage_{stage}.json", cache_key, compute)
+        except (KeyError, ValueError, FileNotFoundError, TypeError) as err:
+            data[label] = {"error": str(err)}
+            rows.append([label, f"n/a ({err})", "n/a", "n/a", "n/a"])
+            continue
+        data[label] = c
+        rows.append(
+            [
+                label,
+                str(c["num_images"]),
+                _num(c["before"], 1, 100),
+                _num(c["after"], 1, 100),
+                f"{100 * c['gain']:+.1f}",
+            ]
+        )
+    headers = ("Set", "images", "1-NN % real only", "1-NN % with the set", "gain (points)")
+    body = markdown_table(headers, rows) + (
+        f"\n\nFeature space: `{stage}` (trained on {len(train)} real images); queries: its {len(test)} "
+        "held-out real images of the same identities, none seen by any stage; gallery: its training images, "
+        "then with the set's images under their identities."
+    )
+    summary = {"sets": data, "extractor": stage}
+    return Section(spec.get("title", "Coverage"), _with_caption(body, spec), summary)
+
+
 def _dropped(audit: dict[str, Any]) -> str:
     """The quality table's note on a set whose near copies were dropped (their share of the audited)."""
     if not audit.get("num_dropped"):
@@ -473,6 +537,7 @@ def text(ctx: RunContext, spec: dict[str, Any]) -> Section:
 KINDS: dict[str, Callable[[RunContext, dict[str, Any]], Section]] = {
     "table": table,
     "quality": quality,
+    "coverage": coverage,
     "selection": selection,
     "samples": samples,
     "rewards": rewards,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +54,77 @@ def measured_gain(run: str | Path, row: str, base: str, metric: str) -> dict[str
     return {"mean": float(np.mean(diffs)), "seeds": len(diffs)} if diffs else None
 
 
+@dataclass(frozen=True)
+class Generated:
+    """A set sampled in memory from a generator export: ``per_identity`` images of each of its identities,
+    seeds 0.. in label order, with the given sampler."""
+
+    export: str
+    method: str = "dpmsolver"
+    steps: int = 25
+    eta: float = 0.0
+    guidance: float = 2.0
+    per_identity: int = 10
+
+    def sample(self, size: int, channels: int) -> tuple[Any, list[str]]:
+        """The images (N, C, size, size) in [-1, 1] and their identities."""
+        import torch
+
+        from rgsd_lightning.diffusion.generator import DiTGenerator
+        from rgsd_lightning.diffusion.sampling import sample
+
+        generator = DiTGenerator.from_pretrained(self.export).eval()
+        if (generator.image_size, generator.channels) != (size, channels):
+            raise ValueError(
+                f"generator {self.export} draws {generator.channels}x{generator.image_size}px images, the "
+                f"measure compares {channels}x{size}px: set --size / --channels"
+            )
+        labels = [i for i in range(generator.num_identities) for _ in range(self.per_identity)]
+        images = []
+        for start in range(0, len(labels), 100):
+            chunk = labels[start : start + 100]
+            out = sample(
+                generator,
+                chunk,
+                seeds=list(range(start, start + len(chunk))),
+                num_steps=self.steps,
+                method=self.method,
+                eta=self.eta,
+                guidance_scale=self.guidance,
+                clip_x0=True,
+            )
+            images.append(out.images.cpu())
+        return torch.cat(images), [generator.identities[i] for i in labels]
+
+
+def parse_generated(specs: Sequence[str], per_identity: int) -> dict[str, Generated]:
+    """``NAME=EXPORT`` or ``NAME=EXPORT@METHOD:STEPS:ETA:GUIDANCE`` -> {name: Generated}."""
+    out: dict[str, Generated] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        export, _, sampler = rest.partition("@")
+        parts = sampler.split(":") if sampler else []
+        if not sep or not name or not export or len(parts) not in (0, 4):
+            raise ValueError(f"--generate entry {spec!r}: expected NAME=EXPORT[@METHOD:STEPS:ETA:GUIDANCE]")
+        if parts:
+            method, steps, eta, guidance = parts
+            out[name] = Generated(export, method, int(steps), float(eta), float(guidance), per_identity)
+        else:
+            out[name] = Generated(export, per_identity=per_identity)
+    return out
+
+
 def measure(
     extractor_dir: str | Path,
     target: str | Path,
-    sets: dict[str, str | Path],
+    sets: dict[str, str | Path | Generated],
     *,
     train_per_identity: int,
     size: int = 32,
     channels: int = 1,
 ) -> dict[str, Any]:
-    """{set: {"images": n, <space>: coverage_gain(...)}} for every set and both spaces."""
+    """{set: {"images": n, <space>: coverage_gain(...)}} for every set (a set folder, or a set sampled in
+    memory) and both spaces."""
     from rgsd_lightning.backbones import FeatureExtractor
     from rgsd_lightning.evaluation.quality import embed, load_images
 
@@ -74,25 +136,29 @@ def measure(
         raise ValueError(f"{target}: no test image at train_per_identity={train_per_identity}")
 
     def spaces(group) -> dict[str, np.ndarray]:
-        images = load_images(group, size, channels)
+        images = group if not isinstance(group, list) else load_images(group, size, channels)
         return {"recognizer": embed(extractor, images), "pixels": grey_pixels(images)}
 
     known = {r.identity for r in train}
     anchors, queries = spaces(train), spaces(test)
     results: dict[str, Any] = {}
-    for name, folder in sets.items():
-        synthetic = read_manifest(manifest_path(folder))
-        unknown = sorted({r.identity for r in synthetic} - known)
+    for name, source in sets.items():
+        if isinstance(source, Generated):
+            images, labels = source.sample(size, channels)
+            feats = spaces(images)
+        else:
+            synthetic = read_manifest(manifest_path(source))
+            feats, labels = spaces(synthetic), [r.identity for r in synthetic]
+        unknown = sorted(set(labels) - known)
         if unknown:
-            raise ValueError(f"synthetic set {folder}: identities {unknown[:5]} are not target identities")
-        feats = spaces(synthetic)
-        results[name] = {"images": len(synthetic)}
+            raise ValueError(f"synthetic set {name}: identities {unknown[:5]} are not target identities")
+        results[name] = {"images": len(labels)}
         for space in SPACES:
             results[name][space] = coverage_gain(
                 anchors[space],
                 [r.identity for r in train],
                 feats[space],
-                [r.identity for r in synthetic],
+                labels,
                 queries[space],
                 [r.identity for r in test],
             )
@@ -148,7 +214,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", required=True, help="identity folders of the target")
     p.add_argument("--train-per-identity", type=int, required=True)
     p.add_argument("--extractor", required=True, help="recognizer export trained on the training images only")
-    p.add_argument("--sets", nargs="+", required=True, help="NAME=PATH or NAME=PATH:ROW (PATH: a set folder)")
+    p.add_argument("--sets", nargs="*", default=[], help="NAME=PATH or NAME=PATH:ROW (PATH: a set folder)")
+    p.add_argument(
+        "--generate",
+        nargs="*",
+        default=[],
+        help="NAME=EXPORT[@METHOD:STEPS:ETA:GUIDANCE]: a set sampled in memory (default dpmsolver:25:0:2)",
+    )
+    p.add_argument("--per-identity", type=int, default=10, help="images per identity of a --generate set")
     p.add_argument("--run", default=None, help="study run folder of the rows (for the measured gain)")
     p.add_argument("--base", default=None, help="the row the measured gain is against (e.g. k3_real)")
     p.add_argument("--metric", default="test/id_acc")
@@ -160,12 +233,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.run is None) != (args.base is None):
         p.error("--run and --base go together")
     sets = parse_sets(args.sets)
+    generated = parse_generated(args.generate, args.per_identity)
+    if not sets and not generated:
+        p.error("give --sets or --generate")
+    clash = sorted(set(sets) & set(generated))
+    if clash:
+        p.error(f"set names {clash} appear in both --sets and --generate")
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     report = report_header("coverage", False, command_line("coverage", argv), settings)
     report["results"] = measure(
         args.extractor,
         args.target,
-        {name: path for name, (path, _) in sets.items()},
+        {**{name: path for name, (path, _) in sets.items()}, **generated},
         train_per_identity=args.train_per_identity,
         size=args.size,
         channels=args.channels,

@@ -1296,6 +1296,48 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
         assert report["spearman"][space] == {"rho": pytest.approx(1.0), "sets": 3}
     assert rows["tests"]["measured"] == pytest.approx({"mean": 19.0, "seeds": 2})
     assert "| tests | 9 |" in (tmp_path / "out" / "cov.md").read_text()
+    # a set sampled in memory from a generator export of the target's identities, at the measure's geometry
+    from benchmarks.coverage import Generated, parse_generated
+    from rgsd_lightning.diffusion import build_dit
+
+    gen = build_dit(num_identities=3, identities=["p1", "p2", "p3"], preset="tiny", image_size=16, channels=1)
+    gen.save_pretrained(tmp_path / "gen")
+    assert parse_generated([f"g={tmp_path / 'gen'}@ddim:2:0.5:1.5"], 2) == {
+        "g": Generated(str(tmp_path / "gen"), "ddim", 2, 0.5, 1.5, 2)
+    }
+    with pytest.raises(ValueError, match="NAME=EXPORT"):
+        parse_generated(["g=x@ddim:2"], 2)
+    argv_gen = [
+        *argv[:6],
+        "--size",
+        "16",
+        "--generate",
+        f"g={tmp_path / 'gen'}@ddim:2:0:1",
+        "--per-identity",
+        "2",
+    ]
+    assert main([*argv_gen, "--out", str(tmp_path / "out"), "--name", "gen"]) == 0
+    sampled = json.loads((tmp_path / "out" / "gen.json").read_text())["results"]["g"]
+    assert sampled["images"] == 6
+    for space in ("recognizer", "pixels"):
+        assert sampled[space]["before"] == pytest.approx(
+            rows["tests"][space]["before"]
+        )  # same gallery, queries
+        assert sampled[space]["gain"] == pytest.approx(sampled[space]["after"] - sampled[space]["before"])
+    with pytest.raises(ValueError, match="--size"):
+        main(
+            [
+                *argv[:6],
+                "--size",
+                "8",
+                "--generate",
+                f"g={tmp_path / 'gen'}",
+                "--out",
+                str(tmp_path / "o3"),
+                "--name",
+                "y",
+            ]
+        )
     stranger = make_set("stranger", lambda g: g[:1], relabel=False)
     write_manifest(Path(stranger) / "manifest.jsonl", [IdentityRecord(str(paths["p1"][0]), "p9")])
     with pytest.raises(ValueError, match="not target identities"):

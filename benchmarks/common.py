@@ -315,6 +315,45 @@ def write_report(out: str | os.PathLike, name: str, report: Mapping[str, Any], m
     return json_path
 
 
+def publish(out: str | os.PathLike, name: str, report: Mapping[str, Any], markdown: str) -> Path:
+    """:func:`write_report`, then print the markdown and where it went; returns the JSON path."""
+    path = write_report(out, name, report, markdown)
+    print(markdown)
+    print(f"wrote {path}")
+    return path
+
+
+def sample_batched(
+    generator: Any,
+    labels: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    init: Any = None,
+    batch_size: int = 64,
+    **sampler: Any,
+) -> Any:
+    """``sampling.sample`` of ``labels`` in batches of ``batch_size``: sample i from ``seeds[i]`` and, with
+    ``init`` (N, C, S, S) images in [-1, 1], from image i (SDEdit: pass ``strength``), so no image depends on
+    the others in its batch. The decoded images (N, C, S, S) on the CPU."""
+    import torch
+
+    from rgsd_lightning.diffusion.sampling import sample
+
+    if len(labels) != len(seeds):
+        raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
+    out = []
+    for start in range(0, len(labels), batch_size):
+        stop = start + batch_size
+        start_images = (
+            {} if init is None else {"init": generator.encode(init[start:stop].to(generator.device))}
+        )
+        batch = sample(
+            generator, list(labels[start:stop]), seeds=list(seeds[start:stop]), **start_images, **sampler
+        )
+        out.append(batch.images.cpu())
+    return torch.cat(out)
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "tolist"):
         return value.tolist()

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
+from benchmarks.common import command_line, md_environment, md_table, publish, report_header, sample_batched
 from benchmarks.novelty import grey_pixels
 from rgsd_lightning.data.records import read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
@@ -68,10 +68,7 @@ class Generated:
 
     def sample(self, size: int, channels: int) -> tuple[Any, list[str]]:
         """The images (N, C, size, size) in [-1, 1] and their identities."""
-        import torch
-
         from rgsd_lightning.diffusion.generator import DiTGenerator
-        from rgsd_lightning.diffusion.sampling import sample
 
         generator = DiTGenerator.from_pretrained(self.export).eval()
         if (generator.image_size, generator.channels) != (size, channels):
@@ -80,21 +77,18 @@ class Generated:
                 f"measure compares {channels}x{size}px: set --size / --channels"
             )
         labels = [i for i in range(generator.num_identities) for _ in range(self.per_identity)]
-        images = []
-        for start in range(0, len(labels), 100):
-            chunk = labels[start : start + 100]
-            out = sample(
-                generator,
-                chunk,
-                seeds=list(range(start, start + len(chunk))),
-                num_steps=self.steps,
-                method=self.method,
-                eta=self.eta,
-                guidance_scale=self.guidance,
-                clip_x0=True,
-            )
-            images.append(out.images.cpu())
-        return torch.cat(images), [generator.identities[i] for i in labels]
+        images = sample_batched(
+            generator,
+            labels,
+            list(range(len(labels))),
+            batch_size=100,
+            num_steps=self.steps,
+            method=self.method,
+            eta=self.eta,
+            guidance_scale=self.guidance,
+            clip_x0=True,
+        )
+        return images, [generator.identities[i] for i in labels]
 
 
 def parse_generated(specs: Sequence[str], per_identity: int) -> dict[str, Generated]:
@@ -135,12 +129,12 @@ def measure(
     if not test:
         raise ValueError(f"{target}: no test image at train_per_identity={train_per_identity}")
 
-    def spaces(group) -> dict[str, np.ndarray]:
-        images = group if not isinstance(group, list) else load_images(group, size, channels)
+    def spaces(images) -> dict[str, np.ndarray]:
         return {"recognizer": embed(extractor, images), "pixels": grey_pixels(images)}
 
     known = {r.identity for r in train}
-    anchors, queries = spaces(train), spaces(test)
+    anchors = spaces(load_images(train, size, channels))
+    queries = spaces(load_images(test, size, channels))
     results: dict[str, Any] = {}
     for name, source in sets.items():
         if isinstance(source, Generated):
@@ -148,7 +142,7 @@ def measure(
             feats = spaces(images)
         else:
             synthetic = read_manifest(manifest_path(source))
-            feats, labels = spaces(synthetic), [r.identity for r in synthetic]
+            feats, labels = spaces(load_images(synthetic, size, channels)), [r.identity for r in synthetic]
         unknown = sorted(set(labels) - known)
         if unknown:
             raise ValueError(f"synthetic set {name}: identities {unknown[:5]} are not target identities")
@@ -259,10 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for space in SPACES:
                 rho = stats.spearmanr([r[space]["gain"] for r in both], [r["measured"]["mean"] for r in both])
                 report["spearman"][space] = {"rho": float(rho.statistic), "sets": len(both)}
-    text = markdown(report)
-    path = write_report(args.out, args.name, report, text)
-    print(text)
-    print(f"wrote {path}")
+    publish(args.out, args.name, report, markdown(report))
     return 0
 
 

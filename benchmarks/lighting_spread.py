@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
+from benchmarks.common import command_line, md_environment, md_table, publish, report_header
 from rgsd_lightning.data.listing import name_excluded
 from rgsd_lightning.data.records import IdentityRecord, read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
@@ -191,10 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         size=args.size,
         photometric=args.photometric,
     )
-    text = markdown(report)
-    path = write_report(args.out, args.name, report, text)
-    print(text)
-    print(f"wrote {path}")
+    publish(args.out, args.name, report, markdown(report))
     return 0
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
+from benchmarks.common import command_line, md_environment, md_table, publish, report_header
 from benchmarks.lighting_spread import set_folder
 from rgsd_lightning.data.records import IdentityRecord, by_identity, read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
@@ -189,10 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         size=args.size,
         channels=args.channels,
     )
-    text = markdown(report)
-    path = write_report(args.out, args.name, report, text)
-    print(text)
-    print(f"wrote {path}")
+    publish(args.out, args.name, report, markdown(report))
     return 0
 
 

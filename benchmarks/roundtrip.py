@@ -31,7 +31,14 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import command_line, md_environment, md_table, report_header, write_report
+from benchmarks.common import (
+    command_line,
+    md_environment,
+    md_table,
+    report_header,
+    sample_batched,
+    write_report,
+)
 from benchmarks.lighting_spread import set_folder
 from rgsd_lightning.backbones import FeatureExtractor
 from rgsd_lightning.data.images import load_image
@@ -40,7 +47,7 @@ from rgsd_lightning.data.sources import read_identity_folders
 from rgsd_lightning.data.synthetic_set import image_path, manifest_path
 from rgsd_lightning.data.transforms import generator_transform
 from rgsd_lightning.diffusion.generator import DiTGenerator
-from rgsd_lightning.diffusion.sampling import sample, steps_from_init
+from rgsd_lightning.diffusion.sampling import steps_from_init
 from rgsd_lightning.evaluation.quality import Judge
 from rgsd_lightning.io import atomic_folder, atomic_write_json, image_grid, save_png, to_uint8
 
@@ -87,23 +94,18 @@ def round_trip(
 ) -> torch.Tensor:
     """``images`` (N, C, S, S) in [-1, 1] noised to ``strength`` and denoised under ``labels``, in batches
     (each image's noise from its own seed, so the result does not depend on the batching)."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        stop = start + batch_size
-        init = generator.encode(images[start:stop].to(generator.device))
-        result = sample(
-            generator,
-            list(labels[start:stop]),
-            seeds=list(seeds[start:stop]),
-            num_steps=steps,
-            method=method,
-            guidance_scale=guidance_scale,
-            clip_x0=clip_x0,
-            init=init,
-            strength=strength,
-        )
-        out.append(result.images.cpu())
-    return torch.cat(out)
+    return sample_batched(
+        generator,
+        labels,
+        seeds,
+        init=images,
+        batch_size=batch_size,
+        num_steps=steps,
+        method=method,
+        guidance_scale=guidance_scale,
+        clip_x0=clip_x0,
+        strength=strength,
+    )
 
 
 def build(

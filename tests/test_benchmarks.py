@@ -996,14 +996,35 @@ def test_verdict_study_pairs_each_row_with_the_real_only_rows_by_seed(tmp_path, 
     assert "| all_real | 3 | 20.00 ± 2.00 | -1.33 [" in text
 
 
+def _grey_target(root: Path, names: tuple[str, ...], per_identity: int, rng) -> dict[str, list[Path]]:
+    """Identity folders under ``root`` of random 16x16 grey PNGs named 1.png, 2.png, ...; their paths."""
+    from PIL import Image
+
+    paths: dict[str, list[Path]] = {}
+    for name in names:
+        for i in range(1, per_identity + 1):
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
+            paths.setdefault(name, []).append(path)
+    return paths
+
+
+def _grey_recognizer(folder: Path) -> None:
+    """An untrained grey 16x16 recognizer export (test_resnet, seed 0) in ``folder``."""
+    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
+
+    torch.manual_seed(0)
+    net = EmbeddingNet("test_resnet", in_chans=1).eval()
+    save_embedding_net(net, folder, input_size=[16, 16], mean=[0.5], std=[0.5])
+
+
 def test_novelty_distances_by_hand_and_on_a_made_target(tmp_path):
     """Nearest same-identity distances by hand; end to end, a set of copies of the training images sits at
     distance 0 in both spaces (ratio 0, every image nearer than any new real image), a set of the new real
     images themselves at ratio 1; a set of an unknown identity is a clear error."""
-    from PIL import Image
 
     from benchmarks.novelty import main, nearest_distance, summary
-    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
     from rgsd_lightning.data import IdentityRecord, write_manifest
 
     points = np.array([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0]])
@@ -1016,18 +1037,9 @@ def test_novelty_distances_by_hand_and_on_a_made_target(tmp_path):
     assert stats == {"mean": pytest.approx(7 / 3), "median": 2.0, "closer": pytest.approx(1 / 3)}
 
     rng = np.random.default_rng(0)
-    paths: dict[str, list[Path]] = {}
-    for name in ("p1", "p2"):
-        for i in range(1, 5):  # images 1-2 train, 3 is the judge's too, 4 is new to everyone
-            path = tmp_path / "target" / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
-            paths.setdefault(name, []).append(path)
-    torch.manual_seed(0)
-    net = EmbeddingNet("test_resnet", in_chans=1).eval()
-    save_embedding_net(
-        net, tmp_path / "run" / "judge" / "export" / "backbone", input_size=[16, 16], mean=[0.5], std=[0.5]
-    )
+    # images 1-2 train, 3 is the judge's too, 4 is new to everyone
+    paths = _grey_target(tmp_path / "target", ("p1", "p2"), 4, rng)
+    _grey_recognizer(tmp_path / "run" / "judge" / "export" / "backbone")
 
     def make_set(stage, which):
         records = [
@@ -1209,11 +1221,9 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
     wrong-identity one takes it away; the measured gain pairs seeds and skips other rows' folders; end to end,
     copies of the test images cover everything the training images miss, copies of the training images
     nothing, wrongly labelled copies cost what they cover, and the ranking agrees with the measured gains."""
-    from PIL import Image
     from scipy.spatial.distance import cdist
 
     from benchmarks.coverage import main, measured_gain, parse_sets
-    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
     from rgsd_lightning.data import IdentityRecord, write_manifest
     from rgsd_lightning.evaluation.quality import coverage_gain, nn_accuracy
 
@@ -1246,16 +1256,8 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
     with pytest.raises(ValueError, match="NAME=PATH"):
         parse_sets(["no-equals"])
 
-    paths: dict[str, list[Path]] = {}
-    for name in ("p1", "p2", "p3"):
-        for i in range(1, 5):  # image 1 trains, 2-4 test
-            path = tmp_path / "target" / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(path)
-            paths.setdefault(name, []).append(path)
-    torch.manual_seed(0)
-    net = EmbeddingNet("test_resnet", in_chans=1).eval()
-    save_embedding_net(net, tmp_path / "rec", input_size=[16, 16], mean=[0.5], std=[0.5])
+    paths = _grey_target(tmp_path / "target", ("p1", "p2", "p3"), 4, rng)  # image 1 trains, 2-4 test
+    _grey_recognizer(tmp_path / "rec")
     shift = {"p1": "p2", "p2": "p3", "p3": "p1"}
 
     def make_set(set_name, which, relabel=False):

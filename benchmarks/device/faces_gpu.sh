@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The faces GPU study (benchmarks/configs/utility_faces_gpu.yaml) in one device call of under 10 minutes:
+#   here:    bash benchmarks/device/kit.sh
+#   device:  run(command="bash benchmarks/device/faces_gpu.sh", carry=[".gpu/faces"], timeout_s=600)
+# 1. the generator chain (prior for prior_max_time, cold starts, RL, generation) and the seed-0 real-only
+#    recognizers: enough for the report's coverage, quality and samples sections at both shot settings;
+# 2. while time is left, the deciding downstream rows (seeds 0-2), each finished stage kept;
+# 3. the report of whatever finished, and into $OUT: results.tgz (report md / json / figures), run.tgz (the
+#    run folder without checkpoints and weights but the seed-0 recognizers': stage.json files and the
+#    synthetic sets, so the rows can be trained on CPU from the GPU generator's sets) and the log.
+# BUDGET_S (default 540) bounds the whole script; each phase ends in time to leave the report its minute.
+# JOBS / THREADS (default 4 / 3: 16 cores) are the study's --jobs / --threads.
+# A dry run on CPU (the quick overlay, its own run folder; the kit's data unpacked only where ../shared lacks it):
+#   OUT=/tmp/out STUDY_ARGS="--quick --set vars.accelerator=cpu" RUN=runs/utility/utility_faces_gpu_quick \
+#     bash benchmarks/device/faces_gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+start=$SECONDS
+budget=${BUDGET_S:-540}
+out=${OUT:-/tmp/faces_gpu_out}
+mkdir -p "$out"
+exec > >(tee "$out/faces_gpu.log") 2>&1
+. benchmarks/device/setup.sh .gpu/faces || { echo "setup failed"; exit 1; }
+cfg=benchmarks/configs/utility_faces_gpu.yaml
+run=${RUN:-runs/utility/utility_faces_gpu}
+read -r -a extra <<<"${STUDY_ARGS:-}"
+res=/tmp/faces_gpu_results
+left() { echo $((budget - (SECONDS - start))); }
+study() { # seconds, stage patterns...
+  local limit=$1
+  shift
+  echo "[faces_gpu] $(date -u +%T) $((SECONDS - start)) s in; up to $limit s for: $*"
+  timeout "$limit" python3 -m benchmarks utility --config "$cfg" --jobs "${JOBS:-4}" --threads "${THREADS:-3}" --out "$res" "${extra[@]}" --only "$@"
+  echo "[faces_gpu] exit $? after $((SECONDS - start)) s"
+}
+study $(($(left) - 75)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full'
+if (($(left) > 150)); then
+  study $(($(left) - 75)) 'k?_real_s?' 'k?_erasing_s?' 'k?_rl_selection_s?' 'k?_erasing_rl_selection_s?'
+fi
+timeout $(($(left) - 15)) python3 -m rgsd_lightning report "$run" --out "$res" --name "$(basename "$run")"
+tar czf "$out/results.tgz" -C "$res" . 2>/dev/null
+{ find "$run" -type f | grep -v -E '\.ckpt$|/checkpoints/|/lightning_logs/|/export/'
+  find "$run"/k?_real_s0/export -type f 2>/dev/null; } | tar czf "$out/run.tgz" -T -
+ls -la "$out"
+echo "[faces_gpu] done in $((SECONDS - start)) s"

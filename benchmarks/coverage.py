@@ -57,7 +57,7 @@ def measured_gain(run: str | Path, row: str, base: str, metric: str) -> dict[str
 @dataclass(frozen=True)
 class Generated:
     """A set sampled in memory from a generator export: ``per_identity`` images of each of its identities,
-    seeds 0.. in label order, with the given sampler."""
+    seeds 0.. in label order, with the given sampler, the generator on ``device``."""
 
     export: str
     method: str = "dpmsolver"
@@ -65,12 +65,13 @@ class Generated:
     eta: float = 0.0
     guidance: float = 2.0
     per_identity: int = 10
+    device: str = "cpu"
 
     def sample(self, size: int, channels: int) -> tuple[Any, list[str]]:
         """The images (N, C, size, size) in [-1, 1] and their identities."""
         from rgsd_lightning.diffusion.generator import DiTGenerator
 
-        generator = DiTGenerator.from_pretrained(self.export).eval()
+        generator = DiTGenerator.from_pretrained(self.export).to(self.device).eval()
         if (generator.image_size, generator.channels) != (size, channels):
             raise ValueError(
                 f"generator {self.export} draws {generator.channels}x{generator.image_size}px images, the "
@@ -91,8 +92,9 @@ class Generated:
         return images, [generator.identities[i] for i in labels]
 
 
-def parse_generated(specs: Sequence[str], per_identity: int) -> dict[str, Generated]:
-    """``NAME=EXPORT`` or ``NAME=EXPORT@METHOD:STEPS:ETA:GUIDANCE`` -> {name: Generated}."""
+def parse_generated(specs: Sequence[str], per_identity: int, device: str = "cpu") -> dict[str, Generated]:
+    """``NAME=EXPORT`` or ``NAME=EXPORT@METHOD:STEPS:ETA:GUIDANCE`` -> {name: Generated} (sampled on
+    ``device``)."""
     out: dict[str, Generated] = {}
     for spec in specs:
         name, sep, rest = spec.partition("=")
@@ -102,9 +104,10 @@ def parse_generated(specs: Sequence[str], per_identity: int) -> dict[str, Genera
             raise ValueError(f"--generate entry {spec!r}: expected NAME=EXPORT[@METHOD:STEPS:ETA:GUIDANCE]")
         if parts:
             method, steps, eta, guidance = parts
-            out[name] = Generated(export, method, int(steps), float(eta), float(guidance), per_identity)
+            sampler = (method, int(steps), float(eta), float(guidance))
+            out[name] = Generated(export, *sampler, per_identity=per_identity, device=device)
         else:
-            out[name] = Generated(export, per_identity=per_identity)
+            out[name] = Generated(export, per_identity=per_identity, device=device)
     return out
 
 
@@ -216,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="NAME=EXPORT[@METHOD:STEPS:ETA:GUIDANCE]: a set sampled in memory (default dpmsolver:25:0:2)",
     )
     p.add_argument("--per-identity", type=int, default=10, help="images per identity of a --generate set")
+    p.add_argument("--device", default="cpu", help="where --generate sets are sampled (e.g. cuda)")
     p.add_argument("--run", default=None, help="study run folder of the rows (for the measured gain)")
     p.add_argument("--base", default=None, help="the row the measured gain is against (e.g. k3_real)")
     p.add_argument("--metric", default="test/id_acc")
@@ -227,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.run is None) != (args.base is None):
         p.error("--run and --base go together")
     sets = parse_sets(args.sets)
-    generated = parse_generated(args.generate, args.per_identity)
+    generated = parse_generated(args.generate, args.per_identity, args.device)
     if not sets and not generated:
         p.error("give --sets or --generate")
     clash = sorted(set(sets) & set(generated))

@@ -1307,6 +1307,7 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
     assert parse_generated([f"g={tmp_path / 'gen'}@ddim:2:0.5:1.5"], 2) == {
         "g": Generated(str(tmp_path / "gen"), "ddim", 2, 0.5, 1.5, 2)
     }
+    assert parse_generated(["g=x"], 3, "cuda") == {"g": Generated("x", per_identity=3, device="cuda")}
     with pytest.raises(ValueError, match="NAME=EXPORT"):
         parse_generated(["g=x@ddim:2"], 2)
     argv_gen = [
@@ -1317,6 +1318,8 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
         f"g={tmp_path / 'gen'}@ddim:2:0:1",
         "--per-identity",
         "2",
+        "--device",
+        "cpu",
     ]
     assert main([*argv_gen, "--out", str(tmp_path / "out"), "--name", "gen"]) == 0
     sampled = json.loads((tmp_path / "out" / "gen.json").read_text())["results"]["g"]

@@ -4,11 +4,12 @@
 #   device:  run(command="bash benchmarks/device/faces_gpu.sh", carry=[".gpu/faces"], timeout_s=600)
 # 1. the generator chain (prior for prior_max_time, cold starts, RL, generation) and the seed-0 real-only
 #    recognizers: enough for the report's coverage, quality and samples sections at both shot settings;
-# 2. while time is left, the deciding downstream rows (seeds 0-2), each finished stage kept;
+# 2. coverage of the cold start and RL generators under the samplers of coverage_sampling_faces_k?.md;
+#    while time is left, the deciding downstream rows (seeds 0-2), each finished stage kept;
 # 3. the report of whatever finished, and into $OUT: results.tgz (report md / json / figures), run.tgz (the
 #    run folder without checkpoints and weights but the seed-0 recognizers': stage.json files and the
 #    synthetic sets, so the rows can be trained on CPU from the GPU generator's sets) and the log.
-# BUDGET_S (default 540) bounds the whole script; each phase ends in time to leave the report its minute.
+# BUDGET_S (default 560) bounds the whole script; each phase ends in time to leave the report its minute.
 # JOBS / THREADS (default 4 / 3: 16 cores) are the study's --jobs / --threads.
 # A dry run on CPU (the quick overlay, its own run folder; the kit's data unpacked only where ../shared lacks it):
 #   OUT=/tmp/out STUDY_ARGS="--quick --set vars.accelerator=cpu" RUN=runs/utility/utility_faces_gpu_quick \
@@ -16,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
-budget=${BUDGET_S:-540}
+budget=${BUDGET_S:-560}
 out=${OUT:-/tmp/faces_gpu_out}
 mkdir -p "$out"
 exec > >(tee "$out/faces_gpu.log") 2>&1
@@ -25,6 +26,7 @@ cfg=benchmarks/configs/utility_faces_gpu.yaml
 run=${RUN:-runs/utility/utility_faces_gpu}
 read -r -a extra <<<"${STUDY_ARGS:-}"
 res=/tmp/faces_gpu_results
+device=$(python3 -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 left() { echo $((budget - (SECONDS - start))); }
 study() { # seconds, stage patterns...
   local limit=$1
@@ -33,7 +35,20 @@ study() { # seconds, stage patterns...
   timeout "$limit" python3 -m benchmarks utility --config "$cfg" --jobs "${JOBS:-4}" --threads "${THREADS:-3}" --out "$res" "${extra[@]}" --only "$@"
   echo "[faces_gpu] exit $? after $((SECONDS - start)) s"
 }
-study $(($(left) - 75)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full'
+study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full'
+# coverage of each generator under other samplers (coverage_sampling_faces_k?.md's settings), on the GPU
+for k in 1 3; do
+  gens=()
+  for g in cold_start rl_full; do
+    e=$run/k${k}_$g/export/generator
+    [ -f "$e/generator.json" ] && gens+=("${g}_w1=$e@dpmsolver:25:0:1" "${g}_w2=$e@dpmsolver:25:0:2"
+      "${g}_w4=$e@dpmsolver:25:0:4" "${g}_ddpm50_w2=$e@ddim:50:1:2")
+  done
+  [ -d "$run/k${k}_real_s0/export/backbone" ] && [ ${#gens[@]} -gt 0 ] && (($(left) > 150)) &&
+    timeout 60 python3 -m benchmarks coverage --target ../shared/data/orl_faces --train-per-identity $k \
+      --extractor "$run/k${k}_real_s0/export/backbone" --per-identity 10 --device "$device" \
+      --out "$res" --name "coverage_sampling_$(basename "$run")_k$k" --generate "${gens[@]}"
+done
 if (($(left) > 150)); then
   study $(($(left) - 75)) 'k?_real_s?' 'k?_erasing_s?' 'k?_rl_selection_s?' 'k?_erasing_rl_selection_s?'
 fi

@@ -35,7 +35,8 @@ study() { # seconds, stage patterns...
   timeout "$limit" python3 -m benchmarks utility --config "$cfg" --jobs "${JOBS:-4}" --threads "${THREADS:-3}" --out "$res" "${extra[@]}" --only "$@"
   echo "[faces_gpu] exit $? after $((SECONDS - start)) s"
 }
-study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full'
+study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full' \
+  'k?_gen_private'
 # coverage of each generator under other samplers (coverage_sampling_faces_k?.md's settings), on the GPU
 for k in 1 3; do
   gens=()

@@ -11,9 +11,10 @@
 #    synthetic sets, so the rows can be trained on CPU from the GPU generator's sets) and the log.
 # BUDGET_S (default 560) bounds the whole script; each phase ends in time to leave the report its minute.
 # JOBS / THREADS (default 4 / 3: 16 cores) are the study's --jobs / --threads.
-# A dry run on CPU (the quick overlay, its own run folder; the kit's data unpacked only where ../shared lacks it):
-#   OUT=/tmp/out STUDY_ARGS="--quick --set vars.accelerator=cpu" RUN=runs/utility/utility_faces_gpu_quick \
-#     bash benchmarks/device/faces_gpu.sh
+# A dry run on CPU (the quick overlay with the small preset, its own run folder; the kit's data is unpacked
+# where ../shared lacks it; 5 min in a clean clone on 2 cores, the samplers' coverage cut by its timeout):
+#   OUT=/tmp/out BUDGET_S=3000 JOBS=2 THREADS=1 RUN=runs/utility/utility_faces_gpu_quick \
+#     STUDY_ARGS="--quick --set vars.accelerator=cpu --set vars.preset=small" bash benchmarks/device/faces_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 start=$SECONDS
@@ -45,10 +46,12 @@ for k in 1 3; do
     [ -f "$e/generator.json" ] && gens+=("${g}_w1=$e@dpmsolver:25:0:1" "${g}_w2=$e@dpmsolver:25:0:2"
       "${g}_w4=$e@dpmsolver:25:0:4" "${g}_ddpm50_w2=$e@ddim:50:1:2")
   done
-  [ -d "$run/k${k}_real_s0/export/backbone" ] && [ ${#gens[@]} -gt 0 ] && (($(left) > 150)) &&
-    timeout 60 python3 -m benchmarks coverage --target ../shared/data/orl_faces --train-per-identity $k \
+  if [ -d "$run/k${k}_real_s0/export/backbone" ] && [ ${#gens[@]} -gt 0 ] && (($(left) > 180)); then
+    timeout 90 python3 -m benchmarks coverage --target ../shared/data/orl_faces --train-per-identity $k \
       --extractor "$run/k${k}_real_s0/export/backbone" --per-identity 10 --device "$device" \
       --out "$res" --name "coverage_sampling_$(basename "$run")_k$k" --generate "${gens[@]}"
+    echo "[faces_gpu] coverage k$k: exit $? after $((SECONDS - start)) s"
+  fi
 done
 if (($(left) > 150)); then
   study $(($(left) - 75)) 'k?_real_s?' 'k?_erasing_s?' 'k?_rl_selection_s?' 'k?_erasing_rl_selection_s?'
@@ -57,5 +60,9 @@ timeout $(($(left) - 15)) python3 -m rgsd_lightning report "$run" --out "$res" -
 tar czf "$out/results.tgz" -C "$res" . 2>/dev/null
 { find "$run" -type f | grep -v -E '\.ckpt$|/checkpoints/|/lightning_logs/|/export/'
   find "$run"/k?_real_s0/export -type f 2>/dev/null; } | tar czf "$out/run.tgz" -T -
+# files come back only up to 16 MiB each: larger, in 15 MiB pieces (cat run.tgz.* | tar xz)
+if (($(stat -c %s "$out/run.tgz") > 15 * 1024 * 1024)); then
+  split -b 15M -d "$out/run.tgz" "$out/run.tgz." && rm "$out/run.tgz"
+fi
 ls -la "$out"
 echo "[faces_gpu] done in $((SECONDS - start)) s"

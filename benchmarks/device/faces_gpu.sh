@@ -33,7 +33,8 @@ study() { # seconds, stage patterns...
   local limit=$1
   shift
   echo "[faces_gpu] $(date -u +%T) $((SECONDS - start)) s in; up to $limit s for: $*"
-  timeout "$limit" python3 -m benchmarks utility --config "$cfg" --jobs "${JOBS:-4}" --threads "${THREADS:-3}" --out "$res" "${extra[@]}" --only "$@"
+  timeout "$limit" python3 -m benchmarks utility --config "$cfg" --jobs "${JOBS:-4}" --threads "${THREADS:-3}" \
+    --out "$res" "${extra[@]}" --only "$@"
   echo "[faces_gpu] exit $? after $((SECONDS - start)) s"
 }
 study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full' \

@@ -4,9 +4,9 @@
 # prints the versions. Returns non-zero (the caller stops) when any of it fails.
 kit=${1:?usage: . benchmarks/device/setup.sh KIT}
 missing=()
-for pair in diffusers:diffusers jsonargparse:jsonargparse docstring_parser:docstring_parser \
-  typeshed_client:typeshed_client pytorch_metric_learning:pytorch_metric_learning; do
-  python3 -c "import ${pair%%:*}" 2>/dev/null || missing+=("$kit"/whl/"${pair##*:}"-*.whl)
+for module in diffusers jsonargparse docstring_parser typeshed_client pytorch_metric_learning; do
+  # (each wheel's file name starts with its module's name)
+  python3 -c "import $module" 2>/dev/null || missing+=("$kit"/whl/"$module"-*.whl)
 done
 if [ ${#missing[@]} -gt 0 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \

@@ -41,7 +41,10 @@ study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k
   'k?_gen_private'
 # coverage of each generator under other samplers (coverage_sampling_faces_k?.md's settings), on the GPU
 for k in 1 3; do
-  gens=()
+  gens=() sets=()
+  for g in cold rl_full; do # the study's own sets, as in the CPU baseline's tables
+    [ -f "$run/k${k}_gen_$g/synthetic/manifest.jsonl" ] && sets+=("$g=$run/k${k}_gen_$g/synthetic")
+  done
   for g in cold_start rl_full; do
     e=$run/k${k}_$g/export/generator
     [ -f "$e/generator.json" ] && gens+=("${g}_w1=$e@dpmsolver:25:0:1" "${g}_w2=$e@dpmsolver:25:0:2"
@@ -50,7 +53,7 @@ for k in 1 3; do
   if [ -d "$run/k${k}_real_s0/export/backbone" ] && [ ${#gens[@]} -gt 0 ] && (($(left) > 180)); then
     timeout 90 python3 -m benchmarks coverage --target ../shared/data/orl_faces --train-per-identity $k \
       --extractor "$run/k${k}_real_s0/export/backbone" --per-identity 10 --device "$device" \
-      --out "$res" --name "coverage_sampling_$(basename "$run")_k$k" --generate "${gens[@]}"
+      --out "$res" --name "coverage_sampling_$(basename "$run")_k$k" --sets "${sets[@]}" --generate "${gens[@]}"
     echo "[faces_gpu] coverage k$k: exit $? after $((SECONDS - start)) s"
   fi
 done

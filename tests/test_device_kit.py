@@ -13,6 +13,7 @@ from PIL import Image
 from benchmarks.device.shim import faiss as faiss_shim
 from benchmarks.device.shrink import main as shrink_main
 from benchmarks.device.shrink import shrink_folder
+from rgsd_lightning.data.images import BadImageError, load_image
 from rgsd_lightning.data.transforms import generator_transform
 
 DEVICE = Path(__file__).resolve().parents[1] / "benchmarks" / "device"
@@ -35,18 +36,17 @@ def test_shrunk_images_read_back_as_the_originals_do(tmp_path, channels):
     originals["c"].save(src / "c.png")
     (src / "notes.txt").write_text("not an image")
     assert shrink_folder(src, tmp_path / "dst", size=32, channels=channels) == 3
-    transform = generator_transform(32, channels, hflip=False)
+    transform, mode = generator_transform(32, channels, hflip=False), "L" if channels == 1 else "RGB"
     for stem, suffix in (("a", ".jpg"), ("b", ".pgm"), ("c", ".png")):
-        with Image.open(src / f"{stem}{suffix}") as image:
-            expected = transform(image.convert("RGB"))
+        expected = transform(load_image(src / f"{stem}{suffix}", mode))  # what the data module reads
         with Image.open(tmp_path / "dst" / f"{stem}.png") as image:
-            assert image.size == (32, 32) and image.mode == ("L" if channels == 1 else "RGB")
-            got = transform(image.convert("RGB"))
+            assert image.size == (32, 32) and image.mode == mode
+        got = transform(load_image(tmp_path / "dst" / f"{stem}.png", mode))
         # the PNG stores the 8-bit image the transform's PIL steps make; resizing it to its own size keeps it
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-def test_shrink_refuses_a_missing_folder_and_clashing_stems(tmp_path, capsys):
+def test_shrink_refuses_a_missing_folder_clashing_stems_and_unreadable_images(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="no such folder"):
         shrink_folder(tmp_path / "absent", tmp_path / "dst")
     src = tmp_path / "src"
@@ -59,6 +59,9 @@ def test_shrink_refuses_a_missing_folder_and_clashing_stems(tmp_path, capsys):
     assert shrink_main([str(src), str(tmp_path / "dst"), "--size", "16"]) == 0
     assert "1 images" in capsys.readouterr().out
     assert Image.open(tmp_path / "dst" / "x.png").size == (16, 16)
+    (src / "y.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(BadImageError, match="y.jpg"):
+        shrink_folder(src, tmp_path / "dst2")
 
 
 def test_faiss_stand_in_searches_as_faiss_does():

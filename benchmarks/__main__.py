@@ -21,6 +21,8 @@
   (``benchmarks.lighting_spread``).
 * ``coverage`` - whether a synthetic set covers the test images its identities' training images do not
   (1-NN identification gain; ``benchmarks.coverage``).
+* ``cold_trajectory`` - coverage of a cold start's samples at steps along it, the gain split into test
+  images gained and taken, with a filter on the training images (``benchmarks.cold_trajectory``).
 * ``roundtrip`` - a set of real images sent through a generator and back (SDEdit under each image's own
   identity, ``benchmarks.roundtrip``): its content with the generator's rendering.
 * ``lowfreq_control`` - the non-generative control of a set generated from images: the training image with
@@ -51,6 +53,7 @@ COMMANDS = {
     "lowfreq_control": "benchmarks.lowfreq_control:main",
     "roundtrip": "benchmarks.roundtrip:main",
     "coverage": "benchmarks.coverage:main",
+    "cold_trajectory": "benchmarks.cold_trajectory:main",
 }
 
 

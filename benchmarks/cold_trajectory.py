@@ -1,0 +1,279 @@
+"""``python -m benchmarks cold_trajectory``: coverage along a cold start. Does any point of it draw images
+that cover the test images its identities' training images do not?
+
+Every CPU generator's final samples take test images away from their identities (``coverage_*.md``). A
+cold start moves from the prior (the identities' label rows fresh: any face, any identity) to the few
+training images (near copies of them); new content of a person, if it ever appears, appears in between.
+This reruns a finished cold-start stage from its saved ``config.yaml`` (the same data, seed, optimiser and
+EMA; a constant learning rate, so stopping early does not change the steps before), exports the generator
+at the given steps, and measures each export's in-memory samples as ``python -m benchmarks coverage``
+does, with the gain split into its two parts and a training-data-only filter:
+
+* ``gained``: test images whose nearest gallery image was of another identity and becomes a sample of
+  their own; ``taken``: those the samples turn wrong; the gain is their difference;
+* ``fidelity``: share of samples whose nearest *training* image (recognizer space) is of their own
+  identity - what a filter that knows only the training images can check;
+* ``filtered``: the gain of the samples that pass that check (the best a perfect static filter on the
+  training images can do with this set; selection sees even less).
+
+Writes ``<out>/<name>.json`` and ``.md``; the exports stay in ``--work`` (delete them after).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from benchmarks.common import command_line, md_environment, md_table, publish, report_header, sample_batched
+from benchmarks.novelty import grey_pixels
+
+SAMPLER = {"method": "dpmsolver", "num_steps": 25, "eta": 0.0, "clip_x0": True}
+
+
+def nearest(gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Index of each query's nearest gallery row (Euclidean)."""
+    gallery, queries = np.asarray(gallery, np.float64), np.asarray(queries, np.float64)
+    d2 = (queries**2).sum(1)[:, None] - 2 * queries @ gallery.T + (gallery**2).sum(1)[None, :]
+    return np.argmin(d2, axis=1)
+
+
+def split_gain(
+    train: np.ndarray,
+    train_labels: Sequence[str],
+    extra: np.ndarray,
+    extra_labels: Sequence[str],
+    test: np.ndarray,
+    test_labels: Sequence[str],
+) -> dict[str, float]:
+    """1-NN accuracy of the test rows before / after the extra rows join the gallery, and the change split
+    into ``gained`` (wrong before, right after) and ``taken`` (right before, wrong after), as shares."""
+    truth = np.asarray(test_labels)
+    before = np.asarray(train_labels)[nearest(train, test)] == truth
+    if len(extra):
+        gallery_labels = np.asarray([*train_labels, *extra_labels])
+        after = gallery_labels[nearest(np.concatenate([train, extra]), test)] == truth
+    else:
+        after = before
+    return {
+        "before": float(before.mean()),
+        "after": float(after.mean()),
+        "gain": float(after.mean() - before.mean()),
+        "gained": float((after & ~before).mean()),
+        "taken": float((before & ~after).mean()),
+    }
+
+
+def fidelity_mask(train: np.ndarray, train_labels: Sequence[str], extra: np.ndarray, labels: Sequence[str]):
+    """Per extra row: is its nearest training row of its own label?"""
+    return np.asarray(train_labels)[nearest(train, extra)] == np.asarray(labels)
+
+
+class ExportAtSteps:
+    """A Lightning callback (built lazily) exporting the module at the given optimiser steps."""
+
+    def __new__(cls, steps: Sequence[int], root: Path):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Export(Callback):
+            def __init__(self) -> None:
+                self.steps, self.root, self.done = sorted(set(steps)), root, {}
+
+            def _maybe(self, trainer, pl_module) -> None:
+                step = trainer.global_step
+                if step in self.steps and step not in self.done:
+                    self.done[step] = pl_module.export(self.root / f"step_{step:05d}")
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+                self._maybe(trainer, pl_module)
+
+            def on_train_end(self, trainer, pl_module) -> None:
+                self._maybe(trainer, pl_module)
+
+        return _Export()
+
+
+def run_cold_start(stage: Path, steps: Sequence[int], work: Path) -> dict[int, Path]:
+    """Rerun the cold-start stage ``stage`` (its ``config.yaml``) up to ``max(steps)``, exporting at each."""
+    from rgsd_lightning.cli import build_cli
+
+    config = yaml.safe_load((stage / "config.yaml").read_text())
+    model = config["model"]["init_args"]
+    if model.get("lr_scheduler") is not None or model.get("warmup_steps"):
+        raise ValueError(
+            f"{stage}: a learning-rate schedule would differ when stopped early; give a stage at a "
+            "constant rate"
+        )
+    if max(steps) > config["trainer"]["max_steps"]:
+        raise ValueError(f"steps {max(steps)} beyond the stage's max_steps {config['trainer']['max_steps']}")
+    config["trainer"].update(
+        max_steps=max(steps), callbacks=[], default_root_dir=str(work), enable_checkpointing=False
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = work / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    cli = build_cli(["--config", str(cfg)], run=False)
+    callback = ExportAtSteps(steps, work)
+    cli.trainer.callbacks.append(callback)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    missing = sorted(set(steps) - set(callback.done))
+    if missing:
+        raise RuntimeError(f"no export at steps {missing} (the run stopped at {cli.trainer.global_step})")
+    return dict(sorted(callback.done.items()))
+
+
+def measure_exports(
+    exports: dict[int, Path],
+    extractor_dir: str,
+    target: str,
+    train_per_identity: int,
+    guidances: Sequence[float],
+    per_identity: int,
+) -> list[dict[str, Any]]:
+    """One row per (step, guidance): the samples' split gain in both spaces, fidelity and filtered gain."""
+    from rgsd_lightning.backbones import FeatureExtractor
+    from rgsd_lightning.data.sources import read_identity_folders
+    from rgsd_lightning.diffusion.generator import DiTGenerator
+    from rgsd_lightning.evaluation.quality import embed, load_images
+
+    extractor = FeatureExtractor.from_export(extractor_dir).eval()
+    records = read_identity_folders(target, train_per_identity=train_per_identity)
+    train = [r for r in records if r.split == "train"]
+    test = [r for r in records if r.split != "train"]
+    train_labels, test_labels = [r.identity for r in train], [r.identity for r in test]
+    rows = []
+    for step, export in exports.items():
+        generator = DiTGenerator.from_pretrained(export).eval()
+        size, channels = generator.image_size, generator.channels
+        real = {"train": load_images(train, size, channels), "test": load_images(test, size, channels)}
+        feats = {k: embed(extractor, v) for k, v in real.items()}
+        pixels = {k: grey_pixels(v) for k, v in real.items()}
+        labels = [i for i in range(generator.num_identities) for _ in range(per_identity)]
+        names = [generator.identities[i] for i in labels]
+        for guidance in guidances:
+            images = sample_batched(
+                generator,
+                labels,
+                list(range(len(labels))),
+                batch_size=100,
+                guidance_scale=guidance,
+                **SAMPLER,
+            )
+            f, px = embed(extractor, images), grey_pixels(images)
+            keep = fidelity_mask(feats["train"], train_labels, f, names)
+            kept = [n for n, k in zip(names, keep, strict=True) if k]
+            rows.append(
+                {
+                    "step": step,
+                    "guidance": guidance,
+                    "images": len(names),
+                    "recognizer": split_gain(
+                        feats["train"], train_labels, f, names, feats["test"], test_labels
+                    ),
+                    "pixels": split_gain(
+                        pixels["train"], train_labels, px, names, pixels["test"], test_labels
+                    ),
+                    "fidelity": float(keep.mean()),
+                    "filtered": split_gain(
+                        feats["train"], train_labels, f[keep], kept, feats["test"], test_labels
+                    ),
+                }
+            )
+            print(f"step {step} w{guidance:g}: {rows[-1]['recognizer']} fidelity {rows[-1]['fidelity']:.3f}")
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
+    table = md_table(
+        [
+            "step",
+            "guidance",
+            "images",
+            "fidelity %",
+            "1-NN % real only",
+            "gained",
+            "taken",
+            "gain",
+            "filtered: images",
+            "filtered: gain",
+            "pixels: gain",
+        ],
+        [
+            [
+                r["step"],
+                f"{r['guidance']:g}",
+                r["images"],
+                f"{100 * r['fidelity']:.1f}",
+                f"{100 * r['recognizer']['before']:.1f}",
+                pts(r["recognizer"]["gained"]),
+                pts(-r["recognizer"]["taken"]),
+                pts(r["recognizer"]["gain"]),
+                round(r["fidelity"] * r["images"]),
+                pts(r["filtered"]["gain"]),
+                pts(r["pixels"]["gain"]),
+            ]
+            for r in report["results"]
+        ],
+    )
+    return "\n".join(
+        [
+            "# Coverage along a cold start",
+            "",
+            md_environment(report["environment"]),
+            "",
+            f"Command: `{report['command']}`",
+            "",
+            f"The cold-start stage `{s['stage']}` rerun from its config.yaml, its generator exported at "
+            f"steps {s['steps']}; each export samples {s['per_identity']} images per identity "
+            f"(DPM-Solver++, 25 steps) at each guidance scale. Target {s['target']}, "
+            f"{s['train_per_identity']} training image(s) per identity (the gallery), the rest the queries; "
+            f"recognizer `{s['extractor']}` (trained on the training images only). Gained / taken: points of "
+            "test images whose nearest gallery image turns to / from their own identity when the samples "
+            "join the gallery; gain = gained - taken. Fidelity: share of samples whose nearest training "
+            "image is of their own identity; filtered: the gain of those samples only (a filter that knows "
+            "the training images alone).",
+            "",
+            table,
+            "",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks cold_trajectory", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--stage", required=True, help="a finished cold-start stage folder (with config.yaml)")
+    p.add_argument(
+        "--steps", required=True, help="comma-separated optimiser steps to export at (0: the start)"
+    )
+    p.add_argument("--work", required=True, help="folder for the rerun and its exports")
+    p.add_argument("--target", required=True, help="identity folders of the target")
+    p.add_argument("--train-per-identity", type=int, required=True)
+    p.add_argument("--extractor", required=True, help="recognizer export trained on the training images only")
+    p.add_argument("--guidance", default="2,4", help="comma-separated guidance scales")
+    p.add_argument("--per-identity", type=int, default=10)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", required=True)
+    args = p.parse_args(argv)
+    steps = sorted({int(s) for s in args.steps.split(",")})
+    guidances = [float(g) for g in args.guidance.split(",")]
+    exports = run_cold_start(Path(args.stage), steps, Path(args.work))
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
+    settings["steps"] = steps
+    report = report_header("cold_trajectory", False, command_line("cold_trajectory", argv), settings)
+    report["results"] = measure_exports(
+        exports, args.extractor, args.target, args.train_per_identity, guidances, args.per_identity
+    )
+    publish(args.out, args.name, report, markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -495,3 +495,46 @@ def test_a_reused_stage_warns_only_about_settings_other_than_its_own_folder(tmp_
     )  # an input elsewhere stays a change
     with pytest.warns(UserWarning, match=r"data.init_args.root: .* -> .*old/judge_data"):
         run_stage(stage, tmp_path / "new", {})
+
+
+def test_figure_sections_draw_the_finished_sets_and_name_the_others(tmp_path: Path, toy_faces: str):
+    """The samples and features sections draw the sets whose stages have finished and name the ones still
+    running; with none finished, or a set naming a stage the pipeline lacks, the section is not available."""
+    from rgsd_lightning.data import IdentityRecord, write_manifest
+    from rgsd_lightning.pipeline.runner import StageResult
+    from rgsd_lightning.report.sections import RunContext, features, samples
+
+    run = tmp_path / "run"
+    data = {"class_path": "rgsd_lightning.IdentityDataModule", "init_args": {"root": toy_faces}}
+    data["init_args"].update(format="toy_faces", task="generator", image_size=16, train_per_identity=2)
+    (run / "real").mkdir(parents=True)
+    (run / "real" / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+    (run / "real" / "stage.json").write_text(json.dumps({"name": "real"}))
+    (run / "gen_a").mkdir()
+    (run / "gen_a" / "stage.json").write_text(json.dumps({"name": "gen_a", "output": str(run / "set_a")}))
+    results = {name: StageResult.from_marker(run / name) for name in ("real", "gen_a")}
+    ctx = RunContext(run, ["real", "gen_a", "gen_b"], results, tmp_path / "out", "x")
+    real = ctx.real("real")[0]
+    write_manifest(
+        run / "set_a" / "manifest.jsonl",
+        [IdentityRecord(r.path, r.identity, source="synthetic") for r in real],
+    )
+
+    spec = {"real": "real", "sets": {"A": "gen_a", "B": "gen_b"}, "identities": 2, "per_cell": 1}
+    section = samples(ctx, spec)
+    assert section.data["not_finished"] == ["B"] and (tmp_path / "out" / section.data["figure"]).is_file()
+    assert "![real | A](" in section.body and "Not finished yet, so not shown: B." in section.body
+    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
+
+    torch_net = EmbeddingNet("test_resnet").eval()
+    save_embedding_net(torch_net, run / "rec", input_size=[16, 16], mean=[0.5] * 3, std=[0.5] * 3)
+    (run / "ext").mkdir()
+    (run / "ext" / "stage.json").write_text(json.dumps({"name": "ext", "export": str(run / "rec")}))
+    ctx.results["ext"] = StageResult.from_marker(run / "ext")
+    ctx.stage_names.append("ext")
+    section = features(ctx, {**spec, "extractor": "ext"})
+    assert section.data["not_finished"] == ["B"] and "not shown: B." in section.body
+    with pytest.raises(KeyError, match="no set has finished"):
+        samples(ctx, {**spec, "sets": {"B": "gen_b"}})
+    with pytest.raises(KeyError, match="no stage 'gen_c'"):
+        samples(ctx, {**spec, "sets": {"A": "gen_a", "C": "gen_c"}})

@@ -3,7 +3,8 @@
 #   here:    bash benchmarks/device/kit.sh
 #   device:  run(command="bash benchmarks/device/faces_gpu.sh", carry=[".gpu/faces"], timeout_s=600)
 # 1. the generator chain (prior for prior_max_time, cold starts, RL, generation) and the seed-0 real-only
-#    recognizers: enough for the report's coverage, quality and samples sections at both shot settings;
+#    recognizers: enough for the report's coverage, quality and samples sections at both shot settings (the
+#    samples figure draws the finished sets; the copy-free set is left to the CPU);
 # 2. coverage of the cold start and RL generators under the samplers of coverage_sampling_faces_k?.md;
 #    while time is left, the deciding downstream rows (seeds 0-2), each finished stage kept;
 # 3. the report of whatever finished, and into $OUT: results.tgz (report md / json / figures), run.tgz (the
@@ -37,8 +38,7 @@ study() { # seconds, stage patterns...
     --out "$res" "${extra[@]}" --only "$@"
   echo "[faces_gpu] exit $? after $((SECONDS - start)) s"
 }
-study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full' \
-  'k?_gen_private'
+study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full'
 # coverage of each generator under other samplers (coverage_sampling_faces_k?.md's settings), on the GPU
 for k in 1 3; do
   gens=() sets=()

@@ -17,6 +17,7 @@ coverage    extractor (a recognizer stage trained on real images only), sets {la
 selection   judge, rows [{method, stage}]: selection precision of recognizer stages that selected
             (their selection.json): judge-correct share among kept vs among all seen synthetic samples
 samples     real (a stage whose data gives the real images), sets {label: stage}, identities, per_cell
+            (samples and features draw the finished sets and name those still running)
 rewards     sets {label: stage}: mean reward components recorded in the sets' manifests
 curves      stage (an RL stage): reward components and KL over the rollouts
 features    extractor (a recognizer stage), real (a stage), sets {label: stage}, identities: PCA plot
@@ -379,7 +380,7 @@ def samples(ctx: RunContext, spec: dict[str, Any]) -> Section:
     from rgsd_lightning.report.figures import comparison_grid
 
     real, size, channels = ctx.real(spec["real"])
-    sets = {label: ctx.synthetic(stage) for label, stage in (spec.get("sets") or {}).items()}
+    sets, waiting = _finished_sets(ctx, spec)
     identities = _identities(sets.values(), int(spec.get("identities", 8)))
     title = spec.get("title", "Samples")
     path = comparison_grid(
@@ -392,8 +393,9 @@ def samples(ctx: RunContext, spec: dict[str, Any]) -> Section:
         channels=channels,
     )
     columns = " | ".join(["real", *sets])
-    body = f"![{columns}]({path.name})"
-    return Section(title, _with_caption(body, spec), {"figure": path.name, "identities": identities})
+    body = f"![{columns}]({path.name})" + _waiting_note(waiting)
+    data = {"figure": path.name, "identities": identities, "not_finished": waiting}
+    return Section(title, _with_caption(body, spec), data)
 
 
 def rewards(ctx: RunContext, spec: dict[str, Any]) -> Section:
@@ -424,7 +426,7 @@ def features(ctx: RunContext, spec: dict[str, Any]) -> Section:
     from rgsd_lightning.report.figures import feature_plot
 
     real, size, channels = ctx.real(spec["real"])
-    sets = {label: ctx.synthetic(stage) for label, stage in (spec.get("sets") or {}).items()}
+    sets, waiting = _finished_sets(ctx, spec)
     identities = _identities(sets.values(), int(spec.get("identities", 8)))
     title = spec.get("title", "Feature space")
     path = feature_plot(
@@ -435,7 +437,8 @@ def features(ctx: RunContext, spec: dict[str, Any]) -> Section:
         size=size,
         channels=channels,
     )
-    return Section(title, _with_caption(f"![features]({path.name})", spec), {"figure": path.name})
+    body = f"![features]({path.name})" + _waiting_note(waiting)
+    return Section(title, _with_caption(body, spec), {"figure": path.name, "not_finished": waiting})
 
 
 def audit(ctx: RunContext, spec: dict[str, Any]) -> Section:
@@ -557,6 +560,26 @@ def _with_caption(body: str, spec: dict[str, Any]) -> str:
 
 def _num(value: Any, digits: int = 3, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{scale * float(value):.{digits}f}"
+
+
+def _finished_sets(
+    ctx: RunContext, spec: dict[str, Any]
+) -> tuple[dict[str, list[IdentityRecord]], list[str]]:
+    """The ``sets`` of a figure section whose stages have finished ({label: records}) and the labels of those
+    still running; KeyError when none has finished or a stage is not in the pipeline (misspelt)."""
+    sets, waiting = {}, []
+    for label, stage in (spec.get("sets") or {}).items():
+        if stage in ctx.stage_names and stage not in ctx.results:
+            waiting.append(label)
+        else:
+            sets[label] = ctx.synthetic(stage)
+    if waiting and not sets:
+        raise KeyError(f"no set has finished (stages {sorted(spec['sets'].values())})")
+    return sets, waiting
+
+
+def _waiting_note(waiting: list[str]) -> str:
+    return f"\n\nNot finished yet, so not shown: {', '.join(waiting)}." if waiting else ""
 
 
 def _identities(sets: Any, n: int) -> list[str]:

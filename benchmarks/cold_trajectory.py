@@ -187,6 +187,44 @@ def measure_exports(
     return rows
 
 
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Per guidance scale: the recognizer-space gain, its gained and taken parts and the fidelity (points)
+    against the cold start's step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    guidances = sorted({r["guidance"] for r in rows})
+    fig, axes = plt.subplots(1, len(guidances), figsize=(4 * len(guidances), 3.2), sharey=True, squeeze=False)
+    for ax, guidance in zip(axes[0], guidances, strict=True):
+        mine = [r for r in rows if r["guidance"] == guidance]
+        steps = [r["step"] for r in mine]
+        curves = {
+            "gain": [100 * r["recognizer"]["gain"] for r in mine],
+            "gained": [100 * r["recognizer"]["gained"] for r in mine],
+            "-taken": [-100 * r["recognizer"]["taken"] for r in mine],
+            "filtered gain": [100 * r["filtered"]["gain"] for r in mine],
+        }
+        for label, values in curves.items():
+            ax.plot(steps, values, marker="o", label=label)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        twin = ax.twinx()
+        twin.plot(steps, [100 * r["fidelity"] for r in mine], color="black", ls=":", label="fidelity %")
+        twin.set_ylim(0, 100)
+        ax.set_title(f"guidance {guidance:g}")
+        ax.set_xlabel("cold-start step")
+    axes[0][0].set_ylabel("test images, points")
+    twin.set_ylabel("fidelity %")
+    handles = axes[0][0].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    fig.legend(handles, [h.get_label() for h in handles], loc="lower center", ncol=5, fontsize=8)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
@@ -241,6 +279,8 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             table,
             "",
+            f"![gain, gained, taken and fidelity along the cold start]({report['figure']})",
+            "",
         ]
     )
 
@@ -271,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["results"] = measure_exports(
         exports, args.extractor, args.target, args.train_per_identity, guidances, args.per_identity
     )
+    report["figure"] = plot(report["results"], Path(args.out) / f"{args.name}.png").name
     publish(args.out, args.name, report, markdown(report))
     return 0
 

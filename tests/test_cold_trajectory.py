@@ -133,6 +133,8 @@ def test_cold_start_rerun_exports_along_the_way_and_is_measured(tmp_path):
             assert r[space]["before"] == pytest.approx(rows[0][space]["before"])  # same gallery and queries
             assert r[space]["gained"] - r[space]["taken"] == pytest.approx(r[space]["gain"])
     assert "| 6 | 2 | 6 |" in (tmp_path / "out" / "traj.md").read_text()
+    assert "![gain, gained" in (tmp_path / "out" / "traj.md").read_text()
+    assert (tmp_path / "out" / "traj.png").stat().st_size > 0
 
     scheduled = _stage(tmp_path / "scheduled", tmp_path / "target", warmup_steps=2)
     with pytest.raises(ValueError, match="learning-rate schedule"):

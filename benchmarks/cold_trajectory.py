@@ -133,6 +133,7 @@ def measure_exports(
     train_per_identity: int,
     guidances: Sequence[float],
     per_identity: int,
+    device: str = "cpu",
 ) -> list[dict[str, Any]]:
     """One row per (step, guidance): the samples' split gain in both spaces, fidelity and filtered gain."""
     from rgsd_lightning.backbones import FeatureExtractor
@@ -147,7 +148,7 @@ def measure_exports(
     train_labels, test_labels = [r.identity for r in train], [r.identity for r in test]
     rows = []
     for step, export in exports.items():
-        generator = DiTGenerator.from_pretrained(export).eval()
+        generator = DiTGenerator.from_pretrained(export).to(device).eval()
         size, channels = generator.image_size, generator.channels
         real = {"train": load_images(train, size, channels), "test": load_images(test, size, channels)}
         feats = {k: embed(extractor, v) for k, v in real.items()}
@@ -299,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--extractor", required=True, help="recognizer export trained on the training images only")
     p.add_argument("--guidance", default="2,4", help="comma-separated guidance scales")
     p.add_argument("--per-identity", type=int, default=10)
+    p.add_argument("--device", default="cpu", help="where the exports sample (e.g. cuda)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", required=True)
     args = p.parse_args(argv)
@@ -309,7 +311,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings["steps"] = steps
     report = report_header("cold_trajectory", False, command_line("cold_trajectory", argv), settings)
     report["results"] = measure_exports(
-        exports, args.extractor, args.target, args.train_per_identity, guidances, args.per_identity
+        exports,
+        args.extractor,
+        args.target,
+        args.train_per_identity,
+        guidances,
+        args.per_identity,
+        args.device,
     )
     report["figure"] = plot(report["results"], Path(args.out) / f"{args.name}.png").name
     publish(args.out, args.name, report, markdown(report))

@@ -123,7 +123,16 @@ def test_cold_start_rerun_exports_along_the_way_and_is_measured(tmp_path):
 
     argv = ["--stage", str(stage), "--steps", "0,6", "--work", str(tmp_path / "work2")]
     argv += ["--target", str(tmp_path / "target"), "--train-per-identity", "1"]
-    argv += ["--extractor", str(tmp_path / "rec"), "--guidance", "1,2", "--per-identity", "2"]
+    argv += [
+        "--extractor",
+        str(tmp_path / "rec"),
+        "--guidance",
+        "1,2",
+        "--per-identity",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert main([*argv, "--out", str(tmp_path / "out"), "--name", "traj"]) == 0
     rows = json.loads((tmp_path / "out" / "traj.json").read_text())["results"]
     assert [(r["step"], r["guidance"]) for r in rows] == [(0, 1.0), (0, 2.0), (6, 1.0), (6, 2.0)]

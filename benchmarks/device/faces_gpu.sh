@@ -5,7 +5,8 @@
 # 1. the generator chain (prior for prior_max_time, cold starts, RL, generation) and the seed-0 real-only
 #    recognizers: enough for the report's coverage, quality and samples sections at both shot settings (the
 #    samples figure draws the finished sets; the copy-free set is left to the CPU);
-# 2. coverage of the cold start and RL generators under the samplers of coverage_sampling_faces_k?.md;
+# 2. coverage of the cold start and RL generators under the samplers of coverage_sampling_faces_k?.md, and
+#    along the 3-shot cold start (python -m benchmarks cold_trajectory, 2.5 min at most);
 #    while time is left, the deciding downstream rows (seeds 0-2), each finished stage kept;
 # 3. the report of whatever finished, and into $OUT: results.tgz (report md / json / figures), run.tgz (the
 #    run folder without checkpoints and weights but the seed-0 recognizers': stage.json files and the
@@ -57,6 +58,16 @@ for k in 1 3; do
     echo "[faces_gpu] coverage k$k: exit $? after $((SECONDS - start)) s"
   fi
 done
+# coverage along the 3-shot cold start (cold_trajectory_faces_k3.md's measure): does any step of it cover?
+c=$run/k3_cold_start/config.yaml
+if [ -f "$c" ] && [ -d "$run/k3_real_s0/export/backbone" ] && (($(left) > 240)); then
+  n=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['trainer']['max_steps'])" "$c")
+  timeout 150 python3 -m benchmarks cold_trajectory --stage "$run/k3_cold_start" --work /tmp/faces_gpu_trajectory \
+    --steps "0,$((n / 6)),$((n / 3)),$((n * 2 / 3)),$n" --guidance 2,4 --device "$device" \
+    --target ../shared/data/orl_faces --train-per-identity 3 --extractor "$run/k3_real_s0/export/backbone" \
+    --out "$res" --name "cold_trajectory_$(basename "$run")_k3"
+  echo "[faces_gpu] trajectory k3: exit $? after $((SECONDS - start)) s"
+fi
 if (($(left) > 150)); then
   study $(($(left) - 75)) 'k?_real_s?' 'k?_erasing_s?' 'k?_rl_selection_s?' 'k?_erasing_rl_selection_s?'
 fi

@@ -31,15 +31,9 @@ import yaml
 
 from benchmarks.common import command_line, md_environment, md_table, publish, report_header, sample_batched
 from benchmarks.novelty import grey_pixels
+from rgsd_lightning.evaluation.quality import nearest_rows as nearest
 
 SAMPLER = {"method": "dpmsolver", "num_steps": 25, "eta": 0.0, "clip_x0": True}
-
-
-def nearest(gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Index of each query's nearest gallery row (Euclidean)."""
-    gallery, queries = np.asarray(gallery, np.float64), np.asarray(queries, np.float64)
-    d2 = (queries**2).sum(1)[:, None] - 2 * queries @ gallery.T + (gallery**2).sum(1)[None, :]
-    return np.argmin(d2, axis=1)
 
 
 def split_gain(

@@ -353,9 +353,15 @@ def nn_accuracy(
         raise ValueError("gallery / queries and their labels differ in length")
     if not len(gallery) or not len(queries):
         raise ValueError("nn_accuracy needs a non-empty gallery and queries")
-    d2 = (queries**2).sum(1)[:, None] - 2 * queries @ gallery.T + (gallery**2).sum(1)[None, :]
-    nearest = np.asarray(gallery_labels)[np.argmin(d2, axis=1)]
+    nearest = np.asarray(gallery_labels)[nearest_rows(gallery, queries)]
     return float(np.mean(nearest == np.asarray(query_labels)))
+
+
+def nearest_rows(gallery: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Index of each query's nearest ``gallery`` row (Euclidean, in float64)."""
+    gallery, queries = np.asarray(gallery, dtype=np.float64), np.asarray(queries, dtype=np.float64)
+    d2 = (queries**2).sum(1)[:, None] - 2 * queries @ gallery.T + (gallery**2).sum(1)[None, :]
+    return np.argmin(d2, axis=1)
 
 
 def coverage_gain(

@@ -31,40 +31,14 @@ import yaml
 
 from benchmarks.common import command_line, md_environment, md_table, publish, report_header, sample_batched
 from benchmarks.novelty import grey_pixels
-from rgsd_lightning.evaluation.quality import nearest_rows as nearest
+from rgsd_lightning.evaluation.quality import coverage_gain, nearest_rows
 
 SAMPLER = {"method": "dpmsolver", "num_steps": 25, "eta": 0.0, "clip_x0": True}
 
 
-def split_gain(
-    train: np.ndarray,
-    train_labels: Sequence[str],
-    extra: np.ndarray,
-    extra_labels: Sequence[str],
-    test: np.ndarray,
-    test_labels: Sequence[str],
-) -> dict[str, float]:
-    """1-NN accuracy of the test rows before / after the extra rows join the gallery, and the change split
-    into ``gained`` (wrong before, right after) and ``taken`` (right before, wrong after), as shares."""
-    truth = np.asarray(test_labels)
-    before = np.asarray(train_labels)[nearest(train, test)] == truth
-    if len(extra):
-        gallery_labels = np.asarray([*train_labels, *extra_labels])
-        after = gallery_labels[nearest(np.concatenate([train, extra]), test)] == truth
-    else:
-        after = before
-    return {
-        "before": float(before.mean()),
-        "after": float(after.mean()),
-        "gain": float(after.mean() - before.mean()),
-        "gained": float((after & ~before).mean()),
-        "taken": float((before & ~after).mean()),
-    }
-
-
 def fidelity_mask(train: np.ndarray, train_labels: Sequence[str], extra: np.ndarray, labels: Sequence[str]):
     """Per extra row: is its nearest training row of its own label?"""
-    return np.asarray(train_labels)[nearest(train, extra)] == np.asarray(labels)
+    return np.asarray(train_labels)[nearest_rows(train, extra)] == np.asarray(labels)
 
 
 class ExportAtSteps:
@@ -166,14 +140,14 @@ def measure_exports(
                     "step": step,
                     "guidance": guidance,
                     "images": len(names),
-                    "recognizer": split_gain(
+                    "recognizer": coverage_gain(
                         feats["train"], train_labels, f, names, feats["test"], test_labels
                     ),
-                    "pixels": split_gain(
+                    "pixels": coverage_gain(
                         pixels["train"], train_labels, px, names, pixels["test"], test_labels
                     ),
                     "fidelity": float(keep.mean()),
-                    "filtered": split_gain(
+                    "filtered": coverage_gain(
                         feats["train"], train_labels, f[keep], kept, feats["test"], test_labels
                     ),
                 }

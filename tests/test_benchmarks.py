@@ -1236,9 +1236,11 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
 
     train, test = np.array([[0.0], [10.0]]), np.array([[4.0], [6.0], [9.0]])
     got = coverage_gain(train, ["a", "b"], np.array([[6.5]]), ["a"], test, ["a", "a", "b"])
-    assert got == pytest.approx({"before": 2 / 3, "after": 1.0, "gain": 1 / 3})
+    assert got == pytest.approx({"before": 2 / 3, "after": 1.0, "gain": 1 / 3, "gained": 1 / 3, "taken": 0.0})
     got = coverage_gain(train, ["a", "b"], np.array([[6.5], [4.2]]), ["a", "b"], test, ["a", "a", "b"])
-    assert got == pytest.approx({"before": 2 / 3, "after": 2 / 3, "gain": 0.0})
+    assert got == pytest.approx(
+        {"before": 2 / 3, "after": 2 / 3, "gain": 0.0, "gained": 1 / 3, "taken": 1 / 3}
+    )
 
     def stage(name, value):
         (tmp_path / "run" / name).mkdir(parents=True)

@@ -1,5 +1,6 @@
-"""``python -m benchmarks cold_trajectory``: the split coverage gain by hand and against coverage_gain, the
-training-only fidelity filter, and a tiny cold-start stage rerun and measured end to end."""
+"""``python -m benchmarks cold_trajectory``: the coverage gain split into gained and taken (by hand and
+against nn_accuracy), the training-only fidelity filter, and a tiny cold-start stage rerun and measured end
+to end."""
 
 from __future__ import annotations
 
@@ -11,28 +12,31 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.cold_trajectory import fidelity_mask, main, run_cold_start, split_gain
-from rgsd_lightning.evaluation.quality import coverage_gain
+from benchmarks.cold_trajectory import fidelity_mask, main, run_cold_start
+from rgsd_lightning.evaluation.quality import coverage_gain, nn_accuracy
 
 
-def test_split_gain_by_hand_and_against_coverage_gain():
+def test_coverage_gain_splits_into_gained_and_taken():
     """Test images at 4, 6, 9 (a, a, b); training images a=0, b=10. A sample 'a' at 6.5 wins the test image
-    at 6 (gained), a sample 'b' at 4.2 takes the one at 4 (taken); on random data the split sums to
-    coverage_gain's gain."""
+    at 6 (gained), a sample 'b' at 4.2 takes the one at 4 (taken); no sample changes nothing; on random data
+    before / after are nn_accuracy's and the split sums to the gain."""
     train, test = np.array([[0.0], [10.0]]), np.array([[4.0], [6.0], [9.0]])
-    got = split_gain(train, ["a", "b"], np.array([[6.5], [4.2]]), ["a", "b"], test, ["a", "a", "b"])
+    got = coverage_gain(train, ["a", "b"], np.array([[6.5], [4.2]]), ["a", "b"], test, ["a", "a", "b"])
     assert got == pytest.approx(
         {"before": 2 / 3, "after": 2 / 3, "gain": 0.0, "gained": 1 / 3, "taken": 1 / 3}
     )
-    none = split_gain(train, ["a", "b"], np.zeros((0, 1)), [], test, ["a", "a", "b"])
+    none = coverage_gain(train, ["a", "b"], np.zeros((0, 1)), [], test, ["a", "a", "b"])
     assert none == pytest.approx({"before": 2 / 3, "after": 2 / 3, "gain": 0.0, "gained": 0.0, "taken": 0.0})
+    with pytest.raises(ValueError, match="differ in length"):
+        coverage_gain(train, ["a"], np.zeros((0, 1)), [], test, ["a", "a", "b"])
 
     rng = np.random.default_rng(0)
     for _ in range(5):
         tr, ex, te = rng.normal(size=(6, 4)), rng.normal(size=(9, 4)), rng.normal(size=(20, 4))
         tr_l, ex_l, te_l = list("abcabc"), list(rng.choice(list("abc"), 9)), list(rng.choice(list("abc"), 20))
-        got = split_gain(tr, tr_l, ex, ex_l, te, te_l)
-        assert got["gain"] == pytest.approx(coverage_gain(tr, tr_l, ex, ex_l, te, te_l)["gain"])
+        got = coverage_gain(tr, tr_l, ex, ex_l, te, te_l)
+        assert got["before"] == pytest.approx(nn_accuracy(tr, tr_l, te, te_l))
+        assert got["after"] == pytest.approx(nn_accuracy(np.concatenate([tr, ex]), tr_l + ex_l, te, te_l))
         assert got["gained"] - got["taken"] == pytest.approx(got["gain"])
 
 

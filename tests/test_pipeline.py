@@ -538,3 +538,59 @@ def test_figure_sections_draw_the_finished_sets_and_name_the_others(tmp_path: Pa
         samples(ctx, {**spec, "sets": {"B": "gen_b"}})
     with pytest.raises(KeyError, match="no stage 'gen_c'"):
         samples(ctx, {**spec, "sets": {"A": "gen_a", "C": "gen_c"}})
+
+
+def test_coverage_section_splits_the_gain_into_gained_and_taken(tmp_path: Path, toy_faces: str):
+    """The coverage section: copies of the held-out images under their own identities gain every query the
+    training images miss and take none; the same copies under a shifted identity take every query the
+    training images had right; the table shows both parts."""
+    from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
+    from rgsd_lightning.data import IdentityRecord, write_manifest
+    from rgsd_lightning.pipeline.runner import StageResult
+    from rgsd_lightning.report.sections import RunContext, coverage
+
+    run = tmp_path / "run"
+    data = {"class_path": "rgsd_lightning.IdentityDataModule", "init_args": {"root": toy_faces}}
+    data["init_args"].update(
+        format="toy_faces", task="face", image_size=16, face_size=16, train_per_identity=2
+    )
+    net = EmbeddingNet("test_resnet").eval()
+    save_embedding_net(net, run / "rec", input_size=[16, 16], mean=[0.5] * 3, std=[0.5] * 3)
+    (run / "real").mkdir(parents=True)
+    (run / "real" / "config.yaml").write_text(yaml.safe_dump({"data": data}))
+    (run / "real" / "stage.json").write_text(json.dumps({"name": "real", "export": str(run / "rec")}))
+    results = {"real": StageResult.from_marker(run / "real")}
+    ctx = RunContext(run, ["real", "right", "wrong"], results, tmp_path / "out", "x")
+    heldout = ctx.datamodule("real").heldout_records()
+    names = sorted({r.identity for r in heldout})
+    shift = dict(zip(names, names[1:] + names[:1], strict=True))
+    for stage, relabel in (("right", False), ("wrong", True)):
+        records = [
+            IdentityRecord(r.path, shift[r.identity] if relabel else r.identity, source="synthetic")
+            for r in heldout
+        ]
+        write_manifest(run / f"set_{stage}" / "manifest.jsonl", records)
+        (run / stage).mkdir()
+        (run / stage / "stage.json").write_text(
+            json.dumps({"name": stage, "output": str(run / f"set_{stage}")})
+        )
+        ctx.results[stage] = StageResult.from_marker(run / stage)
+
+    section = coverage(ctx, {"extractor": "real", "sets": {"R": "right", "W": "wrong"}})
+    right, wrong = section.data["sets"]["R"], section.data["sets"]["W"]
+    before = right["before"]
+    assert 0.0 < before < 1.0
+    assert right == pytest.approx(
+        {
+            "before": before,
+            "after": 1.0,
+            "gain": 1 - before,
+            "gained": 1 - before,
+            "taken": 0.0,
+            "num_images": len(heldout),
+        }
+    )
+    assert wrong["after"] == pytest.approx(0.0) and wrong["taken"] == pytest.approx(before)
+    assert wrong["gained"] == pytest.approx(0.0)
+    assert "| gained | taken | gain (points) |" in section.body
+    assert f"| {-100 * before:+.1f} | {-100 * before:+.1f} |" in section.body  # W: taken and gain

@@ -373,16 +373,28 @@ def coverage_gain(
     test_labels: Sequence[str],
 ) -> dict[str, float]:
     """1-NN accuracy of the test rows with the training rows as the gallery (``before``), with the extra
-    (synthetic) rows added under their labels (``after``), and the ``gain``: the test rows a right-label
-    extra row became nearest to, minus those a wrong-label one took away."""
-    before = nn_accuracy(train, train_labels, test, test_labels)
-    after = nn_accuracy(
-        np.concatenate([np.asarray(train), np.asarray(extra)]),
-        [*train_labels, *extra_labels],
-        test,
-        test_labels,
-    )
-    return {"before": before, "after": after, "gain": after - before}
+    (synthetic) rows added under their labels (``after``), and the ``gain`` split in two: ``gained``, the
+    share of test rows a right-label extra row became nearest to (wrong before, right after), and
+    ``taken``, the share a wrong-label one took away (right before, wrong after); gain = gained - taken."""
+    train, extra, test = (np.asarray(a, dtype=np.float64) for a in (train, extra, test))
+    if len(train) != len(train_labels) or len(extra) != len(extra_labels) or len(test) != len(test_labels):
+        raise ValueError("coverage_gain: rows and their labels differ in length")
+    if not len(train) or not len(test):
+        raise ValueError("coverage_gain needs training and test rows")
+    truth = np.asarray(test_labels)
+    right_before = np.asarray(train_labels)[nearest_rows(train, test)] == truth
+    right_after = right_before
+    if len(extra):
+        gallery = np.concatenate([train, extra])
+        right_after = np.asarray([*train_labels, *extra_labels])[nearest_rows(gallery, test)] == truth
+    before, after = float(right_before.mean()), float(right_after.mean())
+    return {
+        "before": before,
+        "after": after,
+        "gain": after - before,
+        "gained": float((right_after & ~right_before).mean()),
+        "taken": float((right_before & ~right_after).mean()),
+    }
 
 
 def set_summary(card: dict[str, Any]) -> dict[str, Any]:

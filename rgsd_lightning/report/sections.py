@@ -268,7 +268,7 @@ def coverage(ctx: RunContext, spec: dict[str, Any]) -> Section:
         return Section(spec.get("title", "Coverage"), _with_caption(body, spec), {"sets": {}})
     gallery = embed(extractor, load_images(train, size, channels))
     queries = embed(extractor, load_images(test, size, channels))
-    key = folder_fingerprint(ctx.require(stage).export) + f":{len(train)}:{len(test)}"
+    key = folder_fingerprint(ctx.require(stage).export) + f":{len(train)}:{len(test)}:split"
     known = {r.identity for r in train}
     rows, data = [], {}
     for label, set_stage in (spec.get("sets") or {}).items():
@@ -294,7 +294,7 @@ def coverage(ctx: RunContext, spec: dict[str, Any]) -> Section:
             c = _cached(folder / f"coverage_{stage}.json", cache_key, compute)
         except (KeyError, ValueError, FileNotFoundError, TypeError) as err:
             data[label] = {"error": str(err)}
-            rows.append([label, f"n/a ({err})", "n/a", "n/a", "n/a"])
+            rows.append([label, f"n/a ({err})", "n/a", "n/a", "n/a", "n/a", "n/a"])
             continue
         data[label] = c
         rows.append(
@@ -303,14 +303,18 @@ def coverage(ctx: RunContext, spec: dict[str, Any]) -> Section:
                 str(c["num_images"]),
                 _num(c["before"], 1, 100),
                 _num(c["after"], 1, 100),
+                f"{100 * c['gained']:+.1f}",
+                f"{-100 * c['taken']:+.1f}",
                 f"{100 * c['gain']:+.1f}",
             ]
         )
-    headers = ("Set", "images", "1-NN % real only", "1-NN % with the set", "gain (points)")
+    headers = ("Set", "images", "1-NN % real only", "1-NN % with the set", "gained", "taken", "gain (points)")
     body = markdown_table(headers, rows) + (
         f"\n\nFeature space: `{stage}` (trained on {len(train)} real images); queries: its {len(test)} "
         "held-out real images of the same identities, none seen by any stage; gallery: its training images, "
-        "then with the set's images under their identities."
+        "then with the set's images under their identities. Gained: points of queries whose nearest gallery "
+        "image turns to a sample of their own identity; taken: those a sample of another identity takes "
+        "from their own (a set can only help where it gains more than it takes)."
     )
     summary = {"sets": data, "extractor": stage}
     return Section(spec.get("title", "Coverage"), _with_caption(body, spec), summary)

@@ -29,7 +29,15 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.common import command_line, md_environment, md_table, publish, report_header, sample_batched
+from benchmarks.common import (
+    command_line,
+    md_environment,
+    md_table,
+    publish,
+    report_header,
+    sample_batched,
+    write_report,
+)
 from benchmarks.novelty import grey_pixels
 from rgsd_lightning.evaluation.quality import coverage_gain, nearest_rows
 
@@ -278,16 +286,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     settings["steps"] = steps
     report = report_header("cold_trajectory", False, command_line("cold_trajectory", argv), settings)
-    report["results"] = measure_exports(
-        exports,
-        args.extractor,
-        args.target,
-        args.train_per_identity,
-        guidances,
-        args.per_identity,
-        args.device,
-    )
-    report["figure"] = plot(report["results"], Path(args.out) / f"{args.name}.png").name
+    report["results"] = []
+    for step, export in exports.items():  # published after each step: a run cut short keeps what it measured
+        report["results"] += measure_exports(
+            {step: export},
+            args.extractor,
+            args.target,
+            args.train_per_identity,
+            guidances,
+            args.per_identity,
+            args.device,
+        )
+        report["figure"] = plot(report["results"], Path(args.out) / f"{args.name}.png").name
+        write_report(args.out, args.name, report, markdown(report))
     publish(args.out, args.name, report, markdown(report))
     return 0
 

@@ -102,10 +102,11 @@ def _stage(folder: Path, target: Path, **model) -> Path:
     return folder
 
 
-def test_cold_start_rerun_exports_along_the_way_and_is_measured(tmp_path):
+def test_cold_start_rerun_exports_along_the_way_and_is_measured(tmp_path, monkeypatch):
     """The rerun exports the generator at each asked step (step 0: before any update, so it differs from the
-    last one), the report has a row per (step, guidance) whose split sums to its gain, and a stage with a
-    learning-rate schedule or steps beyond its own are refused."""
+    last one), the report has a row per (step, guidance) whose split sums to its gain, a run stopped while
+    measuring keeps the steps it measured, and a stage with a learning-rate schedule or steps beyond its own
+    are refused."""
     from rgsd_lightning.backbones import EmbeddingNet, save_embedding_net
     from rgsd_lightning.diffusion.generator import DiTGenerator
 
@@ -148,6 +149,22 @@ def test_cold_start_rerun_exports_along_the_way_and_is_measured(tmp_path):
     assert "| 6 | 2 | 6 |" in (tmp_path / "out" / "traj.md").read_text()
     assert "![gain, gained" in (tmp_path / "out" / "traj.md").read_text()
     assert (tmp_path / "out" / "traj.png").stat().st_size > 0
+
+    import benchmarks.cold_trajectory as module
+
+    measured = module.measure_exports
+
+    def stop_at_six(exports, *args):
+        if 6 in exports:
+            raise KeyboardInterrupt  # the device script's timeout, say
+        return measured(exports, *args)
+
+    monkeypatch.setattr(module, "measure_exports", stop_at_six)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--out", str(tmp_path / "cut"), "--name", "traj"])
+    kept = json.loads((tmp_path / "cut" / "traj.json").read_text())["results"]
+    assert [(r["step"], r["guidance"]) for r in kept] == [(0, 1.0), (0, 2.0)]
+    monkeypatch.undo()
 
     scheduled = _stage(tmp_path / "scheduled", tmp_path / "target", warmup_steps=2)
     with pytest.raises(ValueError, match="learning-rate schedule"):

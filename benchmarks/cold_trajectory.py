@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import yaml
+from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import (
     command_line,
@@ -44,33 +45,30 @@ from rgsd_lightning.evaluation.quality import coverage_gain, nearest_rows
 SAMPLER = {"method": "dpmsolver", "num_steps": 25, "eta": 0.0, "clip_x0": True}
 
 
-def fidelity_mask(train: np.ndarray, train_labels: Sequence[str], extra: np.ndarray, labels: Sequence[str]):
+def fidelity_mask(
+    train: np.ndarray, train_labels: Sequence[str], extra: np.ndarray, labels: Sequence[str]
+) -> np.ndarray:
     """Per extra row: is its nearest training row of its own label?"""
     return np.asarray(train_labels)[nearest_rows(train, extra)] == np.asarray(labels)
 
 
-class ExportAtSteps:
-    """A Lightning callback (built lazily) exporting the module at the given optimiser steps."""
+class ExportAtSteps(Callback):
+    """Export the module at the given optimiser steps (0: before the first update) into
+    ``root/step_NNNNN``; ``done`` maps each step to its export."""
 
-    def __new__(cls, steps: Sequence[int], root: Path):
-        from lightning.pytorch.callbacks import Callback
+    def __init__(self, steps: Sequence[int], root: Path) -> None:
+        self.steps, self.root, self.done = sorted(set(steps)), root, {}
 
-        class _Export(Callback):
-            def __init__(self) -> None:
-                self.steps, self.root, self.done = sorted(set(steps)), root, {}
+    def _maybe(self, trainer: Any, pl_module: Any) -> None:
+        step = trainer.global_step
+        if step in self.steps and step not in self.done:
+            self.done[step] = pl_module.export(self.root / f"step_{step:05d}")
 
-            def _maybe(self, trainer, pl_module) -> None:
-                step = trainer.global_step
-                if step in self.steps and step not in self.done:
-                    self.done[step] = pl_module.export(self.root / f"step_{step:05d}")
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._maybe(trainer, pl_module)
 
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-                self._maybe(trainer, pl_module)
-
-            def on_train_end(self, trainer, pl_module) -> None:
-                self._maybe(trainer, pl_module)
-
-        return _Export()
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._maybe(trainer, pl_module)
 
 
 def run_cold_start(stage: Path, steps: Sequence[int], work: Path) -> dict[int, Path]:

@@ -31,6 +31,7 @@ from scipy import stats
 
 from benchmarks.common import command_line, md_environment, md_table, publish, report_header, sample_batched
 from benchmarks.novelty import grey_pixels
+from rgsd_lightning.data.listing import name_excluded
 from rgsd_lightning.data.records import read_manifest
 from rgsd_lightning.data.sources import read_identity_folders
 from rgsd_lightning.data.synthetic_set import manifest_path
@@ -119,6 +120,7 @@ def measure(
     train_per_identity: int,
     size: int = 32,
     channels: int = 1,
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """{set: {"images": n, <space>: coverage_gain(...)}} for every set (a set folder, or a set sampled in
     memory) and both spaces."""
@@ -126,7 +128,8 @@ def measure(
     from rgsd_lightning.evaluation.quality import embed, load_images
 
     extractor = FeatureExtractor.from_export(extractor_dir).eval()
-    records = read_identity_folders(target, train_per_identity=train_per_identity)
+    skip = (lambda name: name_excluded(name, exclude)) if exclude else None
+    records = read_identity_folders(target, train_per_identity=train_per_identity, exclude=skip)
     train = [r for r in records if r.split == "train"]
     test = [r for r in records if r.split != "train"]
     if not test:
@@ -149,7 +152,7 @@ def measure(
         unknown = sorted(set(labels) - known)
         if unknown:
             raise ValueError(f"synthetic set {name}: identities {unknown[:5]} are not target identities")
-        results[name] = {"images": len(labels)}
+        results[name] = {"images": len(labels), "queries": len(test)}
         for space in SPACES:
             results[name][space] = coverage_gain(
                 anchors[space],
@@ -174,18 +177,25 @@ def parse_sets(specs: Sequence[str]) -> dict[str, tuple[str, str | None]]:
     return out
 
 
+def _excluded(settings: dict[str, Any]) -> str:
+    patterns = settings.get("exclude") or []
+    return f" (without {', '.join(patterns)})" if patterns else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     headers = ["set", "images"]
     for space in SPACES:
         headers += [f"{space}: 1-NN % real only", f"{space}: with the set", f"{space}: gain"]
-    headers.append("measured gain (points)")
+    headers += ["recognizer: gained", "recognizer: taken", "measured gain (points)"]
     table = []
     for name, row in report["results"].items():
         cells = [name, row["images"]]
         for space in SPACES:
             r = row[space]
             cells += [f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}", f"{100 * r['gain']:+.1f}"]
+        r = row["recognizer"]
+        cells += [f"{100 * r['gained']:+.1f}", f"{-100 * r['taken']:+.1f}"]
         m = row.get("measured")
         cells.append(f"{m['mean']:+.2f} ({m['seeds']} seeds)" if m else "n/a")
         table.append(cells)
@@ -193,10 +203,13 @@ def markdown(report: dict[str, Any]) -> str:
         "# Coverage: do the sets cover the test images the training images do not?\n\n",
         md_environment(report["environment"]).rstrip(),
         f"\n\nCommand: `{report['command']}`\n\n",
-        f"Target {s['target']}, {s['train_per_identity']} training image(s) per identity (the gallery), the "
+        f"Target {s['target']}{_excluded(s)}, {s['train_per_identity']} training image(s) per identity (the "
+        "gallery), the "
         f"rest the queries; recognizer {s['extractor']} (trained on the training images only). 1-NN: share "
         "of the test images whose nearest gallery image has their identity, before and after the set's "
-        "images join the gallery. Measured gain: the set's study row minus "
+        "images join the gallery; gained / taken: test images a sample of their own identity becomes nearest "
+        "to / a sample of another identity takes from theirs (gain = gained - taken). Measured gain: the "
+        "set's study row minus "
         f"{s['base'] or 'n/a'} with the same seed, mean over seeds ({s['metric']}, run {s['run']}).\n\n",
         md_table(headers, table),
     ]
@@ -210,6 +223,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks coverage", description=__doc__.split("\n")[0])
     p.add_argument("--target", required=True, help="identity folders of the target")
     p.add_argument("--train-per-identity", type=int, required=True)
+    p.add_argument(
+        "--exclude", nargs="*", default=[], help="file-name patterns of target images to leave out"
+    )
     p.add_argument("--extractor", required=True, help="recognizer export trained on the training images only")
     p.add_argument("--sets", nargs="*", default=[], help="NAME=PATH or NAME=PATH:ROW (PATH: a set folder)")
     p.add_argument(
@@ -246,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_per_identity=args.train_per_identity,
         size=args.size,
         channels=args.channels,
+        exclude=args.exclude,
     )
     if args.run:
         for name, (_, row) in sets.items():

@@ -1300,6 +1300,14 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
         assert report["spearman"][space] == {"rho": pytest.approx(1.0), "sets": 3}
     assert rows["tests"]["measured"] == pytest.approx({"mean": 19.0, "seeds": 2})
     assert "| tests | 9 |" in (tmp_path / "out" / "cov.md").read_text()
+    assert rows["wrong"]["recognizer"]["taken"] == pytest.approx(rows["wrong"]["recognizer"]["before"])
+    assert rows["tests"]["recognizer"]["taken"] == pytest.approx(0.0)
+    # --exclude leaves target images out by file name: image 4 of each identity is no longer a query
+    assert main([*argv, "--exclude", "4.png", "--out", str(tmp_path / "out"), "--name", "cov_ex"]) == 0
+    excluded = json.loads((tmp_path / "out" / "cov_ex.json").read_text())["results"]["tests"]
+    assert rows["tests"]["queries"] == 9 and excluded["queries"] == 6
+    assert excluded["recognizer"]["after"] == pytest.approx(1.0)
+    assert "(without 4.png)" in (tmp_path / "out" / "cov_ex.md").read_text()
     # a set sampled in memory from a generator export of the target's identities, at the measure's geometry
     from benchmarks.coverage import Generated, parse_generated
     from rgsd_lightning.diffusion import build_dit

@@ -314,7 +314,8 @@ def coverage(ctx: RunContext, spec: dict[str, Any]) -> Section:
         "held-out real images of the same identities, none seen by any stage; gallery: its training images, "
         "then with the set's images under their identities. Gained: points of queries whose nearest gallery "
         "image turns to a sample of their own identity; taken: those a sample of another identity takes "
-        "from their own (a set can only help where it gains more than it takes)."
+        "from their own. A set that takes more than it gains holds no new view of its people that this space "
+        "can see (it can still act as an augmentation)."
     )
     summary = {"sets": data, "extractor": stage}
     return Section(spec.get("title", "Coverage"), _with_caption(body, spec), summary)

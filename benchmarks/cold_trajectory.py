@@ -108,6 +108,7 @@ def measure_exports(
     guidances: Sequence[float],
     per_identity: int,
     device: str = "cpu",
+    exclude: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """One row per (step, guidance): the samples' split gain in both spaces, fidelity and filtered gain."""
     from rgsd_lightning.backbones import FeatureExtractor
@@ -116,7 +117,10 @@ def measure_exports(
     from rgsd_lightning.evaluation.quality import embed, load_images
 
     extractor = FeatureExtractor.from_export(extractor_dir).eval()
-    records = read_identity_folders(target, train_per_identity=train_per_identity)
+    from rgsd_lightning.data.listing import name_excluded
+
+    skip = (lambda name: name_excluded(name, exclude)) if exclude else None
+    records = read_identity_folders(target, train_per_identity=train_per_identity, exclude=skip)
     train = [r for r in records if r.split == "train"]
     test = [r for r in records if r.split != "train"]
     train_labels, test_labels = [r.identity for r in train], [r.identity for r in test]
@@ -146,6 +150,7 @@ def measure_exports(
                     "step": step,
                     "guidance": guidance,
                     "images": len(names),
+                    "queries": len(test),
                     "recognizer": coverage_gain(
                         feats["train"], train_labels, f, names, feats["test"], test_labels
                     ),
@@ -202,6 +207,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
+    without = f" (without {', '.join(s['exclude'])})" if s.get("exclude") else ""
     pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
     table = md_table(
         [
@@ -244,7 +250,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"The cold-start stage `{s['stage']}` rerun from its config.yaml, its generator exported at "
             f"steps {s['steps']}; each export samples {s['per_identity']} images per identity "
-            f"(DPM-Solver++, 25 steps) at each guidance scale. Target {s['target']}, "
+            f"(DPM-Solver++, 25 steps) at each guidance scale. Target {s['target']}{without}, "
             f"{s['train_per_identity']} training image(s) per identity (the gallery), the rest the queries; "
             f"recognizer `{s['extractor']}` (trained on the training images only). Gained / taken: points of "
             "test images whose nearest gallery image turns to / from their own identity when the samples "
@@ -271,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--work", required=True, help="folder for the rerun and its exports")
     p.add_argument("--target", required=True, help="identity folders of the target")
     p.add_argument("--train-per-identity", type=int, required=True)
+    p.add_argument(
+        "--exclude", nargs="*", default=[], help="file-name patterns of target images to leave out"
+    )
     p.add_argument("--extractor", required=True, help="recognizer export trained on the training images only")
     p.add_argument("--guidance", default="2,4", help="comma-separated guidance scales")
     p.add_argument("--per-identity", type=int, default=10)
@@ -294,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             guidances,
             args.per_identity,
             args.device,
+            args.exclude,
         )
         report["figure"] = plot(report["results"], Path(args.out) / f"{args.name}.png").name
         write_report(args.out, args.name, report, markdown(report))

@@ -142,13 +142,19 @@ def test_cold_start_rerun_exports_along_the_way_and_is_measured(tmp_path, monkey
     rows = json.loads((tmp_path / "out" / "traj.json").read_text())["results"]
     assert [(r["step"], r["guidance"]) for r in rows] == [(0, 1.0), (0, 2.0), (6, 1.0), (6, 2.0)]
     for r in rows:
-        assert r["images"] == 6 and 0.0 <= r["fidelity"] <= 1.0
+        assert r["images"] == 6 and r["queries"] == 6 and 0.0 <= r["fidelity"] <= 1.0
         for space in ("recognizer", "pixels", "filtered"):
             assert r[space]["before"] == pytest.approx(rows[0][space]["before"])  # same gallery and queries
             assert r[space]["gained"] - r[space]["taken"] == pytest.approx(r[space]["gain"])
     assert "| 6 | 2 | 6 |" in (tmp_path / "out" / "traj.md").read_text()
     assert "![gain, gained" in (tmp_path / "out" / "traj.md").read_text()
     assert (tmp_path / "out" / "traj.png").stat().st_size > 0
+
+    # --exclude leaves target images out by file name: image 3 of each identity is no longer a query
+    assert main([*argv, "--exclude", "3.png", "--out", str(tmp_path / "ex"), "--name", "traj"]) == 0
+    excluded = json.loads((tmp_path / "ex" / "traj.json").read_text())["results"]
+    assert {r["queries"] for r in excluded} == {3}
+    assert "(without 3.png)" in (tmp_path / "ex" / "traj.md").read_text()
 
     import benchmarks.cold_trajectory as module
 

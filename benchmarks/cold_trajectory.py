@@ -82,8 +82,13 @@ def run_cold_start(stage: Path, steps: Sequence[int], work: Path) -> dict[int, P
             f"{stage}: a learning-rate schedule would differ when stopped early; give a stage at a "
             "constant rate"
         )
-    if max(steps) > config["trainer"]["max_steps"]:
-        raise ValueError(f"steps {max(steps)} beyond the stage's max_steps {config['trainer']['max_steps']}")
+    bound = config["trainer"].get("max_steps")
+    if not isinstance(bound, int) or bound < 0:
+        raise ValueError(f"{stage}: trainer.max_steps is {bound!r}; give a stage bounded by optimiser steps")
+    if max(steps) > bound:
+        raise ValueError(f"steps {max(steps)} beyond the stage's max_steps {bound}")
+    if min(steps) < 0:
+        raise ValueError(f"steps must be >= 0, got {min(steps)}")
     config["trainer"].update(
         max_steps=max(steps), callbacks=[], default_root_dir=str(work), enable_checkpointing=False
     )

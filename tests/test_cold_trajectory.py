@@ -177,3 +177,11 @@ def test_cold_start_rerun_exports_along_the_way_and_is_measured(tmp_path, monkey
         run_cold_start(scheduled, [0, 3], tmp_path / "work3")
     with pytest.raises(ValueError, match="beyond the stage's max_steps 6"):
         run_cold_start(stage, [0, 7], tmp_path / "work4")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        run_cold_start(stage, [-1, 3], tmp_path / "work4")
+    by_epochs = _stage(tmp_path / "by_epochs", tmp_path / "target")
+    config = yaml.safe_load((by_epochs / "config.yaml").read_text())
+    config["trainer"]["max_steps"] = -1
+    (by_epochs / "config.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match="max_steps is -1; give a stage bounded by optimiser steps"):
+        run_cold_start(by_epochs, [0, 3], tmp_path / "work5")

@@ -30,19 +30,9 @@ import numpy as np
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.common import (
-    command_line,
-    md_environment,
-    md_table,
-    publish,
-    report_header,
-    sample_batched,
-    write_report,
-)
-from benchmarks.novelty import grey_pixels
-from rgsd_lightning.evaluation.quality import coverage_gain, nearest_rows
-
-SAMPLER = {"method": "dpmsolver", "num_steps": 25, "eta": 0.0, "clip_x0": True}
+from benchmarks.common import command_line, md_environment, md_table, publish, report_header, write_report
+from benchmarks.coverage import Generated, Reference
+from rgsd_lightning.evaluation.quality import nearest_rows
 
 
 def fidelity_mask(
@@ -107,65 +97,30 @@ def run_cold_start(stage: Path, steps: Sequence[int], work: Path) -> dict[int, P
 
 def measure_exports(
     exports: dict[int, Path],
-    extractor_dir: str,
-    target: str,
-    train_per_identity: int,
+    ref: Reference,
     guidances: Sequence[float],
     per_identity: int,
     device: str = "cpu",
-    exclude: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """One row per (step, guidance): the samples' split gain in both spaces, fidelity and filtered gain."""
-    from rgsd_lightning.backbones import FeatureExtractor
-    from rgsd_lightning.data.sources import read_identity_folders
-    from rgsd_lightning.diffusion.generator import DiTGenerator
-    from rgsd_lightning.evaluation.quality import embed, load_images
-
-    extractor = FeatureExtractor.from_export(extractor_dir).eval()
-    from rgsd_lightning.data.listing import name_excluded
-
-    skip = (lambda name: name_excluded(name, exclude)) if exclude else None
-    records = read_identity_folders(target, train_per_identity=train_per_identity, exclude=skip)
-    train = [r for r in records if r.split == "train"]
-    test = [r for r in records if r.split != "train"]
-    train_labels, test_labels = [r.identity for r in train], [r.identity for r in test]
     rows = []
     for step, export in exports.items():
-        generator = DiTGenerator.from_pretrained(export).to(device).eval()
-        size, channels = generator.image_size, generator.channels
-        real = {"train": load_images(train, size, channels), "test": load_images(test, size, channels)}
-        feats = {k: embed(extractor, v) for k, v in real.items()}
-        pixels = {k: grey_pixels(v) for k, v in real.items()}
-        labels = [i for i in range(generator.num_identities) for _ in range(per_identity)]
-        names = [generator.identities[i] for i in labels]
         for guidance in guidances:
-            images = sample_batched(
-                generator,
-                labels,
-                list(range(len(labels))),
-                batch_size=100,
-                guidance_scale=guidance,
-                **SAMPLER,
-            )
-            f, px = embed(extractor, images), grey_pixels(images)
-            keep = fidelity_mask(feats["train"], train_labels, f, names)
+            sampled = Generated(str(export), guidance=guidance, per_identity=per_identity, device=device)
+            images, names = sampled.sample(ref.size, ref.channels)
+            feats = ref.spaces(images)
+            keep = fidelity_mask(ref.anchors["recognizer"], ref.train_labels, feats["recognizer"], names)
             kept = [n for n, k in zip(names, keep, strict=True) if k]
             rows.append(
                 {
                     "step": step,
                     "guidance": guidance,
                     "images": len(names),
-                    "queries": len(test),
-                    "recognizer": coverage_gain(
-                        feats["train"], train_labels, f, names, feats["test"], test_labels
-                    ),
-                    "pixels": coverage_gain(
-                        pixels["train"], train_labels, px, names, pixels["test"], test_labels
-                    ),
+                    "queries": len(ref.test_labels),
+                    "recognizer": ref.gain("recognizer", feats["recognizer"], names),
+                    "pixels": ref.gain("pixels", feats["pixels"], names),
                     "fidelity": float(keep.mean()),
-                    "filtered": coverage_gain(
-                        feats["train"], train_labels, f[keep], kept, feats["test"], test_labels
-                    ),
+                    "filtered": ref.gain("recognizer", feats["recognizer"][keep], kept),
                 }
             )
             print(f"step {step} w{guidance:g}: {rows[-1]['recognizer']} fidelity {rows[-1]['fidelity']:.3f}")
@@ -294,22 +249,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     steps = sorted({int(s) for s in args.steps.split(",")})
     guidances = [float(g) for g in args.guidance.split(",")]
+    from rgsd_lightning.diffusion.generator import DiTGenerator
+
     exports = run_cold_start(Path(args.stage), steps, Path(args.work))
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "name")}
     settings["steps"] = steps
     report = report_header("cold_trajectory", False, command_line("cold_trajectory", argv), settings)
+    first = DiTGenerator.from_pretrained(next(iter(exports.values())))  # the geometry its samples have
+    ref = Reference.load(
+        args.extractor,
+        args.target,
+        train_per_identity=args.train_per_identity,
+        size=first.image_size,
+        channels=first.channels,
+        exclude=args.exclude,
+    )
     report["results"] = []
     for step, export in exports.items():  # published after each step: a run cut short keeps what it measured
-        report["results"] += measure_exports(
-            {step: export},
-            args.extractor,
-            args.target,
-            args.train_per_identity,
-            guidances,
-            args.per_identity,
-            args.device,
-            args.exclude,
-        )
+        report["results"] += measure_exports({step: export}, ref, guidances, args.per_identity, args.device)
         report["figure"] = plot(report["results"], Path(args.out) / f"{args.name}.png").name
         write_report(args.out, args.name, report, markdown(report))
     publish(args.out, args.name, report, markdown(report))

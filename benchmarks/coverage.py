@@ -112,6 +112,59 @@ def parse_generated(specs: Sequence[str], per_identity: int, device: str = "cpu"
     return out
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The real side of the measure: the target's training images (the gallery) and test images (the
+    queries) of ``train_per_identity`` per identity, in the recognizer's features and in grey pixels."""
+
+    extractor: Any
+    train_labels: list[str]
+    test_labels: list[str]
+    anchors: dict[str, np.ndarray]
+    queries: dict[str, np.ndarray]
+    size: int
+    channels: int
+
+    @classmethod
+    def load(
+        cls,
+        extractor_dir: str | Path,
+        target: str | Path,
+        *,
+        train_per_identity: int,
+        size: int = 32,
+        channels: int = 1,
+        exclude: Sequence[str] = (),
+    ) -> Reference:
+        """Read the target (file names matching ``exclude`` left out), split it and embed both parts."""
+        from rgsd_lightning.backbones import FeatureExtractor
+        from rgsd_lightning.evaluation.quality import load_images
+
+        extractor = FeatureExtractor.from_export(extractor_dir).eval()
+        skip = (lambda name: name_excluded(name, exclude)) if exclude else None
+        records = read_identity_folders(target, train_per_identity=train_per_identity, exclude=skip)
+        train = [r for r in records if r.split == "train"]
+        test = [r for r in records if r.split != "train"]
+        if not test:
+            raise ValueError(f"{target}: no test image at train_per_identity={train_per_identity}")
+        ref = cls(extractor, [r.identity for r in train], [r.identity for r in test], {}, {}, size, channels)
+        ref.anchors.update(ref.spaces(load_images(train, size, channels)))
+        ref.queries.update(ref.spaces(load_images(test, size, channels)))
+        return ref
+
+    def spaces(self, images: Any) -> dict[str, np.ndarray]:
+        """Images (N, C, size, size) in [-1, 1] in both spaces."""
+        from rgsd_lightning.evaluation.quality import embed
+
+        return {"recognizer": embed(self.extractor, images), "pixels": grey_pixels(images)}
+
+    def gain(self, space: str, feats: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
+        """:func:`coverage_gain` of rows ``feats`` (in ``space``) labelled ``labels``."""
+        return coverage_gain(
+            self.anchors[space], self.train_labels, feats, labels, self.queries[space], self.test_labels
+        )
+
+
 def measure(
     extractor_dir: str | Path,
     target: str | Path,
@@ -122,46 +175,36 @@ def measure(
     channels: int = 1,
     exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """{set: {"images": n, <space>: coverage_gain(...)}} for every set (a set folder, or a set sampled in
-    memory) and both spaces."""
-    from rgsd_lightning.backbones import FeatureExtractor
-    from rgsd_lightning.evaluation.quality import embed, load_images
+    """{set: {"images": n, "queries": m, <space>: coverage_gain(...)}} for every set (a set folder, or a
+    set sampled in memory) and both spaces."""
+    from rgsd_lightning.evaluation.quality import load_images
 
-    extractor = FeatureExtractor.from_export(extractor_dir).eval()
-    skip = (lambda name: name_excluded(name, exclude)) if exclude else None
-    records = read_identity_folders(target, train_per_identity=train_per_identity, exclude=skip)
-    train = [r for r in records if r.split == "train"]
-    test = [r for r in records if r.split != "train"]
-    if not test:
-        raise ValueError(f"{target}: no test image at train_per_identity={train_per_identity}")
-
-    def spaces(images) -> dict[str, np.ndarray]:
-        return {"recognizer": embed(extractor, images), "pixels": grey_pixels(images)}
-
-    known = {r.identity for r in train}
-    anchors = spaces(load_images(train, size, channels))
-    queries = spaces(load_images(test, size, channels))
+    ref = Reference.load(
+        extractor_dir,
+        target,
+        train_per_identity=train_per_identity,
+        size=size,
+        channels=channels,
+        exclude=exclude,
+    )
+    known = set(ref.train_labels)
     results: dict[str, Any] = {}
     for name, source in sets.items():
         if isinstance(source, Generated):
             images, labels = source.sample(size, channels)
-            feats = spaces(images)
+            feats = ref.spaces(images)
         else:
             synthetic = read_manifest(manifest_path(source))
-            feats, labels = spaces(load_images(synthetic, size, channels)), [r.identity for r in synthetic]
+            feats, labels = (
+                ref.spaces(load_images(synthetic, size, channels)),
+                [r.identity for r in synthetic],
+            )
         unknown = sorted(set(labels) - known)
         if unknown:
             raise ValueError(f"synthetic set {name}: identities {unknown[:5]} are not target identities")
-        results[name] = {"images": len(labels), "queries": len(test)}
+        results[name] = {"images": len(labels), "queries": len(ref.test_labels)}
         for space in SPACES:
-            results[name][space] = coverage_gain(
-                anchors[space],
-                [r.identity for r in train],
-                feats[space],
-                labels,
-                queries[space],
-                [r.identity for r in test],
-            )
+            results[name][space] = ref.gain(space, feats[space], labels)
     return results
 
 

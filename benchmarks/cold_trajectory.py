@@ -31,7 +31,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import command_line, md_environment, md_table, publish, report_header, write_report
-from benchmarks.coverage import Generated, Reference
+from benchmarks.coverage import Generated, Reference, without_note
 from rgsd_lightning.evaluation.quality import nearest_rows
 
 
@@ -167,7 +167,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
-    without = f" (without {', '.join(s['exclude'])})" if s.get("exclude") else ""
     pts = lambda v: f"{100 * v:+.1f}"  # noqa: E731
     table = md_table(
         [
@@ -210,7 +209,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             f"The cold-start stage `{s['stage']}` rerun from its config.yaml, its generator exported at "
             f"steps {s['steps']}; each export samples {s['per_identity']} images per identity "
-            f"(DPM-Solver++, 25 steps) at each guidance scale. Target {s['target']}{without}, "
+            f"(DPM-Solver++, 25 steps) at each guidance scale. Target {s['target']}{without_note(s)}, "
             f"{s['train_per_identity']} training image(s) per identity (the gallery), the rest the queries; "
             f"recognizer `{s['extractor']}` (trained on the training images only). Gained / taken: points of "
             "test images whose nearest gallery image turns to / from their own identity when the samples "

@@ -220,7 +220,8 @@ def parse_sets(specs: Sequence[str]) -> dict[str, tuple[str, str | None]]:
     return out
 
 
-def _excluded(settings: dict[str, Any]) -> str:
+def without_note(settings: dict[str, Any]) -> str:
+    """ " (without PATTERNS)" for a report whose settings left target files out, else ""."""
     patterns = settings.get("exclude") or []
     return f" (without {', '.join(patterns)})" if patterns else ""
 
@@ -246,8 +247,8 @@ def markdown(report: dict[str, Any]) -> str:
         "# Coverage: do the sets cover the test images the training images do not?\n\n",
         md_environment(report["environment"]).rstrip(),
         f"\n\nCommand: `{report['command']}`\n\n",
-        f"Target {s['target']}{_excluded(s)}, {s['train_per_identity']} training image(s) per identity (the "
-        "gallery), the "
+        f"Target {s['target']}{without_note(s)}, {s['train_per_identity']} training image(s) per identity "
+        "(the gallery), the "
         f"rest the queries; recognizer {s['extractor']} (trained on the training images only). 1-NN: share "
         "of the test images whose nearest gallery image has their identity, before and after the set's "
         "images join the gallery; gained / taken: test images a sample of their own identity becomes nearest "

@@ -735,6 +735,45 @@ def test_verdict_pairs_a_report_without_run_names_with_a_retrained_one_by_positi
     assert row["before"] == pytest.approx(14.0) and row["after"] == pytest.approx(17.0)
 
 
+def test_verdict_headline_keeps_the_current_protocol_settings_with_their_paired_checks(tmp_path, capsys):
+    """The headline holds the settings measured after the sampler fix with common random numbers and the
+    default recipe only: a ‡ study (before the fix) and a BatchNorm-variant study are left out. Its floor is
+    the lowest selection row paired with "real only" (differences 0, -2, -4 points: mean -2, sd 2, t(0.975,
+    2) = 4.3027), its goal "+ RE + RL syn + sel" paired with "+ RE" against +1 (differences 1, 2, 3: mean 2,
+    sd 1); --out writes every table."""
+    from benchmarks.verdict import current, headline_markdown, main, verdict
+
+    def rows(real, erasing, rl_selection, erasing_rl_selection, prefix="k3", metric="test/id_acc"):
+        found = zip(
+            ("real", "erasing", "rl_selection", "erasing_rl_selection"),
+            (real, erasing, rl_selection, erasing_rl_selection),
+            strict=True,
+        )
+        return {"sections": [{"rows": [seeded_row(f"{prefix}_{s}", v, metric) for s, v in found]}]}
+
+    crn = rows([0.80, 0.80, 0.80], [0.90, 0.90, 0.90], [0.80, 0.78, 0.76], [0.91, 0.92, 0.93])
+    (tmp_path / "faces_common_random.json").write_text(json.dumps(crn))
+    (tmp_path / "utility_faces.json").write_text(json.dumps(crn))  # before the sampler fix: ‡
+    reid = rows(*[[0.2, 0.2, 0.2]] * 4, prefix="all", metric="test/mAP")
+    (tmp_path / "reid_synthetic_norm.json").write_text(json.dumps(reid))  # a variant of the recipe
+    table = verdict(tmp_path)
+    assert list(current(table)) == ["ORL 3-shot, 8 seeds, common random numbers"]
+    half = 4.302653 / 3**0.5  # t times sd 1 over sqrt(n)
+    text = headline_markdown(table)
+    floor = f"-2.00 [{-2 - 2 * half:+.2f}, {-2 + 2 * half:+.2f}] unresolved"  # sd 2
+    goal = f"+2.00 [{2 - half:+.2f}, {2 + half:+.2f}] unresolved"  # differences 1, 2, 3 points: sd 1
+    means = "80.0 ± 0.0 | 90.0 ± 0.0 | 78.0 ± 2.0 | 92.0 ± 1.0"
+    line = f"| ORL 3-shot, 8 seeds, common random numbers | 3 | {means} | {floor} | {goal} |"
+    assert line in text and "ORL 3-shot, identification %" not in text and "ReID" not in text
+    assert main(["--results", str(tmp_path), "--headline"]) == 0
+    assert line in capsys.readouterr().out
+    assert main(["--results", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    written = json.loads((tmp_path / "out" / "verdict.json").read_text())
+    assert written["settings"]["ORL 3-shot, 8 seeds, common random numbers"]["study"] == "faces_common_random"
+    md = (tmp_path / "out" / "verdict.md").read_text()
+    assert line in md and "| ORL 3-shot, identification % ‡ |" in md  # the full tables keep every setting
+
+
 def test_parallel_jobs_summary_against_hand_made_runs():
     from benchmarks.parallel_jobs import markdown, parse_mode, summarise
 

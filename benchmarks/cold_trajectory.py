@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks.common import command_line, md_environment, md_table, publish, report_header, write_report
 from benchmarks.coverage import Generated, Reference, without_note
+from benchmarks.novelty import nearest_distance
 from rgsd_lightning.evaluation.quality import nearest_rows
 
 
@@ -40,6 +41,22 @@ def fidelity_mask(
 ) -> np.ndarray:
     """Per extra row: is its nearest training row of its own label?"""
     return np.asarray(train_labels)[nearest_rows(train, extra)] == np.asarray(labels)
+
+
+def distance_ratio(
+    train: np.ndarray,
+    train_labels: Sequence[str],
+    extra: np.ndarray,
+    labels: Sequence[str],
+    test: np.ndarray,
+    test_labels: Sequence[str],
+) -> float:
+    """Median distance of the extra rows to their own identity's nearest training row, over the same median
+    of the test rows: 1 where samples sit as far from the training images as new real images do, below 1
+    nearer (towards copies), above 1 farther."""
+    mine = nearest_distance(extra, labels, train, train_labels)
+    real = nearest_distance(test, test_labels, train, train_labels)
+    return float(np.median(mine) / np.median(real))
 
 
 class ExportAtSteps(Callback):
@@ -111,6 +128,14 @@ def measure_exports(
             feats = ref.spaces(images)
             keep = fidelity_mask(ref.anchors["recognizer"], ref.train_labels, feats["recognizer"], names)
             kept = [n for n, k in zip(names, keep, strict=True) if k]
+            distance = distance_ratio(
+                ref.anchors["recognizer"],
+                ref.train_labels,
+                feats["recognizer"],
+                names,
+                ref.queries["recognizer"],
+                ref.test_labels,
+            )
             rows.append(
                 {
                     "step": step,
@@ -121,6 +146,7 @@ def measure_exports(
                     "pixels": ref.gain("pixels", feats["pixels"], names),
                     "fidelity": float(keep.mean()),
                     "filtered": ref.gain("recognizer", feats["recognizer"][keep], kept),
+                    "distance": distance,
                 }
             )
             print(f"step {step} w{guidance:g}: {rows[-1]['recognizer']} fidelity {rows[-1]['fidelity']:.3f}")
@@ -174,6 +200,7 @@ def markdown(report: dict[str, Any]) -> str:
             "guidance",
             "images",
             "fidelity %",
+            "distance",
             "1-NN % real only",
             "gained",
             "taken",
@@ -188,6 +215,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['guidance']:g}",
                 r["images"],
                 f"{100 * r['fidelity']:.1f}",
+                f"{r['distance']:.2f}x" if "distance" in r else "-",
                 f"{100 * r['recognizer']['before']:.1f}",
                 pts(r["recognizer"]["gained"]),
                 pts(-r["recognizer"]["taken"]),
@@ -214,8 +242,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"recognizer `{s['extractor']}` (trained on the training images only). Gained / taken: points of "
             "test images whose nearest gallery image turns to / from their own identity when the samples "
             "join the gallery; gain = gained - taken. Fidelity: share of samples whose nearest training "
-            "image is of their own identity; filtered: the gain of those samples only (a filter that knows "
-            "the training images alone).",
+            "image is of their own identity. Distance: the samples' median distance to their identity's "
+            "nearest training image over the test images' (1x: as far as new real images, below: nearer). "
+            "Filtered: the gain of the samples with fidelity only (a filter that knows the training images "
+            "alone).",
             "",
             table,
             "",

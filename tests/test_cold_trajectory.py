@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.cold_trajectory import fidelity_mask, main, run_cold_start
+from benchmarks.cold_trajectory import distance_ratio, fidelity_mask, main, run_cold_start
 from rgsd_lightning.evaluation.quality import coverage_gain, nn_accuracy
 
 
@@ -38,6 +38,19 @@ def test_coverage_gain_splits_into_gained_and_taken():
         assert got["before"] == pytest.approx(nn_accuracy(tr, tr_l, te, te_l))
         assert got["after"] == pytest.approx(nn_accuracy(np.concatenate([tr, ex]), tr_l + ex_l, te, te_l))
         assert got["gained"] - got["taken"] == pytest.approx(got["gain"])
+
+
+def test_distance_ratio_compares_samples_with_new_real_images_by_hand():
+    """Training a at (0, 0), b at (10, 0). Test images 1 and 2 from their own training image (median 1.5);
+    samples 3 from theirs (median 3, measured to their own identity even where another is nearer): 2x."""
+    train = np.array([[0.0, 0.0], [10.0, 0.0]])
+    test = np.array([[1.0, 0.0], [10.0, 2.0]])
+    samples = np.array([[0.0, 3.0], [7.0, 0.0]])  # the second is nearer a's image, labelled b
+    ratio = distance_ratio(train, ["a", "b"], samples, ["a", "b"], test, ["a", "b"])
+    assert ratio == pytest.approx(2.0)
+    assert distance_ratio(train, ["a", "b"], test, ["a", "b"], test, ["a", "b"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="'c' has no training image"):
+        distance_ratio(train, ["a", "b"], samples, ["a", "c"], test, ["a", "b"])
 
 
 def test_fidelity_mask_keeps_samples_nearest_their_own_training_image():

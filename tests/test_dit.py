@@ -235,6 +235,19 @@ def test_export_tied_timestep_mlp_and_keep(tmp_path):
     assert torch.equal(swapped.label_table.weight[5], gen.label_table.weight[2])
 
 
+def test_an_export_draws_no_random_numbers(tmp_path):
+    """Exporting in the middle of training (benchmarks cold_trajectory exports at chosen steps) must leave the
+    global RNG as it found it, else every batch and noise draw after the export changes: the per-block copies
+    of the shared label table are built from its weights, not initialised and overwritten."""
+    gen = build_dit(num_identities=2, preset="tiny", identities=["x", "y"], trainable="all")
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    gen.save_pretrained(tmp_path / "e")
+    assert torch.equal(torch.get_rng_state(), state)
+    back = DiTGenerator.from_pretrained(tmp_path / "e")
+    assert torch.equal(back.label_table.weight, gen.label_table.weight)
+
+
 def test_export_with_differing_block_tables_warns_and_takes_block0(tmp_path):
     gen = build_dit(num_identities=2, preset="tiny")
     out = gen.save_pretrained(tmp_path / "e")

@@ -416,8 +416,9 @@ class DiTGenerator(nn.Module):
         tied_time = [b.norm1.emb.timestep_embedder is time_mlp for b in blocks]
         try:
             for block, tied in zip(blocks[1:], tied_time[1:], strict=True):
-                clone = nn.Embedding(table.num_embeddings, table.embedding_dim, device=table.weight.device)
-                clone.weight = nn.Parameter(table.weight.detach().clone())
+                # built from the weights: a fresh nn.Embedding would draw its initialisation from the global
+                # RNG, and an export in the middle of training would change the batches after it
+                clone = nn.Embedding.from_pretrained(table.weight.detach().clone(), freeze=False)
                 class_embedder(block).embedding_table = clone
                 if tied:
                     block.norm1.emb.timestep_embedder = copy.deepcopy(time_mlp)

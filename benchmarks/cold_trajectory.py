@@ -6,7 +6,9 @@ cold start moves from the prior (the identities' label rows fresh: any face, any
 training images (near copies of them); new content of a person, if it ever appears, appears in between.
 This reruns a finished cold-start stage from its saved ``config.yaml`` (the same data, seed, optimiser and
 EMA; a constant learning rate, so stopping early does not change the steps before), exports the generator
-at the given steps, and measures each export's in-memory samples as ``python -m benchmarks coverage``
+at the given steps (an export draws no random numbers, so the rerun is the stage's own training whatever
+the steps; reports written before 2026-12-05 were not: each export changed the random draws after it),
+and measures each export's in-memory samples as ``python -m benchmarks coverage``
 does, with the gain split into its two parts and a training-data-only filter:
 
 * ``gained``: test images whose nearest gallery image was of another identity and becomes a sample of
@@ -15,6 +17,8 @@ does, with the gain split into its two parts and a training-data-only filter:
   identity - what a filter that knows only the training images can check;
 * ``filtered``: the gain of the samples that pass that check (the best a perfect static filter on the
   training images can do with this set; selection sees even less).
+* ``distance``: the samples' median distance to their identity's nearest training image over that of the
+  test images (1x: as far as new real images; below: towards copies).
 
 Writes ``<out>/<name>.json`` and ``.md``; the exports stay in ``--work`` (delete them after).
 """

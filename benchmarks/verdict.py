@@ -718,8 +718,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``verdict.json`` / ``verdict.md``), or with ``--study`` one study's rows paired against its references."""
     p = argparse.ArgumentParser(prog="python -m benchmarks verdict", description=__doc__.split("\n")[0])
     p.add_argument("--results", default="benchmarks/results", help="folder of utility_{faces,reid}.json")
-    p.add_argument("--headline", action="store_true", help="only the settings of the current protocol")
-    p.add_argument("--out", help="also write verdict.json and verdict.md (every table) into this folder")
+    shown = p.add_mutually_exclusive_group()  # the headline is printed only; --out writes every table
+    shown.add_argument("--headline", action="store_true", help="only the settings of the current protocol")
+    shown.add_argument("--out", help="also write verdict.json and verdict.md (every table) into this folder")
     p.add_argument("--study", help="print this results file's rows paired against references instead")
     p.add_argument("--metric", default="test/mAP", help="--study: the metric (test/id_acc on faces)")
     p.add_argument("--against", nargs="+", help="--study: reference stages (default: *_real, *_erasing)")

@@ -772,6 +772,9 @@ def test_verdict_headline_keeps_the_current_protocol_settings_with_their_paired_
     assert written["settings"]["ORL 3-shot, 8 seeds, common random numbers"]["study"] == "faces_common_random"
     md = (tmp_path / "out" / "verdict.md").read_text()
     assert line in md and "| ORL 3-shot, identification % ‡ |" in md  # the full tables keep every setting
+    with pytest.raises(SystemExit):  # --out would be ignored: refused instead
+        main(["--results", str(tmp_path), "--headline", "--out", str(tmp_path / "both")])
+    assert not (tmp_path / "both").exists()
 
 
 def test_parallel_jobs_summary_against_hand_made_runs():

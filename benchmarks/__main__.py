@@ -54,6 +54,7 @@ COMMANDS = {
     "roundtrip": "benchmarks.roundtrip:main",
     "coverage": "benchmarks.coverage:main",
     "cold_trajectory": "benchmarks.cold_trajectory:main",
+    "train_fit": "benchmarks.train_fit:main",
 }
 
 

@@ -1411,3 +1411,57 @@ def test_coverage_gain_by_hand_and_on_a_made_target(tmp_path):
                 "x",
             ]
         )
+
+
+def test_train_fit_leave_one_out_rank1_by_hand():
+    """Cosine nearest other row: rows 0 and 1 (a) find each other, row 3 (a) finds row 2 (b); rows of a label
+    no other row has (b, c) are not queries: 2 of 3. Scale does not matter; NaN and no pairs are errors."""
+    from benchmarks.train_fit import leave_one_out_rank1
+
+    x = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    labels = ["a", "a", "b", "a", "c"]
+    assert leave_one_out_rank1(x, labels) == pytest.approx(2 / 3)
+    scaled = x * np.array([[5.0], [1.0], [0.2], [3.0], [1.0]])
+    assert leave_one_out_rank1(scaled, labels) == pytest.approx(2 / 3)
+    assert leave_one_out_rank1(x, ["a", "a", "b", "b", "c"]) == 1.0  # rows 2 and 3 (b) find each other
+    with pytest.raises(ValueError, match="NaN"):
+        leave_one_out_rank1(np.where(np.eye(5, 2) > 0, np.nan, x), labels)
+    with pytest.raises(ValueError, match="two rows"):
+        leave_one_out_rank1(x, ["a", "b", "c", "d", "e"])
+
+
+def test_train_fit_end_to_end_on_made_stages(tmp_path):
+    """Stage folders as the pipeline writes them: each identity's training images are copies of one image,
+    so any network fits them (100 %); seeds group into one row with their metric and epochs; a folder that is
+    not a finished stage, and a metric the stage lacks, are clear errors."""
+    from PIL import Image
+
+    from benchmarks.train_fit import main, stage_fit
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "target"
+    for name in ("ann", "bob", "cid"):
+        (root / name).mkdir(parents=True)
+        image = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+        for i in range(3):  # 2 train + 1 test, the training pair identical
+            Image.fromarray(image if i < 2 else 255 - image).save(root / name / f"{i}.png")
+    data = {"root": str(root), "format": "identity_folders", "channels": 1, "task": "face", "face_size": 16}
+    data["train_per_identity"] = 2
+    run = tmp_path / "run"
+    for seed, acc in ((0, 0.5), (1, 0.7)):
+        stage = run / f"k2_real_s{seed}"
+        _grey_recognizer(stage / "export")
+        spec = {"trainer": {"max_epochs": 12}, "data": {"init_args": {**data, "synthetic": ["/nowhere"]}}}
+        marker = {"spec": spec, "export": str(stage / "export"), "metrics": {"test/id_acc": acc}}
+        (stage / "stage.json").write_text(json.dumps(marker))
+    out = tmp_path / "out"
+    args = ["--runs", str(run), "--stages", "k2_real_s?", "--metric", "test/id_acc"]
+    main([*args, "--out", str(out), "--name", "f"])
+    row = json.loads((out / "f.json").read_text())["results"][str(run)]["k2_real"]
+    assert row["seeds"] == [0, 1] and row["fit"] == [1.0, 1.0] and row["metric"] == [0.5, 0.7]
+    assert row["epochs"] == 12
+    assert "| k2_real | 12 | 2 | 100.0 ± 0.0 | 60.0 ± 14.1 |" in (out / "f.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no stage.json"):
+        stage_fit(run / "missing", "test/id_acc")
+    with pytest.raises(ValueError, match="test/mAP"):
+        stage_fit(run / "k2_real_s0", "test/mAP")

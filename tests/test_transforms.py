@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from rgsd_lightning.data.datamodule import IdentityDataModule
 from rgsd_lightning.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -11,6 +12,7 @@ from rgsd_lightning.data.transforms import (
     face_transform,
     generator_transform,
     photometric,
+    random_erasing_step,
     reid_transform,
     to_recognizer_input,
 )
@@ -132,3 +134,29 @@ def test_recognizer_transforms_jitter_only_in_training():
     a, b = (face_transform(8, flip=False, photometric=0.5)(img) for _ in range(2))
     plain = face_transform(8, flip=False)(img)
     assert not torch.allclose(a, plain) and not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("fill", ["random", "mean"])
+def test_random_erasing_writes_one_box_holding_the_fill(fill):
+    torch.manual_seed(0)
+    x = torch.full((3, 64, 32), 5.0)  # a value neither fill can produce by chance
+    y = random_erasing_step(1.0, fill)(x)
+    box = (y != 5.0).any(dim=0)
+    rows, cols = box.any(dim=1).nonzero().flatten(), box.any(dim=0).nonzero().flatten()
+    # one axis-aligned rectangle of 2-33 % of the image, every channel overwritten inside it
+    assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+    assert 0.02 * 64 * 32 * 0.8 <= box.sum() <= 0.33 * 64 * 32 * 1.2
+    inside = y[:, box]
+    if fill == "mean":  # the normalisation's mean pixel: 0 after normalising
+        assert torch.equal(inside, torch.zeros_like(inside))
+    else:  # per-pixel N(0, 1) noise
+        assert 0.5 < inside.std() < 1.5 and abs(inside.mean()) < 0.5
+
+
+def test_random_erasing_refuses_a_bad_fill_or_probability():
+    with pytest.raises(ValueError, match="erasing_fill"):
+        random_erasing_step(0.5, "zeros")
+    with pytest.raises(ValueError, match="probability"):
+        random_erasing_step(1.5)
+    with pytest.raises(ValueError, match="erasing_fill"):
+        IdentityDataModule(root="unused", erasing_fill="black")

@@ -102,6 +102,8 @@ class IdentityDataModule(L.LightningDataModule):
         flip: random horizontal flip in training.
         pad: ReID pad-crop padding in training.
         random_erasing: Random Erasing probability for recognizer training (the real-augmentation baseline).
+        erasing_fill: what Random Erasing writes into its box: "random" (per-pixel noise) or "mean" (the
+            normalisation's mean pixel; ``transforms.random_erasing_step``).
         photometric: strength of the photometric jitter in recognizer training (gamma, brightness, contrast;
             ``transforms.PhotometricJitter``; 0: none), the real-only baseline for lighting changes.
         batch_size: batch size of generator training and of every evaluation/predict loader.
@@ -150,6 +152,7 @@ class IdentityDataModule(L.LightningDataModule):
         flip: bool = True,
         pad: int = 10,
         random_erasing: float = 0.0,
+        erasing_fill: Literal["random", "mean"] = "random",
         photometric: float = 0.0,
         batch_size: int = 32,
         p: int = 16,
@@ -176,6 +179,10 @@ class IdentityDataModule(L.LightningDataModule):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         if not photometric >= 0:
             raise ValueError(f"photometric must be a strength >= 0, got {photometric}")
+        if not 0 <= random_erasing <= 1:
+            raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing}")
+        if erasing_fill not in ("random", "mean"):
+            raise ValueError(f"erasing_fill must be 'random' or 'mean', got {erasing_fill!r}")
         check_synthetic_slots(synthetic_slots)
         if format == "cuhk03np" and cuhk03_variant is None:
             raise ValueError("format 'cuhk03np' needs cuhk03_variant: 'labeled' or 'detected'")

@@ -116,6 +116,7 @@ class FaceLoaders(RecognizerLoaders):
             flip=hp.flip,
             channels=hp.channels,
             random_erasing=hp.random_erasing,
+            erasing_fill=hp.erasing_fill,
             photometric=hp.photometric,
         )
 

@@ -82,6 +82,7 @@ class ReIDLoaders(RecognizerLoaders):
             flip=hp.flip,
             pad=hp.pad,
             random_erasing=hp.random_erasing,
+            erasing_fill=hp.erasing_fill,
             photometric=hp.photometric,
             channels=hp.channels,
         )

@@ -27,6 +27,7 @@ from torchvision import transforms as T
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
+ErasingFill = Literal["random", "mean"]
 
 
 class PadToSquare:
@@ -143,6 +144,23 @@ def generator_transform(
     return T.Compose(steps)
 
 
+def random_erasing_step(p: float, fill: ErasingFill = "random") -> T.RandomErasing:
+    """Random Erasing (Zhong et al. 2020) on a normalised ``(C, H, W)`` tensor: with probability ``p`` one box
+    of 2-33 % of the image (aspect 0.3-3.3) is overwritten.
+
+    Args:
+        p: the probability in (0, 1].
+        fill: "random": every erased value drawn from N(0, 1), per pixel and channel (torchvision's
+            ``value="random"``, Zhong et al.'s RE-R); "mean": the box holds the normalisation's mean pixel,
+            0 after normalising (RE-M; the constant fill of the ReID strong baseline, BoT).
+    """
+    if not 0 < p <= 1:
+        raise ValueError(f"random_erasing must be a probability in (0, 1], got {p}")
+    if fill not in ("random", "mean"):
+        raise ValueError(f"erasing_fill must be 'random' or 'mean', got {fill!r}")
+    return T.RandomErasing(p=p, value="random" if fill == "random" else 0)
+
+
 def reid_transform(
     height: int = 256,
     width: int = 128,
@@ -151,6 +169,7 @@ def reid_transform(
     flip: bool = True,
     pad: int = 10,
     random_erasing: float = 0.0,
+    erasing_fill: ErasingFill = "random",
     photometric: float = 0.0,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
@@ -165,6 +184,7 @@ def reid_transform(
         flip: random horizontal flip (training).
         pad: zero padding before the random crop back to size (training; 0 disables).
         random_erasing: Random Erasing probability (Zhong et al. 2020), the paper's real-augmentation row.
+        erasing_fill: what an erased box holds (``random_erasing_step``).
         photometric: ``PhotometricJitter`` strength (training; 0 disables).
         mean: normalisation mean (ImageNet by default, for timm backbones).
         std: normalisation std.
@@ -183,7 +203,7 @@ def reid_transform(
         steps.append(PhotometricJitter(photometric))
     steps.append(T.Normalize(mean, std))
     if train and random_erasing > 0:
-        steps.append(T.RandomErasing(p=random_erasing, value="random"))
+        steps.append(random_erasing_step(random_erasing, erasing_fill))
     return T.Compose(steps)
 
 
@@ -194,6 +214,7 @@ def face_transform(
     flip: bool = True,
     channels: int = 3,
     random_erasing: float = 0.0,
+    erasing_fill: ErasingFill = "random",
     photometric: float = 0.0,
 ) -> T.Compose:
     """Face recognizer input in [-1, 1] (insightface normalisation), square ``size``.
@@ -204,6 +225,7 @@ def face_transform(
         flip: random horizontal flip (training).
         channels: 3 or 1.
         random_erasing: Random Erasing probability (training).
+        erasing_fill: what an erased box holds (``random_erasing_step``).
         photometric: ``PhotometricJitter`` strength (training; 0 disables).
     """
     steps: list = [T.Grayscale(1)] if channels == 1 else []
@@ -215,7 +237,7 @@ def face_transform(
         steps.append(PhotometricJitter(photometric))
     steps.append(T.Normalize(HALF[:channels], HALF[:channels]))
     if train and random_erasing > 0:
-        steps.append(T.RandomErasing(p=random_erasing, value="random"))
+        steps.append(random_erasing_step(random_erasing, erasing_fill))
     return T.Compose(steps)
 
 

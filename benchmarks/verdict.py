@@ -3,35 +3,35 @@
 Reads ``benchmarks/results/utility_faces.json`` and ``utility_reid.json`` (written by ``python -m benchmarks
 utility``) and their recognizer-budget runs (``faces_recognizer_budget_k1.json`` and
 ``faces_recognizer_budget.json`` for 1 and 3 shots, ``reid_recognizer_budget.json`` - the same rows,
-recognizers trained 3x longer), and prints, as markdown, the headline table (mean ± std over seeds, in %) and
-the checks of the downstream issue: the floor (every row with selection at or above "real only") and the goal
-("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random Erasing"; "goal, filtered":
-the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal, copy-free" with the copy-free
-synthetic set, "goal, from prior images" with the RL generator's samples started from noised prior images, run
-on the 16-seed 1-shot and the 8-seed 3-shot 36-epoch rows only). Each check shows its margin in points, from
-the unrounded means: for the floor the lowest selection row minus "real only" (met at >= 0), for a goal its
-row minus "+ Random Erasing" (met at >= +1). A row a study has not run yet shows "-" and counts as not met;
-"n/a": a row the study has by design not (the ReID study has no windowed-RL or copy-free rows, its budget run
-no cold-start row; the seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold only
-the rows that decide their setting's checks, as do ``faces_recognizer_budget_k1_yale.json``, the 1-shot rows
-on a second target, and ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with
-the set from prior images). ``seed_noise_faces_k1_resampled.json`` and
-``faces_recognizer_budget_k3_resampled.json`` hold the 1-shot and 3-shot deciding rows retrained after the
-sampler fix, 8 seeds each (the 3-shot setting reads ``faces_recognizer_budget_k3_sdedit90.json``, those
-rows reused plus the set from prior images at strength 0.9); the settings measured before it - when every
-recognizer epoch replayed the first epoch's batches - are marked ‡ (:data:`SAMPLER_FIXED` names the studies
-run after it). A fourth table sets each retrained row against the same row and seeds before the fix
-(:data:`REFITS`; the ReID runs, rebuilt whole, against their earlier results kept as
-``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``). ``reid_synthetic_norm.json``
-holds the ReID study's rows with selection beside the same rows with the synthetic samples forwarded apart in
-BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json`` the same at 30 epochs: their
-settings' selection columns read those (:data:`VARIANTS`), the third table has both, and the rows whose
-dropped synthetic samples are left out of the training forward (``synthetic_norm: kept``).
-``reid_seed_noise.json`` holds the ReID study's deciding rows over 6 seeds, ``faces_common_random.json`` the
-faces study's over 8 seeds with common random numbers (synthetic images added on top of the K real ones, chain
-rebuilt). The settings measured after the sampler fix but before common random numbers (be9fc92: a synthetic
-row's real batches and their augmentations are now its real-only row's) are marked § (:data:`COMMON_RANDOM`
-names the studies run with them); ``utility_reid_shared_stream.json``,
+recognizers trained 3x longer; ``reid_recognizer_budget_60.json`` the ReID deciding rows at 6x), and prints,
+as markdown, the headline table (mean ± std over seeds, in %) and the checks of the downstream issue: the
+floor (every row with selection at or above "real only") and the goal ("+ Random Erasing + RL synthetic +
+selection" at least one point above "+ Random Erasing"; "goal, filtered": the same with the reward-filtered,
+"goal, windowed" with the windowed-RL, "goal, copy-free" with the copy-free synthetic set, "goal, from prior
+images" with the RL generator's samples started from noised prior images, run on the 16-seed 1-shot and the
+8-seed 3-shot 36-epoch rows only). Each check shows its margin in points, from the unrounded means: for the
+floor the lowest selection row minus "real only" (met at >= 0), for a goal its row minus "+ Random Erasing"
+(met at >= +1). A row a study has not run yet shows "-" and counts as not met; "n/a": a row the study has by
+design not (the ReID study has no windowed-RL or copy-free rows, its budget run no cold-start row; the
+seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold only the rows that decide
+their setting's checks, as do ``faces_recognizer_budget_k1_yale.json``, the 1-shot rows on a second target,
+and ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with the set from prior
+images). ``seed_noise_faces_k1_resampled.json`` and ``faces_recognizer_budget_k3_resampled.json`` hold the
+1-shot and 3-shot deciding rows retrained after the sampler fix, 8 seeds each (the 3-shot setting reads
+``faces_recognizer_budget_k3_sdedit90.json``, those rows reused plus the set from prior images at strength
+0.9); the settings measured before it - when every recognizer epoch replayed the first epoch's batches - are
+marked ‡ (:data:`SAMPLER_FIXED` names the studies run after it). A fourth table sets each retrained row
+against the same row and seeds before the fix (:data:`REFITS`; the ReID runs, rebuilt whole, against their
+earlier results kept as ``utility_reid_replayed.json`` and ``reid_recognizer_budget_replayed.json``).
+``reid_synthetic_norm.json`` holds the ReID study's rows with selection beside the same rows with the
+synthetic samples forwarded apart in BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json``
+the same at 30 epochs: their settings' selection columns read those (:data:`VARIANTS`), the third table has
+both, and the rows whose dropped synthetic samples are left out of the training forward (``synthetic_norm:
+kept``). ``reid_seed_noise.json`` holds the ReID study's deciding rows over 6 seeds,
+``faces_common_random.json`` the faces study's over 8 seeds with common random numbers (synthetic images added
+on top of the K real ones, chain rebuilt). The settings measured after the sampler fix but before common
+random numbers (be9fc92: a synthetic row's real batches and their augmentations are now its real-only row's)
+are marked § (:data:`COMMON_RANDOM` names the studies run with them); ``utility_reid_shared_stream.json``,
 ``reid_synthetic_norm_shared_stream.json`` and ``reid_recognizer_budget_shared_stream.json`` (and the same for
 ``reid_synthetic_norm_budget`` and ``reid_cold_long``) keep the ReID results from before them. ``--study
 NAME`` prints one results file's rows with their paired differences against its real-only rows (or the stages
@@ -154,6 +154,13 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/mAP",
         (COLD, *FACES_ONLY, *FROM_PRIOR),
     ),
+    (  # the deciding rows at 60 epochs, where real only fits its training images (train_fit_reid.md)
+        "4-dataset ReID, 60-epoch recognizers",
+        "reid_recognizer_budget_60",
+        "all",
+        "test/mAP",
+        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
     # the seed-noise files: the rows that decide a setting's checks, over more seeds
     (
         "ORL 3-shot, 8 seeds",
@@ -257,6 +264,7 @@ SAMPLER_FIXED = frozenset(
         "faces_recognizer_budget_k3_resampled",
         "utility_reid",
         "reid_recognizer_budget",
+        "reid_recognizer_budget_60",
         "faces_recognizer_budget_k3_sdedit90",
         "reid_synthetic_norm",
         "reid_synthetic_norm_budget",
@@ -271,6 +279,7 @@ COMMON_RANDOM = frozenset(
         "utility_reid",
         "reid_synthetic_norm",
         "reid_recognizer_budget",
+        "reid_recognizer_budget_60",
         "reid_synthetic_norm_budget",
         "reid_seed_noise",
         "faces_common_random",

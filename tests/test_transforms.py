@@ -160,3 +160,5 @@ def test_random_erasing_refuses_a_bad_fill_or_probability():
         random_erasing_step(1.5)
     with pytest.raises(ValueError, match="erasing_fill"):
         IdentityDataModule(root="unused", erasing_fill="black")
+    with pytest.raises(ValueError, match="random_erasing must be a probability"):
+        IdentityDataModule(root="unused", random_erasing=1.5)

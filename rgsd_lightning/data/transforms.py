@@ -152,7 +152,7 @@ def random_erasing_step(p: float, fill: ErasingFill = "random") -> T.RandomErasi
         p: the probability in (0, 1].
         fill: "random": every erased value drawn from N(0, 1), per pixel and channel (torchvision's
             ``value="random"``, Zhong et al.'s RE-R); "mean": the box holds the normalisation's mean pixel,
-            0 after normalising (RE-M; the constant fill of the ReID strong baseline, BoT).
+            0 after normalising (RE-M; a constant fill, as in the ReID strong baseline BoT).
     """
     if not 0 < p <= 1:
         raise ValueError(f"random_erasing must be a probability in (0, 1], got {p}")

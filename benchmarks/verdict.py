@@ -3,19 +3,20 @@
 Reads ``benchmarks/results/utility_faces.json`` and ``utility_reid.json`` (written by ``python -m benchmarks
 utility``) and their recognizer-budget runs (``faces_recognizer_budget_k1.json`` and
 ``faces_recognizer_budget.json`` for 1 and 3 shots, ``reid_recognizer_budget.json`` - the same rows,
-recognizers trained 3x longer; ``reid_recognizer_budget_60.json`` the ReID deciding rows at 6x), and prints,
-as markdown, the headline table (mean ± std over seeds, in %) and the checks of the downstream issue: the
-floor (every row with selection at or above "real only") and the goal ("+ Random Erasing + RL synthetic +
-selection" at least one point above "+ Random Erasing"; "goal, filtered": the same with the reward-filtered,
-"goal, windowed" with the windowed-RL, "goal, copy-free" with the copy-free synthetic set, "goal, from prior
-images" with the RL generator's samples started from noised prior images, run on the 16-seed 1-shot and the
-8-seed 3-shot 36-epoch rows only). Each check shows its margin in points, from the unrounded means: for the
-floor the lowest selection row minus "real only" (met at >= 0), for a goal its row minus "+ Random Erasing"
-(met at >= +1). A row a study has not run yet shows "-" and counts as not met; "n/a": a row the study has by
-design not (the ReID study has no windowed-RL or copy-free rows, its budget run no cold-start row; the
-seed-noise files ``seed_noise_faces.json`` and ``seed_noise_faces_k1.json`` hold only the rows that decide
-their setting's checks, as do ``faces_recognizer_budget_k1_yale.json``, the 1-shot rows on a second target,
-and ``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with the set from prior
+recognizers trained 3x longer; ``reid_recognizer_budget_60.json`` the ReID deciding rows at 6x,
+``reid_seed_noise_budget.json`` at 3x over 6 seeds), and prints, as markdown, the headline table (mean ± std
+over seeds, in %) and the checks of the downstream issue: the floor (every row with selection at or above
+"real only") and the goal ("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random
+Erasing"; "goal, filtered": the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal,
+copy-free" with the copy-free synthetic set, "goal, from prior images" with the RL generator's samples started
+from noised prior images, run on the 16-seed 1-shot and the 8-seed 3-shot 36-epoch rows only). Each check
+shows its margin in points, from the unrounded means: for the floor the lowest selection row minus "real only"
+(met at >= 0), for a goal its row minus "+ Random Erasing" (met at >= +1). A row a study has not run yet shows
+"-" and counts as not met; "n/a": a row the study has by design not (the ReID study has no windowed-RL or
+copy-free rows, its budget run no cold-start row; the seed-noise files ``seed_noise_faces.json`` and
+``seed_noise_faces_k1.json`` hold only the rows that decide their setting's checks, as do
+``faces_recognizer_budget_k1_yale.json``, the 1-shot rows on a second target, and
+``faces_recognizer_budget_k3_prior.json``, the 3-shot 36-epoch rows over 8 seeds with the set from prior
 images). ``seed_noise_faces_k1_resampled.json`` and ``faces_recognizer_budget_k3_resampled.json`` hold the
 1-shot and 3-shot deciding rows retrained after the sampler fix, 8 seeds each (the 3-shot setting reads
 ``faces_recognizer_budget_k3_sdedit90.json``, those rows reused plus the set from prior images at strength
@@ -154,6 +155,13 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/mAP",
         (COLD, *FACES_ONLY, *FROM_PRIOR),
     ),
+    (  # the deciding rows at 30 epochs (where real only's test mAP peaks) over 6 seeds
+        "4-dataset ReID, 30-epoch recognizers, 6 seeds",
+        "reid_seed_noise_budget",
+        "all",
+        "test/mAP",
+        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
     (  # the deciding rows at 60 epochs, where real only fits its training images (train_fit_reid.md)
         "4-dataset ReID, 60-epoch recognizers",
         "reid_recognizer_budget_60",
@@ -265,6 +273,7 @@ SAMPLER_FIXED = frozenset(
         "utility_reid",
         "reid_recognizer_budget",
         "reid_recognizer_budget_60",
+        "reid_seed_noise_budget",
         "faces_recognizer_budget_k3_sdedit90",
         "reid_synthetic_norm",
         "reid_synthetic_norm_budget",
@@ -280,6 +289,7 @@ COMMON_RANDOM = frozenset(
         "reid_synthetic_norm",
         "reid_recognizer_budget",
         "reid_recognizer_budget_60",
+        "reid_seed_noise_budget",
         "reid_synthetic_norm_budget",
         "reid_seed_noise",
         "faces_common_random",

@@ -53,10 +53,10 @@ def leave_one_out_rank1(features: np.ndarray, labels: Sequence[str]) -> float:
 def stage_fit(folder: str | Path, metric: str) -> dict[str, Any]:
     """{"fit", "metric", "epochs", "images"} of one finished recognizer stage folder."""
     import torch
-    from PIL import Image
 
     from rgsd_lightning.backbones import load_embedding_net
     from rgsd_lightning.data.datamodule import IdentityDataModule
+    from rgsd_lightning.data.images import load_image
 
     folder = Path(folder)
     marker = folder / "stage.json"
@@ -74,7 +74,7 @@ def stage_fit(folder: str | Path, metric: str) -> dict[str, Any]:
     transform = dm.recognizer_transform(train=False)
     net, _ = load_embedding_net(export)
     with torch.no_grad():
-        images = torch.stack([transform(Image.open(r.path).convert(dm.mode)) for r in records])
+        images = torch.stack([transform(load_image(r.path, dm.mode)) for r in records])
         features = torch.cat([net(images[i : i + 256]) for i in range(0, len(images), 256)])
     return {
         "fit": leave_one_out_rank1(features.numpy(), [r.identity for r in records]),

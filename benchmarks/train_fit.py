@@ -57,6 +57,7 @@ def stage_fit(folder: str | Path, metric: str) -> dict[str, Any]:
     from rgsd_lightning.backbones import load_embedding_net
     from rgsd_lightning.data.datamodule import IdentityDataModule
     from rgsd_lightning.data.images import load_image
+    from rgsd_lightning.evaluation.quality import embed
 
     folder = Path(folder)
     marker = folder / "stage.json"
@@ -73,11 +74,9 @@ def stage_fit(folder: str | Path, metric: str) -> dict[str, Any]:
     records = dm.split_records("train")
     transform = dm.recognizer_transform(train=False)
     net, _ = load_embedding_net(export)
-    with torch.no_grad():
-        images = torch.stack([transform(load_image(r.path, dm.mode)) for r in records])
-        features = torch.cat([net(images[i : i + 256]) for i in range(0, len(images), 256)])
+    features = embed(net, torch.stack([transform(load_image(r.path, dm.mode)) for r in records]))
     return {
-        "fit": leave_one_out_rank1(features.numpy(), [r.identity for r in records]),
+        "fit": leave_one_out_rank1(features, [r.identity for r in records]),
         "metric": float(stage["metrics"][metric]),
         "epochs": spec.get("trainer", {}).get("max_epochs"),
         "images": len(records),

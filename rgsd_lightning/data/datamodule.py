@@ -47,7 +47,7 @@ from rgsd_lightning.data.recognizer_loaders import RecognizerLoaders, ReIDLoader
 from rgsd_lightning.data.records import IdentityRecord, by_identity, read_manifest
 from rgsd_lightning.data.samplers import check_synthetic_slots
 from rgsd_lightning.data.synthetic_set import best_per_identity, manifest_path
-from rgsd_lightning.data.transforms import generator_transform
+from rgsd_lightning.data.transforms import ERASING_FILLS, ErasingFill, generator_transform
 from rgsd_lightning.io import atomic_write_json, run_dir
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class IdentityDataModule(L.LightningDataModule):
         flip: bool = True,
         pad: int = 10,
         random_erasing: float = 0.0,
-        erasing_fill: Literal["random", "mean"] = "random",
+        erasing_fill: ErasingFill = "random",
         photometric: float = 0.0,
         batch_size: int = 32,
         p: int = 16,
@@ -181,8 +181,8 @@ class IdentityDataModule(L.LightningDataModule):
             raise ValueError(f"photometric must be a strength >= 0, got {photometric}")
         if not 0 <= random_erasing <= 1:
             raise ValueError(f"random_erasing must be a probability in [0, 1], got {random_erasing}")
-        if erasing_fill not in ("random", "mean"):
-            raise ValueError(f"erasing_fill must be 'random' or 'mean', got {erasing_fill!r}")
+        if erasing_fill not in ERASING_FILLS:
+            raise ValueError(f"erasing_fill must be one of {ERASING_FILLS}, got {erasing_fill!r}")
         check_synthetic_slots(synthetic_slots)
         if format == "cuhk03np" and cuhk03_variant is None:
             raise ValueError("format 'cuhk03np' needs cuhk03_variant: 'labeled' or 'detected'")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 ErasingFill = Literal["random", "mean"]
+ERASING_FILLS = get_args(ErasingFill)
 
 
 class PadToSquare:
@@ -156,8 +157,8 @@ def random_erasing_step(p: float, fill: ErasingFill = "random") -> T.RandomErasi
     """
     if not 0 < p <= 1:
         raise ValueError(f"random_erasing must be a probability in (0, 1], got {p}")
-    if fill not in ("random", "mean"):
-        raise ValueError(f"erasing_fill must be 'random' or 'mean', got {fill!r}")
+    if fill not in ERASING_FILLS:
+        raise ValueError(f"erasing_fill must be one of {ERASING_FILLS}, got {fill!r}")
     return T.RandomErasing(p=p, value="random" if fill == "random" else 0)
 
 

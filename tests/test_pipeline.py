@@ -466,6 +466,26 @@ def test_the_report_reads_a_reused_stage_from_the_folder_it_ran_in(tmp_path: Pat
         ctx.folder("later")
 
 
+def test_report_sections_find_a_reused_stage_s_logs_where_it_ran(tmp_path: Path):
+    """The RL curves (reward_history.json) of a stage taken from another run are read from the folder it ran
+    in, like its config: the reusing run holds only its marker (the selection section reads selection.json
+    the same way, through RunContext.folder)."""
+    from rgsd_lightning.pipeline.runner import StageResult
+    from rgsd_lightning.report.sections import RunContext, curves
+
+    source, run = tmp_path / "study" / "rl", tmp_path / "seeds"
+    (source / "logs").mkdir(parents=True)
+    history = [{"rollout": i, "train/reward_sem": 0.1 * i} for i in range(8)]
+    (source / "logs" / "reward_history.json").write_text(json.dumps(history))
+    (run / "rl").mkdir(parents=True)
+    (run / "rl" / "stage.json").write_text(json.dumps({"name": "rl", "reused_from": str(source)}))
+    ctx = RunContext(run, ["rl"], {"rl": StageResult.from_marker(run / "rl")}, tmp_path / "out", "x")
+    section = curves(ctx, {"stage": "rl", "figure": "curves"})
+    assert section.data == {"rollouts": 8} and "recorded no reward history" not in section.body
+    (source / "logs" / "reward_history.json").unlink()
+    assert "recorded no reward history" in curves(ctx, {"stage": "rl"}).body
+
+
 def test_a_reused_stage_warns_only_about_settings_other_than_its_own_folder(tmp_path: Path):
     """The marker of a stage taken from another run records that run's folders; its own folder's paths are
     mapped before comparing, so only a real difference (here: an input from another stage) is reported."""

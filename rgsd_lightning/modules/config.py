@@ -173,6 +173,9 @@ class InitImagesConfig:
     Attributes:
         root: folder of the starting images (e.g. the prior corpus: other people under other lightings and
             poses); None generates from pure noise (the default).
+        own: start every sample from one of *its own identity's* real training images instead (the
+            generation datamodule's training records, the few-shot images the cold start saw; DA-Fusion,
+            Trabucco et al. 2024, real-guided generation): the sample varies that image. Excludes ``root``.
         exclude: fnmatch patterns over file names to leave out of the pool (e.g. the target's own images).
         strength: share of the sampler's steps that run (diffusers' img2img ``strength``): the start image
             is noised to the first of the last ⌊steps x strength⌋ steps. Low keeps more of the start image
@@ -181,12 +184,17 @@ class InitImagesConfig:
     """
 
     root: str | None = None
+    own: bool = False
     exclude: tuple[str, ...] = ()
     strength: float = 0.6
     seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(str(p) for p in self.exclude))
+        _check(
+            not (self.own and self.root is not None),
+            f"init_images: give root ({self.root!r}) or own: true, not both",
+        )
         _check(
             math.isfinite(self.strength) and 0.0 < self.strength <= 1.0,
             f"init_images.strength must be in (0, 1] (1 = start from pure noise), got {self.strength}",
@@ -195,6 +203,11 @@ class InitImagesConfig:
             isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
             f"init_images.seed must be a non-negative integer, got {self.seed!r}",
         )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether generation starts from images (a folder or the identities' own) rather than noise."""
+        return self.root is not None or self.own
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from rgsd_lightning.data.init_pool import InitPool
+from rgsd_lightning.data.records import by_identity
 from rgsd_lightning.diffusion.generator import DiTGenerator, check_identities_match
 from rgsd_lightning.modules.config import (
     GridConfig,
@@ -36,8 +37,9 @@ class SyntheticGenerator(GeneratorModule):
         reward: the composite reward recorded per image (its ``lambdas`` weight the recorded total).
         grid: the sample grid written after generation (``identities`` 0 = none, ``samples``, ``seed``).
         init_images: start every sample from a noised image of a pool (SDEdit) instead of pure noise:
-            ``root`` (e.g. the prior corpus), ``exclude``, ``strength``, ``seed``; each image's start image is
-            recorded in the manifest (``init_image``). None root (the default): pure noise.
+            ``root`` (e.g. the prior corpus) or ``own`` (each identity's own real training images, the
+            datamodule's), ``exclude``, ``strength``, ``seed``; each image's start image is recorded in the
+            manifest (``init_image``). Neither (the default): pure noise.
         compile: ``torch.compile`` the transformer before generating (in place, weights and exports
             unchanged). Off by default: on 2 CPU cores it took ~3 min to compile the toy model for a
             ~1.3x faster forward (``benchmarks/results/fast_sampling.md``), a loss below several thousand
@@ -79,17 +81,26 @@ class SyntheticGenerator(GeneratorModule):
             self.reward = self.build_reward(self.hparams.reward_extractor)
             if self.hparams.compile:
                 self.generator.transformer.compile()
-            cfg = self.init_images
-            if cfg.root is not None and self.init_pool is None:
-                hp = getattr(dm, "hparams", {})
-                self.init_pool = InitPool(
-                    cfg.root,
-                    exclude=cfg.exclude,
-                    image_size=self.generator.image_size,
-                    channels=self.generator.channels,
-                    square=hp.get("square", "stretch"),
-                    seed=cfg.seed,
-                )
+            if self.init_images.enabled and self.init_pool is None:
+                self.init_pool = self._build_init_pool(dm)
+
+    def _build_init_pool(self, dm: Any) -> InitPool:
+        cfg = self.init_images
+        hp = getattr(dm, "hparams", {})
+        kwargs = dict(
+            exclude=cfg.exclude,
+            image_size=self.generator.image_size,
+            channels=self.generator.channels,
+            square=hp.get("square", "stretch"),
+            seed=cfg.seed,
+        )
+        if not cfg.own:
+            return InitPool(cfg.root, **kwargs)
+        records = getattr(dm, "train_records", None)
+        if not records:
+            raise ValueError("init_images.own needs a datamodule with real training images (train_records)")
+        paths = {name: [r.path for r in group] for name, group in by_identity(records).items()}
+        return InitPool.own(paths, **kwargs)
 
     def start_images(self, identities: list[str], seeds: list[int]) -> StartImages | None:
         """The requests' start images from the ``init_images`` pool (None without one)."""
@@ -98,6 +109,8 @@ class SyntheticGenerator(GeneratorModule):
         images, paths = self.init_pool.images(identities, seeds)
         strength = self.init_images.strength
         meta = {"init_strength": strength, "init_root": self.init_images.root}
+        if self.init_images.own:
+            meta["init_own"] = True
         return StartImages(images, strength, meta, {"init_image": paths})
 
     def on_predict_end(self) -> None:

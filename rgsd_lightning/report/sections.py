@@ -354,9 +354,7 @@ def selection(ctx: RunContext, spec: dict[str, Any]) -> Section:
     for entry in spec.get("rows") or []:
         runs = []
         for name in ctx.copies(entry["stage"]):
-            hits = (
-                sorted(Path(ctx.results[name].folder).rglob("selection.json")) if name in ctx.results else []
-            )
+            hits = sorted(ctx.folder(name).rglob("selection.json")) if name in ctx.results else []
             if not hits:
                 continue
             images = json.loads(hits[0].read_text())["images"]
@@ -417,8 +415,7 @@ def rewards(ctx: RunContext, spec: dict[str, Any]) -> Section:
 def curves(ctx: RunContext, spec: dict[str, Any]) -> Section:
     from rgsd_lightning.rl.curves import plot_reward_curves
 
-    folder = ctx.require(spec["stage"]).folder
-    hits = sorted(Path(folder).rglob("reward_history.json"))
+    hits = sorted(ctx.folder(spec["stage"]).rglob("reward_history.json"))
     title = spec.get("title", "Reward components over RL")
     if not hits:
         return Section(title, f"Stage `{spec['stage']}` recorded no reward history.")

@@ -2,9 +2,10 @@
 # The faces GPU study (benchmarks/configs/utility_faces_gpu.yaml) in one device call of under 10 minutes:
 #   here:    bash benchmarks/device/kit.sh
 #   device:  run(command="bash benchmarks/device/faces_gpu.sh", carry=[".gpu/faces"], timeout_s=600)
-# 1. the generator chain (prior for prior_max_time, cold starts, RL, generation) and the seed-0 real-only
-#    recognizers: enough for the report's coverage, quality and samples sections at both shot settings (the
-#    samples figure draws the finished sets; the copy-free set is left to the CPU);
+# 1. the generator chain (prior for prior_max_time, cold starts, RL, generation: from noise, and from each
+#    identity's own training images at strength 0.5, own50) and the seed-0 real-only recognizers: enough for
+#    the report's coverage, quality and samples sections at both shot settings (the samples figure draws the
+#    finished sets; the copy-free set is left to the CPU);
 # 2. coverage of the cold start and RL generators under the samplers of coverage_sampling_faces_k?.md, and
 #    along the 3-shot cold start (python -m benchmarks cold_trajectory, 2.5 min at most);
 #    while time is left, the deciding downstream rows (seeds 0-2), each finished stage kept;
@@ -39,11 +40,12 @@ study() { # seconds, stage patterns...
     --out "$res" "${extra[@]}" --only "$@"
   echo "[faces_gpu] exit $? after $((SECONDS - start)) s"
 }
-study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full'
+study $(($(left) - 60)) prior judge 'k?_real_s0' 'k?_cold_start' 'k?_rl_full' 'k?_gen_cold' 'k?_gen_rl_full' \
+  'k?_gen_own50'
 # coverage of each generator under other samplers (coverage_sampling_faces_k?.md's settings), on the GPU
 for k in 1 3; do
   gens=() sets=()
-  for g in cold rl_full; do # the study's own sets, as in the CPU baseline's tables
+  for g in cold rl_full own50; do # the study's sets, as in the CPU baseline's tables (own50: faces_own_sdedit.md)
     [ -f "$run/k${k}_gen_$g/synthetic/manifest.jsonl" ] && sets+=("$g=$run/k${k}_gen_$g/synthetic")
   done
   for g in cold_start rl_full; do

@@ -4,7 +4,7 @@ Reads ``benchmarks/results/utility_faces.json`` and ``utility_reid.json`` (writt
 utility``) and their recognizer-budget runs (``faces_recognizer_budget_k1.json`` and
 ``faces_recognizer_budget.json`` for 1 and 3 shots, ``reid_recognizer_budget.json`` - the same rows,
 recognizers trained 3x longer; ``reid_recognizer_budget_60.json`` the ReID deciding rows at 6x,
-``reid_seed_noise_budget.json`` at 3x over 6 seeds), and prints, as markdown, the headline table (mean ± std
+``reid_seed_noise_budget.json`` at 3x over 9 seeds), and prints, as markdown, the headline table (mean ± std
 over seeds, in %) and the checks of the downstream issue: the floor (every row with selection at or above
 "real only") and the goal ("+ Random Erasing + RL synthetic + selection" at least one point above "+ Random
 Erasing"; "goal, filtered": the same with the reward-filtered, "goal, windowed" with the windowed-RL, "goal,
@@ -156,7 +156,7 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         (COLD, *FACES_ONLY, *FROM_PRIOR),
     ),
     (  # the deciding rows at 30 epochs (where real only's test mAP peaks) over 6 seeds
-        "4-dataset ReID, 30-epoch recognizers, 6 seeds",
+        "4-dataset ReID, 30-epoch recognizers, 9 seeds",
         "reid_seed_noise_budget",
         "all",
         "test/mAP",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,8 +63,6 @@ def test_draw_depends_on_the_request_only(pool_root):
 def test_folder_draw_is_a_seeded_uniform_pick(pool_root):
     """The folder pool's pick, recomputed from its definition (the sets generated before own pools existed
     keep their start images)."""
-    import zlib
-
     pool = InitPool(pool_root, image_size=4, channels=1, seed=3)
     for identity, seed in (("a", 0), ("b", 5), ("0042", 17)):
         key = [3, seed, zlib.crc32(identity.encode("utf-8"))]
@@ -108,6 +108,18 @@ def test_bad_pools_fail_clearly(pool_root, tmp_path):
     assert InitImagesConfig(own=True).enabled and not InitImagesConfig().enabled
 
 
+def _toy_export(dm: IdentityDataModule, export: Path) -> Path:
+    """A tiny DiT export over the datamodule's identities, its weights drawn wide enough that its samples
+    differ visibly from its start images."""
+    gen = build_dit(num_identities=dm.num_identities, preset="tiny", image_size=8)
+    with torch.no_grad():
+        for p in gen.transformer.parameters():
+            p.normal_(0.0, 0.3)
+    gen.identities = list(dm.identities)
+    gen.save_pretrained(export)
+    return export
+
+
 def test_generation_from_images_records_each_start_image(toy_market, pool_root, tmp_path):
     """SyntheticGenerator with init_images: every manifest row names its start image from the pool, the card
     the settings, and every image differs from the pure-noise image of the same request."""
@@ -116,13 +128,7 @@ def test_generation_from_images_records_each_start_image(toy_market, pool_root, 
         root=toy_market, format="toy_market", task="generator", image_size=8, toy=SMALL_MARKET, batch_size=4
     )
     dm = IdentityDataModule(**dm_args, generate_per_identity=2)
-    gen = build_dit(num_identities=dm.num_identities, preset="tiny", image_size=8)
-    with torch.no_grad():
-        for p in gen.transformer.parameters():
-            p.normal_(0.0, 0.3)
-    gen.identities = list(dm.identities)
-    export = tmp_path / "export"
-    gen.save_pretrained(export)
+    export = _toy_export(dm, tmp_path / "export")
     sampler = SamplerConfig(method="dpmsolver", steps=5)
     init = InitImagesConfig(root=str(pool_root), exclude=("*_Ambient*",), strength=0.4)
     out = {}
@@ -172,13 +178,11 @@ def test_generation_from_own_images_starts_each_sample_from_its_training_images(
         generate_per_identity=3,
     )
     dm = IdentityDataModule(**dm_args)
-    gen = build_dit(num_identities=dm.num_identities, preset="tiny", image_size=8)
-    gen.identities = list(dm.identities)
-    gen.save_pretrained(tmp_path / "export")
+    export = _toy_export(dm, tmp_path / "export")
     init = InitImagesConfig(own=True, strength=0.5)
     model = SyntheticGenerator(
         dm.num_identities,
-        export=str(tmp_path / "export"),
+        export=str(export),
         sampler=SamplerConfig(method="dpmsolver", steps=4),
         init_images=init,
     )

@@ -155,7 +155,7 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/mAP",
         (COLD, *FACES_ONLY, *FROM_PRIOR),
     ),
-    (  # the deciding rows at 30 epochs (where real only's test mAP peaks) over 6 seeds
+    (  # the deciding rows at 30 epochs (where real only's test mAP peaks) over 9 seeds
         "4-dataset ReID, 30-epoch recognizers, 9 seeds",
         "reid_seed_noise_budget",
         "all",

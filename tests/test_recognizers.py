@@ -208,6 +208,20 @@ def test_selection_keep_ratio_one_matches_training_without_selection(market_root
     assert float(full.trainer.callback_metrics["train/kept_fraction"]) == 0.5
 
 
+def test_uniform_synthetic_labels_train_under_the_cli(market_root, synthetic_set, tmp_path):
+    """The YAML knob reaches the model and, on the same batches and seeds, changes the update."""
+    syn = ["--data.init_args.synthetic", f"[{synthetic_set}]", "--data.init_args.synthetic_fraction", "0.25"]
+    runs = {}
+    for mode in ("identity", "uniform"):
+        labels = ["--model.init_args.synthetic_labels", mode]
+        runs[mode] = short_fit(REID_SELECTION, market_root, tmp_path / mode, *syn, *labels, steps=2)
+    uniform = runs["uniform"]
+    assert uniform.model.hparams.synthetic_labels == "uniform" and uniform.trainer.global_step == 2
+    assert float(uniform.trainer.callback_metrics["train/kept_fraction"]) == 0.5
+    a, b = runs["identity"].model.state_dict(), uniform.model.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_keeping_no_synthetic_sample_apart_in_batchnorm_trains_the_real_only_model(
     market_root, synthetic_set, tmp_path
 ):
@@ -350,6 +364,12 @@ def test_recognizers_reject_bad_configuration():
         LookaheadReID(4, net=TEST_NET, label_smoothing=1.5)
     with pytest.raises(ValueError, match="triplet_on"):
         LookaheadReID(4, net=TEST_NET, triplet_on="synthetic")
+    with pytest.raises(ValueError, match="synthetic_labels must be"):
+        LookaheadReID(4, net=TEST_NET, synthetic_labels="soft")
+    with pytest.raises(ValueError, match="triplet_on='real'"):
+        LookaheadReID(4, net=TEST_NET, synthetic_labels="uniform", triplet_on="kept")
+    with pytest.raises(ValueError, match="rule 'smallest' or 'negative'"):
+        LookaheadReID(4, net=TEST_NET, synthetic_labels="uniform", selection={"rule": "identity"})
     with pytest.raises(ValueError, match="synthetic_norm"):
         CosFaceRecognizer(4, net=TEST_NET, synthetic_norm="running")
     with pytest.raises(ValueError, match="preprocessing"):
@@ -392,6 +412,72 @@ def test_triplet_on_real_mines_the_real_samples_only(selection):
         losses[mode] = float(loss.detach())
     assert losses["kept"] != pytest.approx(losses["real"], rel=1e-4)
     assert LookaheadReID(4, net=TEST_NET).hparams.triplet_on == "real"  # the default (see its docstring)
+
+
+def test_uniform_synthetic_labels_are_lsro_cross_entropy_to_the_uniform_distribution():
+    """synthetic_labels="uniform": a synthetic row's loss is -mean_k log softmax_k (computed here in NumPy),
+    whatever its label; real rows keep the label-smoothed cross-entropy; "identity" labels every row."""
+    torch.manual_seed(0)
+    k, eps = 5, 0.1
+    embeddings = torch.randn(6, 8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    syn = torch.tensor([False, True, False, True, True, False])
+    net = EmbeddingNetConfig("test_resnet", embedding_dim=8)
+    model = LookaheadReID(k, net=net, synthetic_labels="uniform")
+    with torch.no_grad():
+        model.classifier.weight.normal_()  # logits of order 1, not BoT's near-zero init
+        logits = model.classifier(embeddings).double().numpy()
+    logp = logits - logits.max(1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(1, keepdims=True))
+    smoothed = -((1 - eps) * logp[np.arange(6), labels.numpy()] + eps * logp.mean(1))  # torch's smoothing
+    expected = np.where(syn.numpy(), -logp.mean(1), smoothed)
+    got = model.identity_losses(embeddings, labels, syn)
+    np.testing.assert_allclose(got.detach().numpy(), expected, rtol=1e-5)
+    relabelled = model.identity_losses(embeddings, torch.tensor([0, 4, 2, 0, 1, 0]), syn)
+    torch.testing.assert_close(relabelled, got)  # only real labels matter
+    smoothed = torch.as_tensor(smoothed).float()
+    torch.testing.assert_close(model.identity_losses(embeddings, labels), smoothed)  # no mask: all real
+    model.hparams.synthetic_labels = "identity"
+    torch.testing.assert_close(model.identity_losses(embeddings, labels, syn), smoothed)
+
+
+@pytest.mark.parametrize(("scope", "norm"), [("head", "batch"), ("full", "real"), ("head", "kept")])
+def test_uniform_synthetic_labels_make_training_and_selection_blind_to_synthetic_labels(scope, norm):
+    """Under "uniform", relabelling the synthetic samples changes neither the training loss nor what
+    selection keeps (every path that computes identity losses passes the synthetic mask on); under
+    "identity" it changes the loss."""
+    torch.manual_seed(0)
+    labels = torch.arange(4).repeat_interleave(4)
+    is_syn = torch.zeros(16, dtype=torch.bool)
+    is_syn[2::4] = is_syn[3::4] = True
+    images = torch.randn(16, 3, 32, 16)
+    relabelled = labels.clone()
+    relabelled[is_syn] = (labels[is_syn] + 1) % 4
+    selection = {"enabled": True, "scope": scope, "keep_ratio": 0.5}
+    for mode in ("uniform", "identity"):
+        results = []
+        for lab in (labels, relabelled):
+            torch.manual_seed(1)
+            model = LookaheadReID(
+                4, net=TEST_NET, synthetic_labels=mode, synthetic_norm=norm, selection=selection
+            ).train()
+            model.log = model.log_dict = lambda *a, **k: None
+            model._count_selection = lambda *a, **k: None
+            with torch.no_grad():
+                model.classifier.weight.normal_()
+            batch = {"image": images, "label": lab, "is_synthetic": is_syn}
+            torch.manual_seed(2)
+            loss = model.training_step(batch, 0)
+            torch.manual_seed(2)
+            keep = model.identity_forward(batch)["keep"]
+            assert int((keep & is_syn).sum()) == 4
+            results.append((float(loss.detach()), keep))
+        (loss_a, keep_a), (loss_b, keep_b) = results
+        if mode == "uniform":
+            assert loss_a == pytest.approx(loss_b, rel=1e-5)
+            assert torch.equal(keep_a, keep_b)
+        else:
+            assert loss_a != pytest.approx(loss_b, rel=1e-3)
 
 
 def test_split_norm_forward_matches_separate_train_and_eval_passes():

@@ -117,8 +117,9 @@ class CosFaceRecognizer(Recognizer):
         self.test_metrics = nn.ModuleDict()
         self._eval_sets: dict[str, list[VerificationPairs | None]] = {}  # per stage; None: identification
 
-    def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Per-sample CosFace losses with the submodule's class weights W."""
+    def identity_losses(self, embeddings: Tensor, labels: Tensor, synthetic: Tensor | None = None) -> Tensor:
+        """Per-sample CosFace losses with the submodule's class weights W (every row under its label, the
+        synthetic ones included)."""
         return cosface_losses(self.cosface, embeddings, labels)
 
     def fuse_flip(self, embeddings: Tensor, flipped: Tensor) -> Tensor:

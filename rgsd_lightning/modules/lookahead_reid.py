@@ -71,6 +71,13 @@ class LookaheadReID(Recognizer):
             the real samples' normalisation nor the statistics used at test time) or "kept" (selection as
             under "real", then one forward of the real samples and the kept synthetic ones: the dropped
             samples leave BatchNorm alone, the kept ones share the batch's statistics).
+        synthetic_labels: the identity-loss target of a synthetic sample: "identity" (its requested identity,
+            label-smoothed as a real sample's; the paper's) or "uniform" (LSRO, Zheng et al., ICCV 2017: the
+            uniform distribution over the training identities, for generated images that do not reliably
+            show the identity they were drawn for; the loss is the mean of -log p over the identities, which
+            pulls the classifier towards no identity on them while the backbone still sees the images).
+            Selection judges the same losses. "uniform" needs ``triplet_on="real"`` (the triplet needs an
+            identity) and a selection rule other than "identity" (which compares a sample's labels).
     """
 
     task = "reid"
@@ -93,6 +100,7 @@ class LookaheadReID(Recognizer):
         test_sources: dict[str, list[int]] | None = None,
         triplet_on: Literal["kept", "real"] = "real",
         synthetic_norm: Literal["batch", "real", "kept"] = "batch",
+        synthetic_labels: Literal["identity", "uniform"] = "identity",
     ) -> None:
         super().__init__(num_identities, net, selection, flip_test, optimizer, lr_scheduler, synthetic_norm)
         self.save_hyperparameters(ignore=list(GROUPS))  # this __init__'s other arguments
@@ -101,6 +109,18 @@ class LookaheadReID(Recognizer):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if triplet_on not in ("kept", "real"):
             raise ValueError(f"triplet_on must be 'kept' or 'real', got {triplet_on!r}")
+        if synthetic_labels not in ("identity", "uniform"):
+            raise ValueError(f"synthetic_labels must be 'identity' or 'uniform', got {synthetic_labels!r}")
+        if synthetic_labels == "uniform" and triplet_on != "real":
+            raise ValueError(
+                "synthetic_labels='uniform' gives synthetic samples no identity, which the triplet loss "
+                f"needs: set triplet_on='real' (got {triplet_on!r})"
+            )
+        if synthetic_labels == "uniform" and self.selection.rule == "identity":
+            raise ValueError(
+                "selection.rule='identity' compares a synthetic sample's loss under other identities' "
+                "labels, which synthetic_labels='uniform' does not use: choose rule 'smallest' or 'negative'"
+            )
         self.classifier = nn.Linear(self.net.feature_dim, num_identities, bias=False)
         nn.init.normal_(self.classifier.weight, std=0.001)  # BoT classifier init
         distance = LpDistance(normalize_embeddings=False, p=2, power=1)
@@ -109,10 +129,16 @@ class LookaheadReID(Recognizer):
         self.val_metric = ReIDMetric(metric=metric)
         self.test_metric = ReIDMetric(metric=metric, sources=test_sources)
 
-    def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Per-sample label-smoothed cross-entropy of the classifier over post-neck embeddings (float32)."""
+    def identity_losses(self, embeddings: Tensor, labels: Tensor, synthetic: Tensor | None = None) -> Tensor:
+        """Per-sample label-smoothed cross-entropy of the classifier over post-neck embeddings (float32); with
+        ``synthetic_labels="uniform"`` the ``synthetic`` rows' target is the uniform distribution instead."""
         logits = self.classifier(embeddings).float()
-        return F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing, reduction="none")
+        smoothing = self.hparams.label_smoothing
+        losses = F.cross_entropy(logits, labels, label_smoothing=smoothing, reduction="none")
+        if self.hparams.synthetic_labels == "uniform" and synthetic is not None:
+            uniform = -torch.log_softmax(logits, dim=1).mean(dim=1)
+            losses = torch.where(torch.as_tensor(synthetic, device=losses.device).bool(), uniform, losses)
+        return losses
 
     def triplet_loss(self, features: Tensor, labels: Tensor) -> Tensor:
         """Batch-hard triplet loss on pre-neck features (float32, plain Euclidean distance)."""

@@ -112,7 +112,7 @@ def _full_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
     """Identity losses from images (every trainable parameter in play)."""
     net = module.net
     (embeddings,) = split_norm_forward(lambda x: (net(x),), inputs["image"], _mask(module, inputs), net)
-    return module.identity_losses(embeddings, inputs["label"])
+    return module.identity_losses(embeddings, inputs["label"], inputs.get("is_synthetic"))
 
 
 def _head_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
@@ -120,7 +120,7 @@ def _head_scope_losses(module: Recognizer, inputs: dict[str, Tensor]) -> Tensor:
     net = module.net
     head = lambda f: (net.neck(net.proj(f)),)  # noqa: E731
     (embeddings,) = split_norm_forward(head, inputs["features"], _mask(module, inputs), net)
-    return module.identity_losses(embeddings, inputs["label"])
+    return module.identity_losses(embeddings, inputs["label"], inputs.get("is_synthetic"))
 
 
 class Recognizer(L.LightningModule):
@@ -176,8 +176,9 @@ class Recognizer(L.LightningModule):
         return plain({"net": self.net_config, "selection": self.selection})
 
     # ------------------------------------------------------------------ to be provided by subclasses
-    def identity_losses(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Per-sample identity losses (B,) of post-neck embeddings; the l_id of selection."""
+    def identity_losses(self, embeddings: Tensor, labels: Tensor, synthetic: Tensor | None = None) -> Tensor:
+        """Per-sample identity losses (B,) of post-neck embeddings; the l_id of selection. ``synthetic``:
+        the (B,) bool mask of synthetic rows (None: every row real), for heads that label them apart."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ training forward + selection
@@ -202,10 +203,10 @@ class Recognizer(L.LightningModule):
         if selects and self.synthetic_norm == "kept":
             with frozen_running_statistics(self.net):
                 result = self._select(images, labels, syn, None)
-            out = self._forward_rows(images, labels, result.keep)
+            out = self._forward_rows(images, labels, syn, result.keep)
         else:
             split = syn if self.synthetic_norm == "real" else None
-            out = self._forward_rows(images, labels, None, split)
+            out = self._forward_rows(images, labels, syn, None, split)
             result = self._select(images, labels, syn, out) if selects else None
         if result is not None:
             out["keep"] = result.keep
@@ -213,10 +214,16 @@ class Recognizer(L.LightningModule):
         return {**out, "selection": result}
 
     def _forward_rows(
-        self, images: Tensor, labels: Tensor, rows: Tensor | None, split: Tensor | None = None
+        self,
+        images: Tensor,
+        labels: Tensor,
+        syn: Tensor | None,
+        rows: Tensor | None,
+        split: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """The training forward of the ``rows`` (bool mask; None: every row), its outputs scattered into
-        full-batch tensors; ``split`` as :func:`split_norm_forward`'s mask."""
+        full-batch tensors; ``syn``: the synthetic rows (for :meth:`identity_losses`), ``split`` as
+        :func:`split_norm_forward`'s mask."""
         net = self.net
 
         def chain(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -226,11 +233,11 @@ class Recognizer(L.LightningModule):
 
         if rows is None or bool(rows.all()):
             parts = split_norm_forward(chain, images, split, net)
-            parts = (*parts, self.identity_losses(parts[2], labels))
+            parts = (*parts, self.identity_losses(parts[2], labels, syn))
             keep = torch.ones_like(parts[-1], dtype=torch.bool)
         else:  # only these rows through BatchNorm; the others are zero rows outside the graph
             sub = chain(images[rows])
-            sub = (*sub, self.identity_losses(sub[2], labels[rows]))
+            sub = (*sub, self.identity_losses(sub[2], labels[rows], None if syn is None else syn[rows]))
             parts = tuple(
                 part.new_zeros((rows.shape[0], *part.shape[1:])).index_put((rows,), part) for part in sub
             )

@@ -36,7 +36,8 @@ are marked § (:data:`COMMON_RANDOM` names the studies run with them); ``utility
 ``reid_synthetic_norm_shared_stream.json`` and ``reid_recognizer_budget_shared_stream.json`` (and the same for
 ``reid_synthetic_norm_budget`` and ``reid_cold_long``) keep the ReID results from before them. ``--study
 NAME`` prints one results file's rows with their paired differences against its real-only rows (or the stages
-given with ``--against``).
+given with ``--against``); ``--with OTHER ...`` adds the rows of other results files (a study's rows that ran
+in the study it extends; a seed both files hold must have the same value, so only the same runs merge).
 
 A second table gives each check as a paired comparison over seeds: the mean of the per-seed differences
 (the rows share recognizer seeds), its 95 % Student-t interval, and whether the interval settles the check.
@@ -678,13 +679,44 @@ def refits_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged_stats(
+    report: dict[str, Any], others: Sequence[dict[str, Any]], metric: str
+) -> dict[str, dict[str, Any]]:
+    """:func:`stage_stats` of ``report`` with the rows of ``others`` (the reports of studies it shares stages
+    with, e.g. the one its config extends) added: per stage the row with the most runs. Where two reports
+    both have a seed of a stage, its ``metric`` must be the same in both (the same run, or a bit-exact rerun
+    of it); anything else is a ValueError naming the stage and the seed, since those rows are not the same
+    runs and cannot be paired as one."""
+    stats = stage_stats(report)
+    for other in others:
+        for stage, row in stage_stats(other).items():
+            mine = stats.get(stage)
+            if mine is None:
+                stats[stage] = row
+                continue
+            a, b = seed_values(mine, metric) or {}, seed_values(row, metric) or {}
+            for seed in a.keys() & b.keys():
+                if not math.isclose(a[seed], b[seed], rel_tol=1e-9, abs_tol=1e-12):
+                    raise ValueError(
+                        f"{stage}{seed}: {metric} is {a[seed]:.6f} in one report and {b[seed]:.6f} in "
+                        "another: not the same run, so the reports cannot be merged"
+                    )
+            if len(b) > len(a):
+                stats[stage] = row
+    return stats
+
+
 def study_pairs(
-    report: dict[str, Any], metric: str, against: Sequence[str] | None = None
+    report: dict[str, Any],
+    metric: str,
+    against: Sequence[str] | None = None,
+    others: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Every results row of one study report with its mean and its paired difference against each
     reference stage (default: the report's real-only recipes, the stages ending in "_real" or "_erasing"),
-    threshold 0: the figures the README quotes for rows outside the verdict's tables."""
-    stats = stage_stats(report)
+    threshold 0: the figures the README quotes for rows outside the verdict's tables. ``others``: reports
+    whose rows join this one's (:func:`merged_stats`)."""
+    stats = merged_stats(report, others, metric)
     refs = list(against) if against else [s for s in stats if s.endswith(("_real", "_erasing"))]
     missing = [r for r in refs if r not in stats]
     if missing:
@@ -743,10 +775,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--study", help="print this results file's rows paired against references instead")
     p.add_argument("--metric", default="test/mAP", help="--study: the metric (test/id_acc on faces)")
     p.add_argument("--against", nargs="+", help="--study: reference stages (default: *_real, *_erasing)")
+    p.add_argument(
+        "--with",
+        dest="others",
+        nargs="+",
+        default=[],
+        help="--study: results files whose rows join the study's (a seed in both must hold the same value)",
+    )
     args = p.parse_args(argv)
     if args.study:
-        report = json.loads((Path(args.results) / f"{args.study}.json").read_text())
-        print(study_pairs_markdown(study_pairs(report, args.metric, args.against)), end="")
+        read = lambda name: json.loads((Path(args.results) / f"{name}.json").read_text())  # noqa: E731
+        others = [read(name) for name in args.others]
+        print(study_pairs_markdown(study_pairs(read(args.study), args.metric, args.against, others)), end="")
         return 0
     table = verdict(Path(args.results))
     if args.headline:

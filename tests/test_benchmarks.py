@@ -1038,6 +1038,32 @@ def test_verdict_study_pairs_each_row_with_the_real_only_rows_by_seed(tmp_path, 
     assert "| all_real | 3 | 20.00 ± 2.00 | -1.33 [" in text
 
 
+def test_verdict_study_merges_the_rows_of_another_report_only_where_the_runs_agree(tmp_path, capsys):
+    """``--with``: rows the study lacks come from the other report, a row in both keeps the one with more
+    runs, and a seed whose value differs between the two is refused (not the same run)."""
+    from benchmarks.verdict import main, merged_stats
+
+    base = {"sections": [{"rows": [
+        seeded_row("all_real", [0.20, 0.22, 0.18], "test/mAP"),
+        seeded_row("all_rl_selection", [0.21, 0.24, 0.19], "test/mAP"),
+    ]}]}  # fmt: skip
+    study = {"sections": [{"rows": [
+        seeded_row("all_real", [0.20, 0.22], "test/mAP"),  # seeds 0-1 rerun, bit-exact
+        seeded_row("all_rl_lsro_selection", [0.23, 0.25, 0.20], "test/mAP"),
+    ]}]}  # fmt: skip
+    stats = merged_stats(study, [base], "test/mAP")
+    assert sorted(stats) == ["all_real", "all_rl_lsro_selection", "all_rl_selection"]
+    assert len(stats["all_real"]["runs"]) == 3  # the row with more runs
+    for name, report in (("study", study), ("base", base)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+    assert main(["--results", str(tmp_path), "--study", "study", "--with", "base"]) == 0
+    text = capsys.readouterr().out
+    assert "| all_rl_lsro_selection | 3 | 22.67 ± 2.52 | +2.67 [" in text  # +3, +3, +2 over real only
+    clash = {"sections": [{"rows": [seeded_row("all_real", [0.20, 0.21], "test/mAP")]}]}
+    with pytest.raises(ValueError, match="all_real_s1: test/mAP is 21.0"):
+        merged_stats(clash, [base], "test/mAP")
+
+
 def _grey_target(root: Path, names: tuple[str, ...], per_identity: int, rng) -> dict[str, list[Path]]:
     """Identity folders under ``root`` of random 16x16 grey PNGs named 1.png, 2.png, ...; their paths."""
     from PIL import Image

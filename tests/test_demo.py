@@ -58,6 +58,7 @@ def test_report_numbers_come_from_the_run(demo_run):
     quality = next(s for s in data["sections"] if "sets" in s and "judge" in s)
     for q in quality["sets"].values():
         assert 0.0 <= q["fidelity"] <= 1.0 and q["num_images"] > 0
+        assert 1 <= q["median_rank"] <= q["num_prototypes"]
         assert q["audit"]["num_images"] == q["num_images"]
 
 

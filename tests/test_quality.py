@@ -13,6 +13,7 @@ from rgsd_lightning.evaluation import ReIDMetric, reid_evaluate, reid_evaluate_s
 from rgsd_lightning.evaluation.quality import (
     fid_kid,
     identity_fidelity,
+    identity_ranks,
     intra_identity_distance,
     prototypes,
     selection_precision,
@@ -40,6 +41,25 @@ def test_fidelity_and_diversity_match_hand_computed_values():
     assert intra_identity_distance(feats[:1], ["a"]) is None
     with pytest.raises(ValueError, match="2 features but 1 labels"):
         identity_fidelity(samples[:2], ["a"], protos, names)
+
+
+def test_identity_ranks_match_a_brute_force_sort_and_count_ties_against_the_sample():
+    rng = np.random.default_rng(0)
+    protos, names = prototypes(rng.normal(size=(30, 4)), [f"id{i % 6}" for i in range(30)])
+    samples = rng.normal(size=(20, 4))
+    labels = [names[i] for i in rng.integers(0, 6, size=20)]
+    ranks = identity_ranks(samples, labels, protos, names)
+    for sample, label, rank in zip(samples, labels, ranks, strict=True):
+        cos = [float(sample @ p) / np.linalg.norm(sample) for p in protos]
+        order = sorted(names, key=lambda n: -cos[names.index(n)])  # brute force: sort, find the label
+        assert rank == order.index(label) + 1
+    top1 = identity_fidelity(samples, labels, protos, names)
+    assert np.mean(ranks == 1) == pytest.approx(top1)  # fidelity is the share at rank 1
+    # a tie with another prototype counts against the sample: [1, 0] is as near to a as to a copy of it
+    tied = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert identity_ranks(np.array([[1.0, 0.0]]), ["a"], tied, ["a", "b", "c"]).tolist() == [2]
+    with pytest.raises(ValueError, match="without a prototype"):
+        identity_ranks(samples[:1], ["nobody"], protos, names)
 
 
 def _sqrtm_psd(a: np.ndarray) -> np.ndarray:

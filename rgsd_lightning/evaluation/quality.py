@@ -8,7 +8,8 @@ synthetic - goes through the generator's square geometry (``generator_transform`
 L2-normalised.
 
 * identity fidelity: the share of samples whose nearest judge prototype (normalised mean feature of an
-  identity's real images, largest cosine) is the identity they were generated for;
+  identity's real images, largest cosine) is the identity they were generated for; below rank 1, the
+  median rank of that identity's prototype among all of them (:func:`identity_ranks`; chance is the middle);
 * intra-identity diversity: mean pairwise Euclidean distance between the features of one identity's
   images, averaged over identities, for the samples and for the real images (ratio syn / real). A judge
   compresses the images it trained on (their spread was 1.5x smaller than that of real images of the same
@@ -81,6 +82,34 @@ def identity_fidelity(
     unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
     predicted = np.asarray(proto_names)[np.argmax(unit @ np.asarray(protos).T, axis=1)]
     return float(np.mean(predicted == np.asarray(labels)))
+
+
+def identity_ranks(
+    features: np.ndarray, labels: Sequence[str], protos: np.ndarray, proto_names: Sequence[str]
+) -> np.ndarray:
+    """Per sample, the rank (1 = nearest) of its intended identity's prototype among all prototypes by
+    cosine; ties count against it (rank = 1 + the number of prototypes at least as near, itself excluded).
+
+    Fidelity is the share at rank 1; the ranks show how much identity a set holds below that (chance: a
+    median of (C + 1) / 2 over C identities).
+
+    Args:
+        features: (N, D) features of the samples.
+        labels: N intended identities, each one of ``proto_names``.
+        protos: (C, D) unit prototypes.
+        proto_names: C identity names of the prototypes.
+    """
+    feats = np.asarray(features, dtype=np.float64)
+    if len(feats) != len(labels):
+        raise ValueError(f"{len(feats)} features but {len(labels)} labels")
+    index = {name: i for i, name in enumerate(proto_names)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise ValueError(f"identities without a prototype: {unknown[:5]}")
+    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    sims = unit @ np.asarray(protos, dtype=np.float64).T
+    own = sims[np.arange(len(feats)), [index[name] for name in labels]]
+    return (sims >= own[:, None]).sum(axis=1)  # counts the own prototype once: rank 1 when none is nearer
 
 
 def intra_identity_distance(features: np.ndarray, labels: Sequence[str]) -> float | None:
@@ -270,6 +299,8 @@ class Judge:
             "num_images": len(labels),
             "num_identities": len(set(labels)),
             "fidelity": identity_fidelity(feats, labels, self.protos, self.proto_names),
+            "median_rank": float(np.median(identity_ranks(feats, labels, self.protos, self.proto_names))),
+            "num_prototypes": len(self.proto_names),
             "diversity": diversity,
             "real_diversity": self.real_diversity,
             "diversity_ratio": ratio,

@@ -9,8 +9,9 @@ kind        keys
 table       metrics {key: column title}, rows [{group, method, stage}]: a stage's seed copies
             (``<stage>_s<seed>``) give mean ± sample std
 quality     judge (a recognizer stage: its export is the feature space, its training images the real
-            reference), sets {label: generation stage}: fidelity, spread vs real, FID/KID, reward
-            means, near copies (cached in each set's quality.json)
+            reference), sets {label: generation stage}: fidelity, median rank of the requested
+            identity, spread vs real, FID/KID, reward means, near copies (cached in each set's
+            quality.json)
 coverage    extractor (a recognizer stage trained on real images only), sets {label: generation stage}:
             1-NN identification of the extractor's held-out real images of its identities with its
             training images as the gallery, then with each set added (the gain predicts a set's use)
@@ -188,10 +189,15 @@ def table(ctx: RunContext, spec: dict[str, Any]) -> Section:
     return Section(spec.get("title", "Results"), _with_caption(body, spec), {"rows": data})
 
 
+QUALITY_VERSION = 2
+"""Part of the quality caches' key: raised when the judge's scores gain a field (2: the median rank), so
+that caches written before recompute."""
+
 QUALITY_HEADERS = (
     "Set",
     "images",
     "fidelity %",
+    "median rank",
     "spread",
     "spread syn/real",
     "FID",
@@ -215,7 +221,7 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
         try:
             folder = Path(ctx.require(stage).output)
             manifest = (folder / MANIFEST).read_bytes()
-            cache_key = key + ":" + hashlib.sha256(manifest).hexdigest()[:16]
+            cache_key = f"{key}:v{QUALITY_VERSION}:" + hashlib.sha256(manifest).hexdigest()[:16]
             if keep < 1.0:
                 records = best_per_identity(ctx.synthetic(stage), rank_by, keep)
                 cache = folder / f"quality_{rank_by}_top{keep:g}.json"
@@ -237,6 +243,7 @@ def quality(ctx: RunContext, spec: dict[str, Any]) -> Section:
                 label,
                 str(q["num_images"]),
                 _num(q["fidelity"], 1, 100),
+                _rank(q),
                 _num(q.get("diversity")),
                 _num(q.get("diversity_ratio"), 2),
                 _num(q.get("fid")),
@@ -562,6 +569,13 @@ def _with_caption(body: str, spec: dict[str, Any]) -> str:
 
 def _num(value: Any, digits: int = 3, scale: float = 1.0) -> str:
     return "n/a" if value is None else f"{scale * float(value):.{digits}f}"
+
+
+def _rank(scores: dict[str, Any]) -> str:
+    """The median rank of the samples' own identity, "of C" (the judge's identities; chance is the middle)."""
+    if scores.get("median_rank") is None:
+        return "n/a"
+    return f"{float(scores['median_rank']):g} of {scores['num_prototypes']}"
 
 
 def _finished_sets(

@@ -28,7 +28,9 @@ earlier results kept as ``utility_reid_replayed.json`` and ``reid_recognizer_bud
 synthetic samples forwarded apart in BatchNorm (``synthetic_norm: real``), ``reid_synthetic_norm_budget.json``
 the same at 30 epochs: their settings' selection columns read those (:data:`VARIANTS`), the third table has
 both, and the rows whose dropped synthetic samples are left out of the training forward (``synthetic_norm:
-kept``). ``reid_seed_noise.json`` holds the ReID study's deciding rows over 6 seeds,
+kept``); ``reid_guidance_budget.json`` the 30-epoch deciding rows with the RL generator sampled at
+guidance 4 instead of the study's 2 (its selection columns, as a variant). ``reid_seed_noise.json`` holds
+the ReID study's deciding rows over 6 seeds,
 ``faces_common_random.json`` the faces study's over 8 seeds with common random numbers (synthetic images added
 on top of the K real ones, chain rebuilt). The settings measured after the sampler fix but before common
 random numbers (be9fc92: a synthetic row's real batches and their augmentations are now its real-only row's)
@@ -94,6 +96,7 @@ SETS = {  # synthetic set of a study's "<recipe>_<set>_selection" rows -> its na
     "sdedit80utk": "RL from UTKFace images, strength 0.8",
     "rl_realnorm": "RL, synthetic samples apart in BatchNorm",
     "rl_keptnorm": "RL, dropped synthetic samples out of BatchNorm",
+    "rl_g4": "RL, sampled at guidance 4",
     "lowfreq": "control: training image + prior images' low frequencies",
 }
 
@@ -124,6 +127,8 @@ RECIPE_SETS = (  # (real-only recipe, synthetic set) of the third table's rows, 
     ("Random Erasing", "rl_realnorm"),
     ("none", "rl_keptnorm"),
     ("Random Erasing", "rl_keptnorm"),
+    ("none", "rl_g4"),
+    ("Random Erasing", "rl_g4"),
 )
 RECIPES = tuple(_recipe(name, synthetic) for name, synthetic in RECIPE_SETS)
 CONTROLS = ("lowfreq",)  # sets made without the generator: diagnostics, outside the floor
@@ -223,6 +228,14 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/mAP",
         (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
     ),
+    # the 30-epoch deciding rows with the RL generator sampled at guidance 4 (the study's set: 2), 6 seeds
+    (
+        "4-dataset ReID, 30-epoch recognizers, RL set at guidance 4",
+        "reid_guidance_budget",
+        "all",
+        "test/mAP",
+        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
     # the ReID study's deciding rows over 6 seeds (its seeds 0-2 and 3-5), with the rows whose dropped
     # synthetic samples leave BatchNorm alone (synthetic_norm: kept) in the third table and the floor
     (
@@ -266,6 +279,10 @@ VARIANTS = {  # study -> {column's stage suffix: the suffix its rows use there}
     },
 }
 VARIANTS["reid_synthetic_norm_budget"] = VARIANTS["reid_synthetic_norm"]  # the same rows, 30 epochs
+VARIANTS["reid_guidance_budget"] = {  # the RL generator's set sampled at guidance 4
+    "rl_selection": "rl_g4_selection",
+    "erasing_rl_selection": "erasing_rl_g4_selection",
+}
 
 SAMPLER_FIXED = frozenset(
     {
@@ -280,6 +297,7 @@ SAMPLER_FIXED = frozenset(
         "reid_synthetic_norm_budget",
         "reid_seed_noise",
         "faces_common_random",
+        "reid_guidance_budget",
     }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
@@ -294,6 +312,7 @@ COMMON_RANDOM = frozenset(
         "reid_synthetic_norm_budget",
         "reid_seed_noise",
         "faces_common_random",
+        "reid_guidance_budget",
     }
 )
 """Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their

@@ -63,6 +63,12 @@ def prototypes(features: np.ndarray, labels: Sequence[str]) -> tuple[np.ndarray,
     return protos / np.maximum(norms, 1e-12), names
 
 
+def _cosines(features: np.ndarray, protos: np.ndarray) -> np.ndarray:
+    """(N, C) cosines of float64 features (N, D) with unit prototypes (C, D)."""
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    return unit @ np.asarray(protos).T
+
+
 def identity_fidelity(
     features: np.ndarray, labels: Sequence[str], protos: np.ndarray, proto_names: Sequence[str]
 ) -> float:
@@ -79,8 +85,7 @@ def identity_fidelity(
         raise ValueError("identity_fidelity needs at least one sample")
     if len(feats) != len(labels):
         raise ValueError(f"{len(feats)} features but {len(labels)} labels")
-    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    predicted = np.asarray(proto_names)[np.argmax(unit @ np.asarray(protos).T, axis=1)]
+    predicted = np.asarray(proto_names)[np.argmax(_cosines(feats, protos), axis=1)]
     return float(np.mean(predicted == np.asarray(labels)))
 
 
@@ -106,8 +111,7 @@ def identity_ranks(
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise ValueError(f"identities without a prototype: {unknown[:5]}")
-    unit = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    sims = unit @ np.asarray(protos, dtype=np.float64).T
+    sims = _cosines(feats, protos)
     own = sims[np.arange(len(feats)), [index[name] for name in labels]]
     return (sims >= own[:, None]).sum(axis=1)  # counts the own prototype once: rank 1 when none is nearer
 

@@ -29,7 +29,8 @@ synthetic samples forwarded apart in BatchNorm (``synthetic_norm: real``), ``rei
 the same at 30 epochs: their settings' selection columns read those (:data:`VARIANTS`), the third table has
 both, and the rows whose dropped synthetic samples are left out of the training forward (``synthetic_norm:
 kept``); ``reid_guidance_budget.json`` the 30-epoch deciding rows with the RL generator sampled at
-guidance 4 instead of the study's 2 (its selection columns, as a variant). ``reid_seed_noise.json`` holds
+guidance 4 instead of the study's 2 (its selection columns, as a variant), ``reid_guidance.json`` the same
+rows at 10 epochs. ``reid_seed_noise.json`` holds
 the ReID study's deciding rows over 6 seeds,
 ``faces_common_random.json`` the faces study's over 8 seeds with common random numbers (synthetic images added
 on top of the K real ones, chain rebuilt). The settings measured after the sampler fix but before common
@@ -228,10 +229,18 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "test/mAP",
         (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
     ),
-    # the 30-epoch deciding rows with the RL generator sampled at guidance 4 (the study's set: 2), 6 seeds
+    # the deciding rows with the RL generator sampled at guidance 4 (the study's set: 2): 30 epochs over 9
+    # seeds, 10 epochs over 6
     (
         "4-dataset ReID, 30-epoch recognizers, RL set at guidance 4",
         "reid_guidance_budget",
+        "all",
+        "test/mAP",
+        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
+    (
+        "4-dataset ReID, RL set at guidance 4",
+        "reid_guidance",
         "all",
         "test/mAP",
         (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
@@ -283,6 +292,7 @@ VARIANTS["reid_guidance_budget"] = {  # the RL generator's set sampled at guidan
     "rl_selection": "rl_g4_selection",
     "erasing_rl_selection": "erasing_rl_g4_selection",
 }
+VARIANTS["reid_guidance"] = VARIANTS["reid_guidance_budget"]  # the same rows, 10 epochs
 
 SAMPLER_FIXED = frozenset(
     {
@@ -298,6 +308,7 @@ SAMPLER_FIXED = frozenset(
         "reid_seed_noise",
         "faces_common_random",
         "reid_guidance_budget",
+        "reid_guidance",
     }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
@@ -313,6 +324,7 @@ COMMON_RANDOM = frozenset(
         "reid_seed_noise",
         "faces_common_random",
         "reid_guidance_budget",
+        "reid_guidance",
     }
 )
 """Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their

@@ -29,8 +29,8 @@ synthetic samples forwarded apart in BatchNorm (``synthetic_norm: real``), ``rei
 the same at 30 epochs: their settings' selection columns read those (:data:`VARIANTS`), the third table has
 both, and the rows whose dropped synthetic samples are left out of the training forward (``synthetic_norm:
 kept``); ``reid_guidance_budget.json`` the 30-epoch deciding rows with the RL generator sampled at
-guidance 4 instead of the study's 2 (its selection columns, as a variant), ``reid_guidance.json`` the same
-rows at 10 epochs. ``reid_seed_noise.json`` holds
+guidance 4 instead of the study's 2 (its selection columns, as a variant), ``reid_guidance.json`` and
+``reid_guidance_budget_60.json`` the same rows at 10 and 60 epochs. ``reid_seed_noise.json`` holds
 the ReID study's deciding rows over 6 seeds,
 ``faces_common_random.json`` the faces study's over 8 seeds with common random numbers (synthetic images added
 on top of the K real ones, chain rebuilt). The settings measured after the sampler fix but before common
@@ -230,7 +230,7 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
     ),
     # the deciding rows with the RL generator sampled at guidance 4 (the study's set: 2): 30 epochs over 9
-    # seeds, 10 epochs over 6
+    # seeds, 10 and 60 epochs over 6
     (
         "4-dataset ReID, 30-epoch recognizers, RL set at guidance 4",
         "reid_guidance_budget",
@@ -241,6 +241,13 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
     (
         "4-dataset ReID, RL set at guidance 4",
         "reid_guidance",
+        "all",
+        "test/mAP",
+        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+    ),
+    (
+        "4-dataset ReID, 60-epoch recognizers, RL set at guidance 4",
+        "reid_guidance_budget_60",
         "all",
         "test/mAP",
         (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
@@ -293,6 +300,7 @@ VARIANTS["reid_guidance_budget"] = {  # the RL generator's set sampled at guidan
     "erasing_rl_selection": "erasing_rl_g4_selection",
 }
 VARIANTS["reid_guidance"] = VARIANTS["reid_guidance_budget"]  # the same rows, 10 epochs
+VARIANTS["reid_guidance_budget_60"] = VARIANTS["reid_guidance_budget"]  # the same rows, 60 epochs
 
 SAMPLER_FIXED = frozenset(
     {
@@ -309,6 +317,7 @@ SAMPLER_FIXED = frozenset(
         "faces_common_random",
         "reid_guidance_budget",
         "reid_guidance",
+        "reid_guidance_budget_60",
     }
 )
 """Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
@@ -325,6 +334,7 @@ COMMON_RANDOM = frozenset(
         "faces_common_random",
         "reid_guidance_budget",
         "reid_guidance",
+        "reid_guidance_budget_60",
     }
 )
 """Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their

@@ -148,6 +148,9 @@ COPY_FREE = ("+ copy-free synthetic + selection", "+ Random Erasing + copy-free 
 FACES_ONLY = (*WINDOWED, *COPY_FREE)  # rows the ReID study has not (0.2 % near copies; its RL stays DPOK)
 # run in the ORL 16-seed 1-shot and 8-seed 3-shot settings only
 FROM_PRIOR = ("+ Random Erasing + RL synthetic from prior images + selection",)
+# a ReID study of the deciding rows only (real only, Random Erasing, the RL set with selection with and
+# without it): every other column
+REID_DECIDING_ONLY = (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR)
 SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has no rows for by design)
     ("ORL 1-shot, identification %", "utility_faces", "k1", "test/id_acc", FROM_PRIOR),
     ("ORL 3-shot, identification %", "utility_faces", "k3", "test/id_acc", FROM_PRIOR),
@@ -167,14 +170,14 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "reid_seed_noise_budget",
         "all",
         "test/mAP",
-        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+        REID_DECIDING_ONLY,
     ),
     (  # the deciding rows at 60 epochs, where real only fits its training images (train_fit_reid.md)
         "4-dataset ReID, 60-epoch recognizers",
         "reid_recognizer_budget_60",
         "all",
         "test/mAP",
-        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+        REID_DECIDING_ONLY,
     ),
     # the seed-noise files: the rows that decide a setting's checks, over more seeds
     (
@@ -220,14 +223,14 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "reid_synthetic_norm",
         "all",
         "test/mAP",
-        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+        REID_DECIDING_ONLY,
     ),
     (
         "4-dataset ReID, 30-epoch recognizers, synthetic apart in BatchNorm",
         "reid_synthetic_norm_budget",
         "all",
         "test/mAP",
-        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+        REID_DECIDING_ONLY,
     ),
     # the deciding rows with the RL generator sampled at guidance 4 (the study's set: 2): 30 epochs over 9
     # seeds, 10 and 60 epochs over 6
@@ -236,21 +239,21 @@ SETTINGS = (  # (row label, study, stage prefix, metric, columns the study has n
         "reid_guidance_budget",
         "all",
         "test/mAP",
-        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+        REID_DECIDING_ONLY,
     ),
     (
         "4-dataset ReID, RL set at guidance 4",
         "reid_guidance",
         "all",
         "test/mAP",
-        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+        REID_DECIDING_ONLY,
     ),
     (
         "4-dataset ReID, 60-epoch recognizers, RL set at guidance 4",
         "reid_guidance_budget_60",
         "all",
         "test/mAP",
-        (COLD, "+ RL synthetic", *FILTERED, *FACES_ONLY, *FROM_PRIOR),
+        REID_DECIDING_ONLY,
     ),
     # the ReID study's deciding rows over 6 seeds (its seeds 0-2 and 3-5), with the rows whose dropped
     # synthetic samples leave BatchNorm alone (synthetic_norm: kept) in the third table and the floor
@@ -302,26 +305,6 @@ VARIANTS["reid_guidance_budget"] = {  # the RL generator's set sampled at guidan
 VARIANTS["reid_guidance"] = VARIANTS["reid_guidance_budget"]  # the same rows, 10 epochs
 VARIANTS["reid_guidance_budget_60"] = VARIANTS["reid_guidance_budget"]  # the same rows, 60 epochs
 
-SAMPLER_FIXED = frozenset(
-    {
-        "seed_noise_faces_k1_resampled",
-        "faces_recognizer_budget_k3_resampled",
-        "utility_reid",
-        "reid_recognizer_budget",
-        "reid_recognizer_budget_60",
-        "reid_seed_noise_budget",
-        "faces_recognizer_budget_k3_sdedit90",
-        "reid_synthetic_norm",
-        "reid_synthetic_norm_budget",
-        "reid_seed_noise",
-        "faces_common_random",
-        "reid_guidance_budget",
-        "reid_guidance",
-        "reid_guidance_budget_60",
-    }
-)
-"""Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
-
 COMMON_RANDOM = frozenset(
     {
         "utility_reid",
@@ -340,6 +323,13 @@ COMMON_RANDOM = frozenset(
 """Studies whose synthetic rows ran with common random numbers (be9fc92: the synthetic picks and their
 augmentations on streams of their own, so a synthetic row sees its real-only row's real batches); the other
 studies after the sampler fix are marked §."""
+
+SAMPLER_FIXED = COMMON_RANDOM | {  # and the studies after the sampler fix, before common random numbers
+    "seed_noise_faces_k1_resampled",
+    "faces_recognizer_budget_k3_resampled",
+    "faces_recognizer_budget_k3_sdedit90",
+}
+"""Studies whose recognizers ran after the sampler fix (eb4ddd7); the others' replayed epoch 0's batches."""
 
 REFITS = (  # (setting label, study before the sampler fix, the same rows retrained after it, prefix, metric)
     (
